@@ -1,0 +1,27 @@
+"""edgelora: adapt small language models on the devices where they run.
+
+    import edgelora
+    base = edgelora.load_base("smollm2-135m")   # or a Hugging Face dir, or a .gguf file
+    print(base.fingerprint)
+"""
+
+from .arch import LlamaConfig
+from .base import BaseModel, load_base
+from .errors import (
+    CorruptFileError,
+    EdgeloraError,
+    ModelFetchError,
+    SourceNotFoundError,
+    UnsupportedArchitectureError,
+    UnsupportedFormatError,
+)
+from .models import DEFAULT_MODEL, REGISTRY, pull
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseModel", "CorruptFileError", "DEFAULT_MODEL", "EdgeloraError", "LlamaConfig", "ModelFetchError",
+    "REGISTRY", "SourceNotFoundError", "Tokenizer", "UnsupportedArchitectureError", "UnsupportedFormatError",
+    "load_base", "pull",
+]
