@@ -18,7 +18,7 @@ _LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
 PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    "gpt2": _BYTE_LEVEL,
+    "gpt-2": _BYTE_LEVEL,
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
     "llama-bpe": {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
@@ -59,7 +59,7 @@ def from_gguf(fields: dict[str, Any]) -> Tokenizer:
             f"GGUF tokenizer model {model!r} is not supported yet (only byte-level BPE, 'gpt2'); "
             "load the model from its Hugging Face directory instead")
     pre = fields.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS and pre != "default":
+    if pre not in PRE_TOKENIZERS:
         raise UnsupportedFormatError(
             f"GGUF pre-tokenizer {pre!r} is not supported yet (known: {', '.join(PRE_TOKENIZERS)}); "
             "load the model from its Hugging Face directory instead")
@@ -69,7 +69,7 @@ def from_gguf(fields: dict[str, Any]) -> Tokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
     bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
     spec = json.loads(HFTokenizer(bpe).to_str())
-    spec["pre_tokenizer"] = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["gpt2"])
+    spec["pre_tokenizer"] = PRE_TOKENIZERS[pre]
     spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
     tok = HFTokenizer.from_str(json.dumps(spec))
     special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]

@@ -12,7 +12,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -22,12 +21,12 @@ from .progress import bar
 
 
 class _Group(TyperGroup):
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except EdgeloraError as e:
-            click.echo(f"edgelora: error: {e}", err=True)
-            raise click.exceptions.Exit(e.exit_code) from e
+            typer.echo(f"edgelora: error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from e
 
 
 app = typer.Typer(cls=_Group, help="Adapt small language models on the devices where they run.",

