@@ -16,6 +16,8 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .models import DEFAULT_MODEL, REGISTRY, pull
+from . import bundle
+from .bundle import Bundle, export, open_bundle
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -23,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseModel", "CorruptFileError", "DEFAULT_MODEL", "EdgeloraError", "LlamaConfig", "ModelFetchError",
     "REGISTRY", "SourceNotFoundError", "Tokenizer", "UnsupportedArchitectureError", "UnsupportedFormatError",
-    "load_base", "pull",
+    "Bundle", "bundle", "export", "load_base", "open_bundle", "pull",
 ]

@@ -33,6 +33,8 @@ app = typer.Typer(cls=_Group, help="Adapt small language models on the devices w
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
 models_app = typer.Typer(cls=_Group, help="The registry of known base models and the local cache.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+devices_app = typer.Typer(cls=_Group, help="Device profiles: what each target device runs best.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
 
 
 def _print_summary(summary: dict[str, object]) -> None:
@@ -76,6 +78,69 @@ def inspect(
         typer.echo(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)
+
+
+@devices_app.command("list")
+def devices_list() -> None:
+    """List the shipped device profiles."""
+    from .profiles import list_profiles
+
+    rows = [(p.name, p.kind, "+".join(p.backends.order),
+             "/".join(q for b, q in (("gguf", p.backends.gguf_quant), ("onnx", p.backends.onnx_quant)) if b in p.backends.order),
+             f"{p.ram_mb // 1024} GB", str(p.threads), str(p.context_length), p.description) for p in list_profiles()]
+    _table(("profile", "kind", "backends", "quant", "RAM", "threads", "context", "device"), rows)
+
+
+@devices_app.command("show")
+def devices_show(name: str = typer.Argument(..., help="Profile name or a .toml file.")) -> None:
+    """Show one device profile in full."""
+    from .profiles import get_profile
+
+    typer.echo(json.dumps(get_profile(name).to_dict(), indent=2))
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for i, row in enumerate([header, *rows]):
+        typer.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        if i == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+
+
+def _artifact_rows(bundle) -> list[tuple[str, ...]]:
+    rows = []
+    for a in bundle.artifacts:
+        size = sum(bundle.manifest["files"][f]["size"] for f in a.files)
+        q = a.quality
+        rows.append((a.backend, a.quant, f"{size / 1e6:.1f} MB", f"{a.memory['total']:.0f} MB",
+                     f"{q['perplexity']:.3f}", f"{q['float_perplexity']:.3f}", f"{q['perplexity_change']:+.2%}",
+                     f"{q['top1_agreement']:.1%}", "yes" if q["within_budget"] else "NO", f"{a.export_seconds:.0f}s"))
+    return rows
+
+
+ARTIFACT_HEADER = ("backend", "quant", "file size", "memory", "perplexity", "float ppl", "change", "top-1 agree",
+                   "in budget", "export")
+
+
+@app.command()
+def export(
+    model: str = typer.Option(_models.DEFAULT_MODEL, "--model", help="Model name, Hugging Face dir or .gguf file."),
+    device: str = typer.Option(..., "--device", help="Device profile name (see `edgelora devices list`) or .toml file."),
+    out: Path = typer.Option(..., "--out", help="The bundle directory to create."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="gguf, onnx or both (default: the profile's)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="f32, f16, q8_0, q4_0, q4_k_m, int8, int4 or qdq (default: the profile's)."),
+    force: bool = typer.Option(False, "--force", help="Write the bundle even if it is over the quality budget."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an existing bundle at --out."),
+    eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Evaluate quality on the first N held-out tokens only."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Export a base model as a self-contained bundle for one device profile, with its quality measured."""
+    from .bundle import export as do_export
+
+    bundle = do_export(model, device, out, backend=backend, quant=quant, force=force, replace=replace,
+                       eval_tokens=eval_tokens, progress=not quiet)
+    typer.echo(f"bundle: {bundle.root}  (base {bundle.fingerprint[:23]}..., device {bundle.manifest['device']['name']})")
+    _table(ARTIFACT_HEADER, _artifact_rows(bundle))
 
 
 class ConvertTarget(str, Enum):

@@ -1,0 +1,170 @@
+"""ONNX decoders: export with optimum (``text-generation-with-past``), give every target linear a
+LoRA slot ONNX Runtime's multi-LoRA can fill, and quantize the base with the slots left in float.
+
+A LoRA slot on a linear ``y = x @ W`` adds ``y += (x @ A) @ B`` where A [d_in, r] and B [r, d_out]
+are overridable initializers (an initializer and a graph input of the same name) whose defaults
+have rank 0, so with no adapter active the output is bit-identical to the graph without slots.
+Each module has its own symbolic rank dimension; the scale alpha/r is folded into B.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from edgelora import naming
+from edgelora.arch import LlamaConfig
+from edgelora.errors import EdgeloraError
+
+# optimum's node names for the linear modules: /model/layers.{i}/self_attn/q_proj/MatMul
+_LINEAR_NODE = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|mlp)/(\w+_proj)/MatMul$")
+_PEFT_TO_CANON = {v: k for k, v in naming.PEFT_MODULES.items()}
+QUANTS = ("f32", "int8", "int4")
+
+
+class OnnxExportError(EdgeloraError):
+    exit_code = 1
+
+
+def slot_names(target: str) -> tuple[str, str]:
+    """The graph input names of one module's LoRA slot, e.g. ``layers.0.q.lora_A``."""
+    return f"{target}.lora_A", f"{target}.lora_B"
+
+
+def rank_dim(target: str) -> str:
+    return "r_" + target.replace(".", "_")
+
+
+def export_optimum(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = 18) -> Path:
+    """Runs optimum's exporter on a Hugging Face checkpoint dir; returns the path of model.onnx."""
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as e:
+        raise OnnxExportError("ONNX export needs the export extra: pip install 'edgelora[export]'") from e
+    from edgelora._native import quiet_native
+
+    out_dir = Path(out_dir)
+    import warnings
+
+    with warnings.catch_warnings(), quiet_native():
+        warnings.simplefilter("ignore")
+        main_export(str(hf_dir), output=str(out_dir), task="text-generation-with-past", opset=opset,
+                    do_validation=False, no_post_process=True, device="cpu")
+    path = out_dir / "model.onnx"
+    if not path.exists():  # pragma: no cover
+        raise OnnxExportError(f"optimum wrote no model.onnx into {out_dir}")
+    return path
+
+
+def linear_nodes(model) -> dict[str, object]:
+    """Canonical target name (``layers.3.q``) -> the MatMul node of that linear module."""
+    out = {}
+    for node in model.graph.node:
+        m = _LINEAR_NODE.match(node.name)
+        if node.op_type == "MatMul" and m and m.group(2) in _PEFT_TO_CANON:
+            out[f"layers.{m.group(1)}.{_PEFT_TO_CANON[m.group(2)]}"] = node
+    return out
+
+
+def add_lora_slots(model, config: LlamaConfig, targets: Iterable[str] = naming.LORA_TARGETS):
+    """Adds a zero-rank LoRA slot to every linear of the given kinds, in place; returns the model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    kinds = set(targets)
+    nodes = linear_nodes(model)
+    expected = {f"layers.{i}.{t}" for i in range(config.num_layers) for t in kinds}
+    missing = sorted(expected - set(nodes))
+    if missing:
+        raise OnnxExportError(f"the exported graph has no MatMul for {', '.join(missing[:4])}: unexpected exporter output")
+    shapes = config.shapes()
+    graph = model.graph
+    new_nodes = []
+    index = {id(n): i for i, n in enumerate(graph.node)}
+    insert_after: dict[int, list] = {}
+    for target in sorted(expected, key=lambda t: (int(t.split(".")[1]), naming.LORA_TARGETS.index(t.split(".")[2]))):
+        node = nodes[target]
+        d_out, d_in = shapes[target]
+        a_name, b_name = slot_names(target)
+        r = rank_dim(target)
+        graph.initializer.extend([numpy_helper.from_array(np.zeros((d_in, 0), np.float32), a_name),
+                                  numpy_helper.from_array(np.zeros((0, d_out), np.float32), b_name)])
+        graph.input.extend([helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [d_in, r]),
+                            helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [r, d_out])])
+        x, y = node.input[0], node.output[0]
+        base_out = f"{y}/base"
+        node.output[0] = base_out
+        xa, delta = f"/lora/{target}/xA", f"/lora/{target}/delta"
+        insert_after.setdefault(index[id(node)], []).extend([
+            helper.make_node("MatMul", [x, a_name], [xa], name=f"/lora/{target}/MatMul_A"),
+            helper.make_node("MatMul", [xa, b_name], [delta], name=f"/lora/{target}/MatMul_B"),
+            helper.make_node("Add", [base_out, delta], [y], name=f"/lora/{target}/Add"),
+        ])
+    for i, node in enumerate(graph.node):
+        new_nodes.append(node)
+        new_nodes.extend(insert_after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return model
+
+
+def lora_node_names(model) -> list[str]:
+    return [n.name for n in model.graph.node if n.name.startswith("/lora/")]
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *, block_size: int = 32) -> Path:
+    """int8: dynamic quantization of MatMul weights; int4: MatMulNBits (block 32). LoRA nodes stay float."""
+    import onnx
+
+    if quant not in ("int8", "int4"):
+        raise OnnxExportError(f"ONNX quantization must be int8 or int4, got {quant!r}")
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src))
+    exclude = lora_node_names(model)
+    if quant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
+                         extra_options={"MatMulConstBOnly": True})
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=False, nodes_to_exclude=exclude)
+        q.process()
+        onnx.save(q.model.model, str(dst))
+    return dst
+
+
+def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, config: LlamaConfig, quant: str = "f32",
+           *, progress: Callable[[int, int], None] | None = None) -> Path:
+    """optimum export -> LoRA slots -> optional quantization; writes ``out_dir/model.onnx``."""
+    import onnx
+
+    if quant not in QUANTS:
+        raise OnnxExportError(f"ONNX quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = 3 if quant != "f32" else 2
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        raw = export_optimum(hf_dir, Path(tmp) / "raw")
+        if progress:
+            progress(1, steps)
+        model = add_lora_slots(onnx.load(str(raw)), config)
+        slotted = Path(tmp) / "slotted.onnx"
+        onnx.save(model, str(slotted))
+        if progress:
+            progress(2, steps)
+        final = out_dir / "model.onnx"
+        if quant == "f32":
+            shutil.move(slotted, final)
+        else:
+            quantize(slotted, final, quant)
+            if progress:
+                progress(3, steps)
+    return final

@@ -1,0 +1,339 @@
+"""The device bundle: one self-contained directory per device profile.
+
+    bundle/
+      bundle.json          base fingerprint, profile, artifacts (quantization, memory estimate,
+                           quality figures), every file's size and sha256
+      tokenizer/           tokenizer.json, tokenizer_config.json, chat_template.jinja
+      gguf/model-q8_0.gguf llama.cpp artifact(s)
+      onnx/int4/model.onnx ONNX Runtime artifact(s), with LoRA slots
+      adapters/            the adapter store (empty at export)
+
+`export` builds it in a temporary directory beside the target and renames it into place, so an
+interrupted export never leaves a half bundle that looks whole. `open_bundle` reads it back and
+checks every file's hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import quality as _quality
+from ._io import atomic_dir, sha256_file, write_bytes_atomic
+from .base import BaseModel, load_base
+from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError, UnsupportedFormatError
+from .profiles import GGUF_QUANTS, ONNX_QUANTS, DeviceProfile, get_profile
+from .progress import bar
+
+BUNDLE_FORMAT = "edgelora-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "bundle.json"
+EVAL_WINDOW = 512
+RUNTIME_OVERHEAD_MB = 64
+
+
+class MemoryBudgetError(EdgeloraError):
+    """The bundle would not fit the device's memory budget."""
+
+
+class QualityBudgetError(EdgeloraError):
+    """The export loses more quality than the device profile allows."""
+
+
+def _mb(n: float) -> float:
+    return round(n / (1 << 20), 1)
+
+
+@dataclass
+class Artifact:
+    backend: str
+    quant: str
+    files: list[str]
+    memory: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    export_seconds: float = 0.0
+
+    @property
+    def main(self) -> str:
+        return self.files[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "quant": self.quant, "files": self.files, "memory_mb": self.memory,
+                "quality": self.quality, "export_seconds": round(self.export_seconds, 1)}
+
+
+def estimate_memory(base: BaseModel, profile: DeviceProfile, backend: str, quant: str, weights_bytes: int) -> dict[str, float]:
+    """Resident memory at the profile's context length: weights + KV cache + activations + runtime."""
+    c = base.config
+    ctx = profile.context_length
+    kv_bytes = {"gguf": 2, "onnx": 4}[backend]  # llama.cpp keeps K/V in F16; the ONNX graph in F32
+    if quant == "qdq":
+        kv_bytes = 2
+    kv = 2 * c.num_layers * ctx * c.kv_dim * kv_bytes
+    batch = profile.shapes.prefill_length or min(ctx, 512)
+    act = 4 * batch * (3 * c.intermediate_size + 4 * c.hidden_size + c.num_heads * min(ctx, batch)) + 4 * c.vocab_size * batch
+    total = weights_bytes + kv + act + RUNTIME_OVERHEAD_MB * (1 << 20)
+    return {"weights": _mb(weights_bytes), "kv_cache": _mb(kv), "activations": _mb(act),
+            "runtime": float(RUNTIME_OVERHEAD_MB), "total": _mb(total), "context_length": ctx}
+
+
+def resolve_plan(profile: DeviceProfile, backend: str | None, quant: str | None) -> list[tuple[str, str]]:
+    """(backend, quant) pairs to build: the profile's choice, overridden by --backend / --quant."""
+    if backend not in (None, "gguf", "onnx", "both"):
+        raise UnsupportedFormatError(f"--backend must be gguf, onnx or both, got {backend!r}")
+    if quant is not None and quant not in GGUF_QUANTS + ONNX_QUANTS:
+        raise UnsupportedFormatError(f"--quant must be one of {', '.join(dict.fromkeys(GGUF_QUANTS + ONNX_QUANTS))}, got {quant!r}")
+    if backend == "both":
+        backends = ["gguf", "onnx"]
+    elif backend:
+        backends = [backend]
+    elif quant and quant not in ("f32",):
+        backends = [b for b in ("gguf", "onnx") if quant in (GGUF_QUANTS if b == "gguf" else ONNX_QUANTS)]
+    else:
+        backends = list(profile.backends.order)
+    plan = []
+    for b in backends:
+        valid = GGUF_QUANTS if b == "gguf" else ONNX_QUANTS
+        q = quant or (profile.backends.gguf_quant if b == "gguf" else profile.backends.onnx_quant)
+        if q not in valid:
+            raise UnsupportedFormatError(f"quantization {q!r} is not available for the {b} backend (choose from {', '.join(valid)})")
+        plan.append((b, q))
+    return plan
+
+
+# -- building artifacts ---------------------------------------------------------------------
+
+
+class _Workspace:
+    """Float intermediates shared by the artifacts of one export (cached per fingerprint)."""
+
+    def __init__(self, base: BaseModel, tmp: Path, progress: bool):
+        self.base, self.tmp, self.progress = base, tmp, progress
+        self._f32_gguf: Path | None = None
+        self._hf_dir: Path | None = None
+
+    def f32_gguf(self) -> Path:
+        if self._f32_gguf is None:
+            from .converters import gguf_model
+            from .models import cache_dir
+
+            path = cache_dir() / "float" / f"{self.base.fingerprint.split(':')[1][:16]}-f32.gguf"
+            if not path.exists():
+                gguf_model.write(self.base, path, "F32", progress=bar("float GGUF", self.progress))
+            self._f32_gguf = path
+        return self._f32_gguf
+
+    def hf_dir(self) -> Path:
+        if self._hf_dir is None:
+            src = Path(self.base.source)
+            if self.base.source_format == "hf" and self.base.source_dtype == "F32":
+                self._hf_dir = src
+            else:
+                from .converters import hf
+
+                self._hf_dir = hf.write(self.base, self.tmp / "hf", progress=bar("float checkpoint", self.progress))
+        return self._hf_dir
+
+
+def _build_gguf(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Path]:
+    from .converters import gguf_model, gguf_quant
+
+    target = out / "gguf" / f"model-{quant}.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if quant == "f32":
+        shutil.copyfile(ws.f32_gguf(), target)
+    elif quant == "f16":
+        gguf_model.write(ws.base, target, "F16", progress=bar("F16 GGUF", ws.progress))
+    else:
+        gguf_quant.quantize(ws.f32_gguf(), target, quant, threads=threads)
+    return [target]
+
+
+def _build_onnx(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Path]:
+    from .converters import onnx_model
+
+    if quant == "qdq":
+        raise UnsupportedFormatError("the NPU (qdq) export is not available yet")
+    target_dir = out / "onnx" / quant
+    path = onnx_model.export(ws.hf_dir(), target_dir, ws.base.config, quant, progress=bar(f"ONNX {quant}", ws.progress))
+    return [path] + sorted(p for p in target_dir.iterdir() if p.is_file() and p != path)  # + external data
+
+
+BUILDERS: dict[str, Callable[[_Workspace, str, Path, int], list[Path]]] = {"gguf": _build_gguf, "onnx": _build_onnx}
+
+
+def _engine_for(backend: str, path: Path, threads: int, n_ctx: int):
+    if backend == "gguf":
+        from .runtime.gguf import GGUFEngine
+
+        return GGUFEngine(path, n_ctx=n_ctx, threads=threads)
+    from .runtime.onnx import OnnxEngine
+
+    return OnnxEngine(path, threads=threads, n_ctx=n_ctx)
+
+
+def _eval_tokens(base: BaseModel, limit: int | None) -> list[int]:
+    tokens = base.tokenizer.encode(_quality.heldout_text(), add_special_tokens=False)
+    return tokens[:limit] if limit else tokens
+
+
+def float_scores(ws: _Workspace, tokens: list[int], threads: int, progress: bool) -> _quality.Scores:
+    """The float model's scores: its F32 GGUF in llama.cpp with an F32 KV cache (equal to
+    transformers within float rounding, see the tests)."""
+
+    def compute() -> _quality.Scores:
+        from .runtime.gguf import GGUFEngine
+
+        engine = GGUFEngine(ws.f32_gguf(), n_ctx=EVAL_WINDOW, threads=threads, kv_type="f32")
+        try:
+            return _quality.score(engine.logits, tokens, EVAL_WINDOW, progress=bar("float perplexity", progress))
+        finally:
+            engine.close()
+
+    return _quality.cached_reference(ws.base.fingerprint, tokens, EVAL_WINDOW, compute)
+
+
+def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out: str | os.PathLike, *,
+           backend: str | None = None, quant: str | None = None, force: bool = False, replace: bool = False,
+           eval_tokens: int | None = None, threads: int | None = None, progress: bool = True) -> "Bundle":
+    """Exports `model` for the device profile `device` into the bundle directory `out`."""
+    from . import __version__
+
+    profile = get_profile(device)
+    plan = resolve_plan(profile, backend, quant)
+    base = model if isinstance(model, BaseModel) else load_base(model, progress=progress)
+    threads = threads or min(os.cpu_count() or 1, 4)
+    out = Path(out)
+    if out.exists() and not replace:
+        raise UnsupportedFormatError(f"{out} already exists; pass another --out or --replace to overwrite it")
+    tokens = _eval_tokens(base, eval_tokens)
+    artifacts: list[Artifact] = []
+    with tempfile.TemporaryDirectory(prefix="edgelora-export-") as work, atomic_dir(out, replace=replace) as tmp:
+        ws = _Workspace(base, Path(work), progress)
+        reference = float_scores(ws, tokens, threads, progress)
+        for b, q in plan:
+            t0 = time.monotonic()
+            paths = BUILDERS[b](ws, q, tmp, threads)
+            art = Artifact(b, q, [p.relative_to(tmp).as_posix() for p in paths])
+            art.memory = estimate_memory(base, profile, b, q, sum(p.stat().st_size for p in paths))
+            if art.memory["total"] > profile.memory_budget_mb:
+                m = art.memory
+                raise MemoryBudgetError(
+                    f"{b} {q} needs ~{m['total']:.0f} MB on {profile.name} (weights {m['weights']:.0f} + KV cache "
+                    f"{m['kv_cache']:.0f} at context {m['context_length']} + activations {m['activations']:.0f} + runtime "
+                    f"{m['runtime']:.0f}), over its budget of {profile.memory_budget_mb} MB; choose a smaller quantization")
+            art.export_seconds = time.monotonic() - t0
+            engine = _engine_for(b, paths[0], threads, EVAL_WINDOW)
+            try:
+                scores = _quality.score(engine.logits, tokens, EVAL_WINDOW, progress=bar(f"{b} {q} perplexity", progress))
+            finally:
+                engine.close()
+            report = _quality.compare(scores, reference, EVAL_WINDOW)
+            art.quality = report.to_dict()
+            qb = profile.quality
+            art.quality["within_budget"] = report.within(qb.max_perplexity_increase, qb.min_top1_agreement)
+            if not art.quality["within_budget"] and not force:
+                raise QualityBudgetError(
+                    f"{b} {q} on {profile.name}: perplexity {report.perplexity:.3f} vs float {report.float_perplexity:.3f} "
+                    f"({report.perplexity_change:+.1%}, budget +{qb.max_perplexity_increase:.0%}), top-1 agreement "
+                    f"{report.top1_agreement:.1%} (budget {qb.min_top1_agreement:.0%}); choose another --quant or pass --force")
+            artifacts.append(art)
+        from .converters import hf
+
+        (tmp / "tokenizer").mkdir()
+        hf.write_tokenizer(base.tokenizer, tmp / "tokenizer")
+        (tmp / "adapters").mkdir()
+        (tmp / "adapters" / "store.json").write_text(json.dumps({"adapters": {}}, indent=2))
+        files = {}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file() and not p.relative_to(tmp).parts[0] == "adapters":  # the store keeps its own hashes
+                files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        manifest = {
+            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "edgelora": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base": {"name": base.name, "fingerprint": base.fingerprint, "parameters": base.num_parameters,
+                     "source_format": base.source_format, "source_dtype": base.source_dtype,
+                     "architecture": json.loads(base.config.to_json())},
+            "device": profile.to_dict(),
+            "artifacts": [a.to_dict() for a in artifacts],
+            "evaluation": {"text": f"edgelora/data/{_quality.HELDOUT}", "tokens": len(tokens), "window": EVAL_WINDOW,
+                           "reference": "float32 model (F32 GGUF, llama.cpp, F32 KV cache)"},
+            "files": files,
+        }
+        write_bytes_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+    return open_bundle(out)
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["base"]["fingerprint"]
+
+    @property
+    def profile(self) -> DeviceProfile:
+        return get_profile(self.manifest["device"]["name"])
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        return [Artifact(a["backend"], a["quant"], a["files"], a["memory_mb"], a["quality"], a["export_seconds"])
+                for a in self.manifest["artifacts"]]
+
+    def artifact(self, backend: str | None = None) -> Artifact:
+        arts = self.artifacts
+        for a in arts:
+            if backend in (None, a.backend):
+                return a
+        raise SourceNotFoundError(f"{self.root} has no {backend} artifact (it has {', '.join(a.backend for a in arts)})")
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def tokenizer(self):
+        from .converters import hf
+
+        return hf.read_tokenizer(self.root / "tokenizer")
+
+    def engine(self, backend: str | None = None, *, threads: int | None = None, n_ctx: int | None = None):
+        art = self.artifact(backend)
+        return _engine_for(art.backend, self.path(art.main), threads or self.manifest["device"]["threads"],
+                           n_ctx or min(self.manifest["device"]["context_length"], 4096))
+
+
+def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
+    """Reads a bundle directory and (by default) checks every file's size and sha256."""
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not manifest_path.exists():
+        raise SourceNotFoundError(f"{root} is not an edgelora bundle (no {MANIFEST}); create one with `edgelora export`")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{manifest_path}: not valid JSON ({e}); re-export the bundle") from e
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
+        raise UnsupportedFormatError(f"{root}: not an edgelora bundle of version {BUNDLE_VERSION}; re-export it")
+    if verify:
+        bad = []
+        for rel, info in manifest["files"].items():
+            p = root / rel
+            if not p.exists():
+                bad.append(f"{rel} is missing")
+            elif p.stat().st_size != info["size"]:
+                bad.append(f"{rel} has {p.stat().st_size} bytes, expected {info['size']}")
+            elif sha256_file(p) != info["sha256"]:
+                bad.append(f"{rel} has the wrong sha256")
+        if bad:
+            raise CorruptFileError(f"{root}: {'; '.join(bad)}; re-export the bundle")
+    return Bundle(root, manifest)

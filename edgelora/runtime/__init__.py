@@ -1,0 +1,1 @@
+"""Engines: one interface over llama.cpp (GGUF) and ONNX Runtime (ONNX)."""

@@ -1,0 +1,126 @@
+"""Device profiles and bundles on a tiny model: every format, the manifest, budgets, atomicity."""
+
+import json
+
+import numpy as np
+import pytest
+
+import edgelora
+from edgelora import bundle as bundle_mod
+from edgelora import profiles
+from edgelora.errors import CorruptFileError, SourceNotFoundError, UnsupportedFormatError
+
+SHIPPED = ["android-arm64", "raspberry-pi-4", "raspberry-pi-5", "snapdragon-8-gen-3", "x86-64"]
+EVAL = 1024  # held-out tokens per export in these tests (the default model uses all 22k)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_shipped_profiles():
+    listed = profiles.list_profiles()
+    assert [p.name for p in listed] == SHIPPED
+    for p in listed:
+        assert p.memory_budget_mb <= p.ram_mb and p.backends.order
+    npu = profiles.get_profile("snapdragon-8-gen-3")
+    assert npu.kind == "npu" and npu.shapes.static and npu.backends.onnx_quant == "qdq"
+    assert npu.backends.execution_providers == ("QNNExecutionProvider",)
+
+
+def test_profile_errors(tmp_path):
+    with pytest.raises(SourceNotFoundError, match="unknown device profile 'toaster'"):
+        profiles.get_profile("toaster")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n')
+    with pytest.raises(profiles.ProfileError, match="not a device profile"):
+        profiles.get_profile(bad)
+
+
+@pytest.mark.parametrize("backend,quant,expected", [
+    (None, None, [("gguf", "q8_0"), ("onnx", "int4")]),
+    ("gguf", None, [("gguf", "q8_0")]),
+    ("both", "f32", [("gguf", "f32"), ("onnx", "f32")]),
+    (None, "q4_k_m", [("gguf", "q4_k_m")]),
+    (None, "int8", [("onnx", "int8")]),
+])
+def test_plan(backend, quant, expected):
+    assert bundle_mod.resolve_plan(profiles.get_profile("raspberry-pi-5"), backend, quant) == expected
+
+
+def test_plan_refuses_a_quant_the_backend_lacks():
+    with pytest.raises(UnsupportedFormatError, match="'q8_0' is not available for the onnx backend"):
+        bundle_mod.resolve_plan(profiles.get_profile("raspberry-pi-5"), "onnx", "q8_0")
+
+
+@pytest.mark.parametrize("backend,quant", [("gguf", "f32"), ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_0"),
+                                           ("gguf", "q4_k_m"), ("onnx", "f32"), ("onnx", "int8"), ("onnx", "int4")])
+def test_export_each_format(backend, quant, tiny_llama, tmp_path):
+    b = edgelora.bundle.export(tiny_llama, "x86-64", tmp_path / "b", backend=backend, quant=quant, force=True,
+                               eval_tokens=EVAL, progress=False)
+    m = b.manifest
+    base = edgelora.load_base(tiny_llama)
+    assert m["base"]["fingerprint"] == base.fingerprint
+    (art,) = b.artifacts
+    assert (art.backend, art.quant) == (backend, quant)
+    q = art.quality
+    assert q["tokens"] > 900 and q["float_perplexity"] > 1
+    if quant == "f32":  # the float export is the float model
+        assert abs(q["perplexity_change"]) < 1e-4 and q["top1_agreement"] > 0.999
+    assert art.memory["total"] > art.memory["weights"] > 0
+    assert set(m["files"]) >= set(art.files) | {"tokenizer/tokenizer.json"}
+    assert (b.root / "adapters").is_dir()
+    # it loads and computes in its runtime
+    engine = b.engine()
+    ids = base.tokenizer.encode("The quick brown fox")
+    logits = engine.logits(ids)
+    assert logits.shape == (len(ids), base.config.vocab_size) and np.isfinite(logits).all()
+
+
+def test_open_bundle_checks_hashes(tiny_llama, tmp_path):
+    b = edgelora.bundle.export(tiny_llama, "x86-64", tmp_path / "b", backend="gguf", quant="f16",
+                               eval_tokens=EVAL, progress=False)
+    f = b.root / b.artifacts[0].main
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="wrong sha256"):
+        edgelora.open_bundle(b.root)
+    f.unlink()
+    with pytest.raises(CorruptFileError, match="is missing"):
+        edgelora.open_bundle(b.root)
+
+
+def test_quality_budget_refuses_and_writes_nothing(tiny_llama, tmp_path):
+    # a random tiny model loses a lot at 4 bits: over x86-64's +5% budget
+    with pytest.raises(bundle_mod.QualityBudgetError, match="perplexity .* budget"):
+        edgelora.bundle.export(tiny_llama, "x86-64", tmp_path / "b", backend="gguf", quant="q4_0",
+                               eval_tokens=EVAL, progress=False)
+    assert not (tmp_path / "b").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]  # no temporary left behind
+
+
+def test_memory_budget_refuses_with_the_numbers(tiny_llama, tmp_path):
+    toml = (profiles.get_profile("x86-64").path)
+    text = open(toml).read().replace("memory_budget_mb = 4096", "memory_budget_mb = 1").replace("ram_mb = 8192", "ram_mb = 2")
+    small = tmp_path / "small.toml"
+    small.write_text(text)
+    with pytest.raises(bundle_mod.MemoryBudgetError, match=r"needs ~\d+ MB .* over its budget of 1 MB"):
+        edgelora.bundle.export(tiny_llama, small, tmp_path / "b", backend="gguf", quant="f16", eval_tokens=EVAL, progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_export_and_devices(tiny_llama, tmp_path, run_cli):
+    env = {"EDGELORA_CACHE": str(tmp_path / "cache")}
+    listed = run_cli("devices", "list", env=env)
+    assert all(name in listed.stdout for name in SHIPPED)
+    shown = run_cli("devices", "show", "raspberry-pi-4", env=env)
+    assert json.loads(shown.stdout)["ram_mb"] == 4096
+    out = tmp_path / "bundle"
+    r = run_cli("export", "--model", str(tiny_llama), "--device", "raspberry-pi-5", "--out", str(out),
+                "--backend", "gguf", "--quant", "q8_0", "--eval-tokens", str(EVAL), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "q8_0" in r.stdout and "perplexity" in r.stdout
+    again = run_cli("export", "--model", str(tiny_llama), "--device", "raspberry-pi-5", "--out", str(out), env=env)
+    assert again.returncode == 2 and "already exists" in again.stderr
