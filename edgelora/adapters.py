@@ -1,0 +1,251 @@
+"""`LoraAdapter`: one LoRA adapter as a plain value. Every format converts to and from it.
+
+For each target module (canonical name, e.g. ``layers.3.q``) it holds A (r x in), B (out x r) and
+alpha; the module's weight becomes W + scale * B @ A with scale = alpha / r (alpha / sqrt(r) for
+rsLoRA). The adapter records the fingerprint of the base it was made for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .arch import LlamaConfig
+from .errors import EdgeloraError, UnsupportedFormatError
+from .naming import LORA_TARGETS
+
+_TARGET = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+class AdapterError(EdgeloraError):
+    """An adapter that cannot be used: malformed, or made for another base."""
+
+
+class AdapterMismatchError(AdapterError):
+    """An adapter whose names or shapes do not fit the base (every mismatch listed)."""
+
+
+class AdapterBaseMismatchError(AdapterError):
+    """An adapter made for another base model."""
+
+
+@dataclass
+class LoraTensor:
+    A: np.ndarray  # (r, in)
+    B: np.ndarray  # (out, r)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass
+class LoraAdapter:
+    tensors: dict[str, LoraTensor]
+    base_fingerprint: str | None = None
+    use_rslora: bool = False
+    name: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tensors:
+            raise AdapterError("an adapter needs at least one target module")
+        for target, t in self.tensors.items():
+            m = _TARGET.match(target)
+            if not m or m.group(2) not in LORA_TARGETS:
+                raise AdapterError(f"adapter target {target!r} is not a canonical LoRA target (layers.N.{{{','.join(LORA_TARGETS)}}})")
+            t.A = np.ascontiguousarray(t.A, dtype=np.float32)
+            t.B = np.ascontiguousarray(t.B, dtype=np.float32)
+            if t.A.ndim != 2 or t.B.ndim != 2 or t.A.shape[0] != t.B.shape[1]:
+                raise AdapterError(f"adapter target {target}: A {t.A.shape} and B {t.B.shape} do not form a LoRA pair (A r x in, B out x r)")
+            if not (np.isfinite(t.A).all() and np.isfinite(t.B).all()):
+                raise AdapterError(f"adapter target {target}: A or B holds NaN or Inf")
+
+    # -- derived -----------------------------------------------------------------------------
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted(self.tensors, key=target_order)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {t: self.tensors[t].rank for t in self.targets}
+
+    @property
+    def rank(self) -> int:
+        return max(t.rank for t in self.tensors.values())
+
+    @property
+    def alpha(self) -> float:
+        alphas = {t.alpha for t in self.tensors.values()}
+        return alphas.pop() if len(alphas) == 1 else max(alphas)
+
+    @property
+    def target_kinds(self) -> list[str]:
+        kinds = {t.rsplit(".", 1)[1] for t in self.tensors}
+        return [k for k in LORA_TARGETS if k in kinds]
+
+    def scale(self, target: str) -> float:
+        t = self.tensors[target]
+        return t.alpha / (math.sqrt(t.rank) if self.use_rslora else t.rank)
+
+    def delta(self, target: str) -> np.ndarray:
+        """The change to the module's weight (out x in): scale * B @ A."""
+        t = self.tensors[target]
+        return self.scale(target) * (t.B @ t.A)
+
+    def num_parameters(self) -> int:
+        return sum(t.A.size + t.B.size for t in self.tensors.values())
+
+    def nbytes(self) -> int:
+        return 4 * self.num_parameters()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_fits(self, config: LlamaConfig, fingerprint: str | None = None) -> None:
+        """Refuses an adapter made for another base, or whose names or shapes do not fit `config`,
+        listing every mismatch in one error."""
+        if fingerprint and self.base_fingerprint and self.base_fingerprint != fingerprint:
+            raise AdapterBaseMismatchError(
+                f"adapter {self.name or '(unnamed)'} was made for base {self.base_fingerprint}, "
+                f"but this base is {fingerprint}; use an adapter trained on this base")
+        shapes = config.shapes()
+        problems = []
+        for target in self.targets:
+            t = self.tensors[target]
+            if target not in shapes:
+                problems.append(f"{target}: no such module (the base has {config.num_layers} layers)")
+                continue
+            out_dim, in_dim = shapes[target]
+            if t.A.shape[1] != in_dim:
+                problems.append(f"{target}: A is {t.A.shape[0]}x{t.A.shape[1]}, the module takes {in_dim} inputs")
+            if t.B.shape[0] != out_dim:
+                problems.append(f"{target}: B is {t.B.shape[0]}x{t.B.shape[1]}, the module has {out_dim} outputs")
+        if problems:
+            raise AdapterMismatchError(
+                f"adapter {self.name or '(unnamed)'} does not fit the base ({len(problems)} problems): {'; '.join(problems)}")
+
+    # -- mixing ------------------------------------------------------------------------------
+
+    @staticmethod
+    def mix(weighted: Iterable[tuple["LoraAdapter", float]]) -> "LoraAdapter":
+        """Several adapters active at once with weights w_i as one adapter: A is the stack of the
+        A_i and B the side-by-side of w_i * s_i * B_i, so scale 1 (alpha = rank)."""
+        weighted = [(a, float(w)) for a, w in weighted]
+        if not weighted:
+            raise AdapterError("mixing needs at least one adapter")
+        fingerprints = {a.base_fingerprint for a, _ in weighted if a.base_fingerprint}
+        if len(fingerprints) > 1:
+            raise AdapterBaseMismatchError(f"cannot mix adapters made for different bases: {', '.join(sorted(fingerprints))}")
+        targets = sorted({t for a, _ in weighted for t in a.tensors}, key=target_order)
+        tensors = {}
+        for target in targets:
+            As, Bs = [], []
+            for a, w in weighted:
+                if target in a.tensors:
+                    As.append(a.tensors[target].A)
+                    Bs.append((w * a.scale(target)) * a.tensors[target].B)
+            A = np.concatenate(As, axis=0)
+            tensors[target] = LoraTensor(A, np.concatenate(Bs, axis=1), alpha=float(A.shape[0]))
+        names = "+".join(f"{a.name or '?'}*{w:g}" for a, w in weighted)
+        return LoraAdapter(tensors, base_fingerprint=next(iter(fingerprints), None), name=names,
+                           provenance={"method": "mix", "of": [[a.name, w] for a, w in weighted]})
+
+    def summary(self) -> dict[str, Any]:
+        ranks = sorted(set(self.ranks.values()))
+        return {
+            "name": self.name, "base": self.base_fingerprint, "targets": ",".join(self.target_kinds),
+            "modules": len(self.tensors), "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "alpha": self.alpha, "rslora": self.use_rslora, "parameters": self.num_parameters(),
+            "provenance": self.provenance,
+        }
+
+
+def target_order(target: str) -> tuple[int, int]:
+    layer, kind = target.split(".")[1:]
+    return int(layer), LORA_TARGETS.index(kind)
+
+
+def random_adapter(config: LlamaConfig, *, rank: int = 8, alpha: float = 16.0, targets: Iterable[str] = LORA_TARGETS,
+                   seed: int = 0, scale: float = 0.05, fingerprint: str | None = None, name: str = "random") -> LoraAdapter:
+    """An adapter with random A and B (both non-zero): for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    shapes = config.shapes()
+    tensors = {}
+    for i in range(config.num_layers):
+        for kind in targets:
+            out_dim, in_dim = shapes[f"layers.{i}.{kind}"]
+            tensors[f"layers.{i}.{kind}"] = LoraTensor(
+                rng.standard_normal((rank, in_dim), dtype=np.float32) * scale,
+                rng.standard_normal((out_dim, rank), dtype=np.float32) * scale, alpha)
+    return LoraAdapter(tensors, base_fingerprint=fingerprint, name=name, provenance={"method": "random", "seed": seed})
+
+
+# -- formats --------------------------------------------------------------------------------
+
+FORMATS = ("peft", "gguf", "onnx")
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """The format of an adapter at `path`: 'peft', 'gguf' or 'onnx'."""
+    from .errors import SourceNotFoundError
+
+    p = Path(path)
+    if not p.exists():
+        raise SourceNotFoundError(f"no such adapter: {p}")
+    if p.is_dir():
+        if (p / "adapter_config.json").exists():
+            return "peft"
+        raise UnsupportedFormatError(f"{p}: a directory without adapter_config.json is not a PEFT adapter")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if p.suffix == ".onnx_adapter":
+        return "onnx"
+    if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt") or head[:1] == b"\x80" or head[:2] == b"PK":
+        raise UnsupportedFormatError(f"{p}: pickle adapters can run code when loaded and edgelora refuses them; save it as safetensors")
+    raise UnsupportedFormatError(f"{p}: not an adapter edgelora reads (a PEFT dir, a GGUF LoRA or a .onnx_adapter)")
+
+
+def load_adapter(path: str | os.PathLike) -> LoraAdapter:
+    """Reads an adapter in any supported format (sniffed from the path)."""
+    kind = sniff(path)
+    if kind == "peft":
+        from .converters import peft
+
+        return peft.read(path)
+    if kind == "gguf":
+        from .converters import gguf_lora
+
+        return gguf_lora.read(path)
+    from .converters import onnx_adapter
+
+    return onnx_adapter.read(path)
+
+
+def save_adapter(adapter: LoraAdapter, path: str | os.PathLike, fmt: str, config: LlamaConfig) -> Path:
+    """Writes `adapter` in format `fmt` ('peft', 'gguf' or 'onnx')."""
+    adapter.check_fits(config)
+    if fmt == "peft":
+        from .converters import peft
+
+        return peft.write(adapter, path)
+    if fmt == "gguf":
+        from .converters import gguf_lora
+
+        return gguf_lora.write(adapter, path, config)
+    if fmt == "onnx":
+        from .converters import onnx_adapter
+
+        return onnx_adapter.write(adapter, path)
+    raise UnsupportedFormatError(f"adapter format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
