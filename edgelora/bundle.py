@@ -168,14 +168,18 @@ def _build_onnx(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Pat
 BUILDERS: dict[str, Callable[[_Workspace, str, Path, int], list[Path]]] = {"gguf": _build_gguf, "onnx": _build_onnx}
 
 
-def _engine_for(backend: str, path: Path, threads: int, n_ctx: int):
+def _engine_for(backend: str, path: Path, threads: int, n_ctx: int, base: BaseModel | None = None,
+                config=None, **kw):
+    if base is not None:
+        kw.setdefault("tokenizer", base.tokenizer)
+        kw.setdefault("fingerprint", base.fingerprint)
     if backend == "gguf":
         from .runtime.gguf import GGUFEngine
 
-        return GGUFEngine(path, n_ctx=n_ctx, threads=threads)
+        return GGUFEngine(path, n_ctx=n_ctx, threads=threads, **kw)
     from .runtime.onnx import OnnxEngine
 
-    return OnnxEngine(path, threads=threads, n_ctx=n_ctx)
+    return OnnxEngine(path, config or base.config, threads=threads, n_ctx=n_ctx, **kw)
 
 
 def _eval_tokens(base: BaseModel, limit: int | None) -> list[int]:
@@ -229,7 +233,7 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
                     f"{m['kv_cache']:.0f} at context {m['context_length']} + activations {m['activations']:.0f} + runtime "
                     f"{m['runtime']:.0f}), over its budget of {profile.memory_budget_mb} MB; choose a smaller quantization")
             art.export_seconds = time.monotonic() - t0
-            engine = _engine_for(b, paths[0], threads, EVAL_WINDOW)
+            engine = _engine_for(b, paths[0], threads, EVAL_WINDOW, base)
             try:
                 scores = _quality.score(engine.logits, tokens, EVAL_WINDOW, progress=bar(f"{b} {q} perplexity", progress))
             finally:
@@ -306,10 +310,19 @@ class Bundle:
 
         return hf.read_tokenizer(self.root / "tokenizer")
 
+    @property
+    def config(self):
+        from .arch import LlamaConfig
+
+        return LlamaConfig(**self.manifest["base"]["architecture"])
+
     def engine(self, backend: str | None = None, *, threads: int | None = None, n_ctx: int | None = None):
+        """An engine over this bundle's artifact for `backend`, with the store's adapters loaded."""
         art = self.artifact(backend)
-        return _engine_for(art.backend, self.path(art.main), threads or self.manifest["device"]["threads"],
-                           n_ctx or min(self.manifest["device"]["context_length"], 4096))
+        engine = _engine_for(art.backend, self.path(art.main), threads or self.manifest["device"]["threads"],
+                             n_ctx or min(self.manifest["device"]["context_length"], 4096),
+                             tokenizer=self.tokenizer(), fingerprint=self.fingerprint, config=self.config)
+        return engine
 
 
 def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:

@@ -1,7 +1,10 @@
-"""The GGUF engine: llama-cpp-python, the base loaded once (memory-mapped)."""
+"""The GGUF engine: llama-cpp-python with the base loaded once (memory-mapped) and LoRA adapters
+attached and detached on the loaded model through llama.cpp's adapter API. Every adapter file is
+validated in Python first: llama.cpp checks only shapes and crashes on a bad file."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Sequence
@@ -9,43 +12,112 @@ from typing import Sequence
 import numpy as np
 
 from edgelora._native import quiet_native
-from edgelora.errors import EdgeloraError
+from edgelora.adapters import AdapterError, LoraAdapter
+from edgelora.tokenizer import Tokenizer
 
-# ggml type ids for the KV cache (ggml.h)
-KV_TYPES = {"f32": 0, "f16": 1}
+from .engine import Engine, EngineError
 
-
-class EngineError(EdgeloraError):
-    exit_code = 1
+KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids (ggml.h)
 
 
-class GGUFEngine:
+class GGUFEngine(Engine):
     backend = "gguf"
 
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, threads: int = 2, kv_type: str = "f16"):
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, threads: int = 2, kv_type: str = "f16",
+                 tokenizer: Tokenizer | None = None, fingerprint: str | None = None, n_batch: int = 512):
+        import llama_cpp
         from llama_cpp import Llama
 
-        from edgelora.converters import gguf_model
+        from edgelora.converters import gguf_model, gguf_tokenizer
 
         self.path = Path(path)
-        gguf_model.open_reader(self.path)  # validate in Python first: llama.cpp crashes on bad files
+        reader = gguf_model.open_reader(self.path)  # validate in Python first: llama.cpp crashes on bad files
+        fields = gguf_model.fields_of(reader)
+        config = gguf_model.config_from_fields(fields, {t.name for t in reader.tensors})
+        if tokenizer is None:
+            tokenizer = gguf_tokenizer.from_gguf(fields)
+        fingerprint = fingerprint or fields.get(gguf_model.FINGERPRINT_KEY) or None
+        del reader
+        super().__init__(config, tokenizer, fingerprint, n_ctx)
+        self._lib = llama_cpp
         with quiet_native():
             self.llm = Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                             n_batch=min(n_ctx, 512), logits_all=True, verbose=False,
-                             type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
-        if self.llm is None:  # pragma: no cover
-            raise EngineError(f"llama.cpp could not load {self.path}")
-        self.n_ctx = n_ctx
+                             n_batch=min(n_ctx, n_batch), n_ubatch=min(n_ctx, n_batch), logits_all=False,
+                             verbose=False, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
+        self.n_batch = min(n_ctx, n_batch)
+        self.vocab = self.llm.n_vocab()
+        self.n_past = 0
+        self._handles: dict[str, object] = {}
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits (len(token_ids) x vocab) of one sequence, from an empty cache."""
-        ids = list(token_ids)
-        if len(ids) > self.n_ctx:
-            raise EngineError(f"{len(ids)} tokens do not fit the context of {self.n_ctx}")
+    # -- forward -----------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self.n_past = 0
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        if self.n_past + len(ids) > self.n_ctx:
+            raise EngineError(f"{self.n_past + len(ids)} tokens do not fit the context of {self.n_ctx}")
+        rows = []
+        for i in range(0, len(ids), self.n_batch):
+            chunk = list(ids[i:i + self.n_batch])
+            self.llm._batch.set_batch(batch=chunk, n_past=self.n_past, logits_all=all_logits)
+            self.llm._ctx.decode(self.llm._batch)
+            self.n_past += len(chunk)
+            if all_logits:
+                ptr = self._lib.llama_get_logits(self.llm.ctx)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), self.vocab)).copy())
+        if all_logits:
+            return np.concatenate(rows)
+        ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab,)).copy()
+
+    def _feed(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._decode(token_ids, all_logits=False)
+
+    def _logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        self._reset()
+        out = self._decode(token_ids, all_logits=True)
+        self._reset()
+        return out
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def _read_adapter(self, path: Path) -> LoraAdapter:
+        from edgelora.converters import gguf_lora
+
+        return gguf_lora.read(path, self.config)  # full validation before llama.cpp sees the file
+
+    def _load_adapter(self, name: str, path: Path, adapter: LoraAdapter) -> None:
+        if name in self._handles:
+            self._free(name)
+        with quiet_native():
+            handle = self._lib.llama_adapter_lora_init(self.llm.model, str(path).encode())
+        if not handle:
+            raise AdapterError(f"llama.cpp could not load adapter {name} from {path}")
+        self._handles[name] = handle
+
+    def _activate(self, weights: dict[str, float]) -> None:
+        n = len(weights)
+        if n == 0:
+            rc = self._lib.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            arr = (self._lib.llama_adapter_lora_p_ctypes * n)(*[self._handles[k] for k in weights])
+            scales = (ctypes.c_float * n)(*weights.values())
+            rc = self._lib.llama_set_adapters_lora(self.llm.ctx, arr, n, scales)
+        if rc != 0:
+            raise EngineError(f"llama.cpp refused the adapter set {list(weights)} (code {rc})")
+
+    def _free(self, name: str) -> None:
+        handle = self._handles.pop(name, None)
+        if handle is not None:
+            self._lib.llama_adapter_lora_free(handle)
 
     def close(self) -> None:
-        self.llm.close()
+        if getattr(self, "llm", None) is not None:
+            self._activate({})
+            for name in list(self._handles):
+                self._free(name)
+            self.llm.close()
+            self.llm = None

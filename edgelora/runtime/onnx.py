@@ -1,30 +1,40 @@
-"""The ONNX engine: an onnxruntime session over a decoder with KV-cache inputs and outputs."""
+"""The ONNX engine: an onnxruntime session over a decoder with KV-cache inputs and outputs, with
+LoRA adapters through ONNX Runtime's multi-LoRA (`LoraAdapter` + `RunOptions`). Several active
+adapters are mixed into one by concatenation along the rank, so one slot serves any mix."""
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from edgelora.errors import EdgeloraError
+from edgelora.adapters import AdapterError, AdapterMismatchError, LoraAdapter
+from edgelora.arch import LlamaConfig
+from edgelora.tokenizer import Tokenizer
+
+from .engine import Engine, EngineError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
-class OnnxEngineError(EdgeloraError):
-    exit_code = 1
+class OnnxEngineError(EngineError):
+    pass
 
 
-class OnnxEngine:
+class OnnxEngine(Engine):
     backend = "onnx"
 
-    def __init__(self, path: str | os.PathLike, *, threads: int = 2, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 n_ctx: int = 2048):
+    def __init__(self, path: str | os.PathLike, config: LlamaConfig, *, threads: int = 2,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), n_ctx: int = 2048,
+                 tokenizer: Tokenizer | None = None, fingerprint: str | None = None):
         import onnxruntime as ort
 
+        super().__init__(config, tokenizer, fingerprint, n_ctx)
+        self._ort = ort
         self.path = Path(path)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -33,38 +43,95 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=list(providers))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise OnnxEngineError(f"onnxruntime cannot load {self.path}: {e}".splitlines()[0]) from e
-        self.n_ctx = n_ctx
-        self.past_names: list[str] = []
-        kv_shape = None
-        for inp in self.session.get_inputs():
-            if _PAST.match(inp.name):
-                self.past_names.append(inp.name)
-                kv_shape = inp.shape
-        if kv_shape is None:
+            raise OnnxEngineError(f"onnxruntime cannot load {self.path}: {str(e).splitlines()[0]}") from e
+        self.past_names = [i.name for i in self.session.get_inputs() if _PAST.match(i.name)]
+        if not self.past_names:
             raise OnnxEngineError(f"{self.path} has no past_key_values inputs: not a decoder with a KV cache")
-        self.kv_heads, self.head_dim = int(kv_shape[1]), int(kv_shape[3])
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         self.input_names = {i.name for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.slots = {i.name: i.shape for i in self.session.get_overridable_initializers()}
+        self._run_options = ort.RunOptions()
+        self._ort_adapters: dict[str, object] = {}
+        self._mix_dir = tempfile.TemporaryDirectory(prefix="edgelora-mix-")
+        self._mixes: dict[tuple, object] = {}
+        self._reset()
+
+    # -- forward -----------------------------------------------------------------------------
 
     def _empty_past(self) -> dict[str, np.ndarray]:
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        c = self.config
+        empty = np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32)
         return {name: empty for name in self.past_names}
 
-    def _feed(self, ids: Sequence[int], past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
+    def _reset(self) -> None:
+        self.past = self._empty_past()
+        self.n_past = 0
+
+    def _run(self, ids: Sequence[int], past: dict[str, np.ndarray], past_len: int) -> list[np.ndarray]:
         n = len(ids)
         feed = {"input_ids": np.asarray([ids], np.int64), **past}
         if "attention_mask" in self.input_names:
             feed["attention_mask"] = np.ones((1, past_len + n), np.int64)
         if "position_ids" in self.input_names:
             feed["position_ids"] = np.arange(past_len, past_len + n, dtype=np.int64)[None]
-        return feed
+        return self.session.run(["logits", *self.present_names], feed, self._run_options)
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits (len(token_ids) x vocab) of one sequence, from an empty cache."""
-        ids = list(token_ids)
-        out = self.session.run(["logits"], self._feed(ids, self._empty_past(), 0))
-        return out[0][0]
+    def _feed(self, token_ids: Sequence[int]) -> np.ndarray:
+        if self.n_past + len(token_ids) > self.n_ctx:
+            raise EngineError(f"{self.n_past + len(token_ids)} tokens do not fit the context of {self.n_ctx}")
+        out = self._run(list(token_ids), self.past, self.n_past)
+        self.past = dict(zip(self.past_names, out[1:]))
+        self.n_past += len(token_ids)
+        return out[0][0, -1]
+
+    def _logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run(list(token_ids), self._empty_past(), 0)[0][0]
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def _check_slots(self, name: str, adapter: LoraAdapter) -> None:
+        from edgelora.converters.onnx_adapter import parameters
+
+        problems = []
+        for pname, value in parameters(adapter).items():
+            if pname not in self.slots:
+                problems.append(f"{pname}: the graph has no such LoRA slot")
+            elif [d if isinstance(d, int) else None for d in self.slots[pname]] != \
+                    [v if isinstance(d, int) else None for d, v in zip(self.slots[pname], value.shape)]:
+                problems.append(f"{pname}: shape {list(value.shape)} does not fit slot {self.slots[pname]}")
+        if problems:
+            raise AdapterMismatchError(f"adapter {name} does not fit this graph ({len(problems)} problems): {'; '.join(problems)}")
+
+    def _load_adapter(self, name: str, path: Path, adapter: LoraAdapter) -> None:
+        self._check_slots(name, adapter)
+        handle = self._ort.LoraAdapter()
+        try:
+            handle.Load(str(path))
+        except Exception as e:
+            raise AdapterError(f"onnxruntime could not load adapter {name} from {path}: {str(e).splitlines()[0]}") from e
+        self._ort_adapters[name] = handle  # RunOptions does not keep it alive: we must
+        self._mixes = {k: v for k, v in self._mixes.items() if name not in dict(k)}
+
+    def _activate(self, weights: dict[str, float]) -> None:
+        ro = self._ort.RunOptions()
+        if len(weights) == 1 and next(iter(weights.values())) == 1.0:
+            ro.add_active_adapter(self._ort_adapters[next(iter(weights))])
+        elif weights:
+            key = tuple(sorted(weights.items()))
+            if key not in self._mixes:
+                from edgelora.converters.onnx_adapter import parameters, write_parameters
+
+                mixed = LoraAdapter.mix([(self._adapters.values[n], w) for n, w in weights.items()])
+                path = Path(self._mix_dir.name) / f"mix{len(self._mixes)}.onnx_adapter"
+                write_parameters(parameters(mixed), path)
+                handle = self._ort.LoraAdapter()
+                handle.Load(str(path))
+                self._mixes[key] = handle
+            ro.add_active_adapter(self._mixes[key])
+        self._run_options = ro
 
     def close(self) -> None:
         self.session = None
+        self._ort_adapters.clear()
+        self._mixes.clear()
+        self._mix_dir.cleanup()

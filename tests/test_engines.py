@@ -1,0 +1,124 @@
+"""Both engines, with adapters swapped in and out, against transformers + PEFT."""
+
+import numpy as np
+import pytest
+
+import edgelora
+from edgelora.adapters import AdapterBaseMismatchError, AdapterMismatchError, load_adapter, random_adapter, save_adapter
+from edgelora.converters import gguf_model, onnx_model
+from edgelora.runtime.gguf import GGUFEngine
+from edgelora.runtime.onnx import OnnxEngine
+from tests.peft_util import base_logits, make_peft_adapter, peft_logits
+
+TEXT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models."
+EXT = {"gguf": ".gguf", "onnx": ".onnx_adapter"}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engines")
+    base = edgelora.load_base(tiny_llama)
+    files = {"gguf": gguf_model.write(base, tmp / "base.gguf", "F32"),
+             "onnx": onnx_model.export(tiny_llama, tmp / "onnx", base.config, "f32")}
+    peft = {n: make_peft_adapter(tiny_llama, tmp / f"peft-{n}", r=r, alpha=a, seed=s,
+                                 targets=t) for n, r, a, s, t in [
+        ("a", 8, 16, 1, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        ("b", 4, 4, 2, ("q_proj", "v_proj", "down_proj"))]}
+    converted = {}
+    for name, path in peft.items():
+        adapter = load_adapter(path)
+        adapter.base_fingerprint = base.fingerprint
+        for fmt in ("gguf", "onnx"):
+            converted[fmt, name] = save_adapter(adapter, tmp / f"{name}{EXT[fmt]}", fmt, base.config)
+    ids = base.tokenizer.encode(TEXT)
+    return base, files, peft, converted, ids
+
+
+def make_engine(backend, base, files):
+    if backend == "gguf":  # F32 KV cache: the float model, exactly
+        return GGUFEngine(files["gguf"], n_ctx=128, threads=1, kv_type="f32", fingerprint=base.fingerprint)
+    return OnnxEngine(files["onnx"], base.config, threads=1, n_ctx=128, tokenizer=base.tokenizer,
+                      fingerprint=base.fingerprint)
+
+
+@pytest.fixture(params=["gguf", "onnx"])
+def engine(request, setup):
+    base, files, *_ = setup
+    e = make_engine(request.param, base, files)
+    yield e
+    e.close()
+
+
+ATOL = 2e-5
+
+
+def test_adapters_match_peft(engine, setup, tiny_llama):
+    base, files, peft, converted, ids = setup
+    np.testing.assert_allclose(engine.logits(ids), base_logits(tiny_llama, ids), rtol=0, atol=ATOL)
+    for name in ("a", "b"):
+        engine.load_adapter(name, converted[engine.backend, name])
+    engine.set_adapters({"a": 1.0})
+    np.testing.assert_allclose(engine.logits(ids), peft_logits(tiny_llama, {"a": peft["a"]}, ids), rtol=0, atol=ATOL)
+    engine.set_adapters(["b"])
+    np.testing.assert_allclose(engine.logits(ids), peft_logits(tiny_llama, {"b": peft["b"]}, ids), rtol=0, atol=ATOL)
+    engine.clear_adapters()
+    np.testing.assert_allclose(engine.logits(ids), base_logits(tiny_llama, ids), rtol=0, atol=ATOL)
+
+
+def test_weighted_mix_matches_peft(engine, setup, tiny_llama):
+    base, files, peft, converted, ids = setup
+    for name in ("a", "b"):
+        engine.load_adapter(name, converted[engine.backend, name])
+    weights = {"a": 0.6, "b": 1.5}
+    engine.set_adapters(weights)
+    ref = peft_logits(tiny_llama, peft, ids, weights=weights)
+    np.testing.assert_allclose(engine.logits(ids), ref, rtol=0, atol=ATOL)
+
+
+def test_swap_resets_the_cache_and_keeps_the_base(engine, setup):
+    base, files, peft, converted, ids = setup
+    engine.load_adapter("a", converted[engine.backend, "a"])
+    session = getattr(engine, "llm", None) or engine.session
+    plain = engine.generate(ids, max_tokens=8).tokens
+    engine.set_adapters({"a": 1.0})
+    adapted = engine.generate(ids, max_tokens=8).tokens
+    # a fresh engine with the adapter gives the same tokens: nothing computed under the base leaked in
+    fresh = make_engine(engine.backend, base, files)
+    fresh.load_adapter("a", converted[engine.backend, "a"])
+    fresh.set_adapters(["a"])
+    assert fresh.generate(ids, max_tokens=8).tokens == adapted != plain
+    fresh.close()
+    engine.clear_adapters()
+    assert engine.generate(ids, max_tokens=8).tokens == plain
+    assert (getattr(engine, "llm", None) or engine.session) is session  # the base was never reloaded
+
+
+def test_wrong_base_and_wrong_shape_are_refused_before_the_runtime(engine, setup, tmp_path):
+    base, *_ = setup
+    fmt = engine.backend
+    other = random_adapter(base.config, fingerprint="sha256:" + "1" * 64, name="other")
+    path = save_adapter(other, tmp_path / f"other{EXT[fmt]}", fmt, base.config)
+    with pytest.raises(AdapterBaseMismatchError, match="made for base sha256:1+"):
+        engine.load_adapter("other", path)
+    assert engine.loaded_adapters == []
+
+
+def test_truncated_gguf_adapter_never_reaches_llama_cpp(setup, tmp_path):
+    from edgelora.errors import CorruptFileError
+
+    base, files, peft, converted, ids = setup
+    data = converted["gguf", "a"].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    engine = make_engine("gguf", base, files)
+    with pytest.raises(CorruptFileError, match="truncated GGUF"):
+        engine.load_adapter("cut", cut)
+    assert engine.logits(ids).shape[0] == len(ids)  # still alive
+    engine.close()
+
+
+def test_generate_stops_and_samples(engine, setup):
+    base, *_ = setup
+    g = engine.generate([{"role": "user", "content": "hi"}], max_tokens=5, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    again = engine.generate([{"role": "user", "content": "hi"}], max_tokens=5, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    assert g.tokens == again.tokens and len(g.tokens) <= 5 and g.prompt_tokens > 5
