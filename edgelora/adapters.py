@@ -215,8 +215,9 @@ def sniff(path: str | os.PathLike) -> str:
     raise UnsupportedFormatError(f"{p}: not an adapter edgelora reads (a PEFT dir, a GGUF LoRA or a .onnx_adapter)")
 
 
-def load_adapter(path: str | os.PathLike) -> LoraAdapter:
-    """Reads an adapter in any supported format (sniffed from the path)."""
+def load_adapter(path: str | os.PathLike, config: LlamaConfig | None = None) -> LoraAdapter:
+    """Reads an adapter in any supported format (sniffed from the path). `config`, the base's, is
+    needed only for GGUF LoRA files made by other tools (to undo llama.cpp's q/k permutation)."""
     kind = sniff(path)
     if kind == "peft":
         from .converters import peft
@@ -225,7 +226,7 @@ def load_adapter(path: str | os.PathLike) -> LoraAdapter:
     if kind == "gguf":
         from .converters import gguf_lora
 
-        return gguf_lora.read(path)
+        return gguf_lora.read(path, config)
     from .converters import onnx_adapter
 
     return onnx_adapter.read(path)

@@ -253,7 +253,6 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
         (tmp / "tokenizer").mkdir()
         hf.write_tokenizer(base.tokenizer, tmp / "tokenizer")
         (tmp / "adapters").mkdir()
-        (tmp / "adapters" / "store.json").write_text(json.dumps({"adapters": {}}, indent=2))
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and not p.relative_to(tmp).parts[0] == "adapters":  # the store keeps its own hashes
@@ -316,12 +315,27 @@ class Bundle:
 
         return LlamaConfig(**self.manifest["base"]["architecture"])
 
+    @property
+    def backends(self) -> list[str]:
+        return list(dict.fromkeys(a.backend for a in self.artifacts))
+
+    @property
+    def store(self):
+        """The bundle's adapter store (install, list, info, remove)."""
+        from .store import AdapterStore
+
+        return AdapterStore(self.root / "adapters", fingerprint=self.fingerprint, config=self.config,
+                            backends=self.backends)
+
     def engine(self, backend: str | None = None, *, threads: int | None = None, n_ctx: int | None = None):
-        """An engine over this bundle's artifact for `backend`, with the store's adapters loaded."""
+        """An engine over this bundle's artifact for `backend`; adapters installed in the store (now
+        or later) are loaded by name the first time `set_adapters` asks for them."""
         art = self.artifact(backend)
         engine = _engine_for(art.backend, self.path(art.main), threads or self.manifest["device"]["threads"],
                              n_ctx or min(self.manifest["device"]["context_length"], 4096),
                              tokenizer=self.tokenizer(), fingerprint=self.fingerprint, config=self.config)
+        store = self.store
+        engine.resolver = lambda name: store.path(name, art.backend)
         return engine
 
 

@@ -143,6 +143,201 @@ def export(
     _table(ARTIFACT_HEADER, _artifact_rows(bundle))
 
 
+adapter_app = typer.Typer(cls=_Group, help="LoRA adapters: convert between formats; install into a bundle's store.",
+                          no_args_is_help=True)
+app.add_typer(adapter_app, name="adapter")
+
+
+def _base_of(source: str):
+    """(config, fingerprint) of a bundle directory or any base-model source."""
+    if (Path(source) / "bundle.json").exists():
+        from .bundle import open_bundle
+
+        b = open_bundle(source, verify=False)
+        return b.config, b.fingerprint
+    from .base import load_base
+
+    base = load_base(source)
+    return base.config, base.fingerprint
+
+
+class AdapterFormatOpt(str, Enum):
+    gguf = "gguf"
+    onnx = "onnx"
+    peft = "peft"
+
+
+@adapter_app.command("convert")
+def adapter_convert(
+    src: Path = typer.Argument(..., help="A PEFT dir, a GGUF LoRA or a .onnx_adapter."),
+    to: AdapterFormatOpt = typer.Option(..., "--to", help="Output format."),
+    out: Path = typer.Option(..., "--out", help="Output file (gguf, onnx) or directory (peft)."),
+    base: str = typer.Option(..., "--base", help="The base it belongs to: a bundle dir, model name, HF dir or .gguf."),
+) -> None:
+    """Convert an adapter between PEFT, GGUF LoRA and .onnx_adapter (checked against its base)."""
+    from .adapters import load_adapter, save_adapter
+
+    config, fingerprint = _base_of(base)
+    adapter = load_adapter(src, config=config)
+    adapter.check_fits(config, fingerprint)
+    adapter.base_fingerprint = adapter.base_fingerprint or fingerprint
+    save_adapter(adapter, out, to.value, config)
+    typer.echo(f"wrote {out} ({to.value}, rank {adapter.rank}, {len(adapter.tensors)} modules, base {fingerprint[:23]}...)")
+
+
+def _store(bundle_dir: Path):
+    from .bundle import open_bundle
+
+    return open_bundle(bundle_dir, verify=False).store
+
+
+@adapter_app.command("install")
+def adapter_install(
+    bundle: Path = typer.Argument(..., help="The bundle directory."),
+    src: Path = typer.Argument(..., help="A PEFT dir, a GGUF LoRA or a .onnx_adapter."),
+    name: str = typer.Option(..., "--name", help="The name to install it under."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an adapter of the same name."),
+) -> None:
+    """Validate an adapter against the bundle's base and install it into the bundle's store."""
+    m = _store(bundle).install(src, name, replace=replace)
+    typer.echo(f"installed {name}: rank {m['rank']}, targets {','.join(m['targets'])}, for {', '.join(m['backends'])}")
+
+
+@adapter_app.command("list")
+def adapter_list(bundle: Path = typer.Argument(..., help="The bundle directory.")) -> None:
+    """List the adapters installed in a bundle."""
+    store = _store(bundle)
+    rows = [(m["name"], str(m["rank"]), f"{m['alpha']:g}", ",".join(m["targets"]),
+             f"{sum(f['size'] for f in m['files'].values()) / 1e6:.2f} MB", m["provenance"].get("method", m["provenance"].get("format", "")),
+             m["installed"]) for m in store.list()]
+    if rows:
+        _table(("name", "rank", "alpha", "targets", "size", "source", "installed"), rows)
+    else:
+        typer.echo(f"no adapters installed in {bundle}")
+
+
+@adapter_app.command("info")
+def adapter_info(bundle: Path = typer.Argument(...), name: str = typer.Argument(...)) -> None:
+    """Show an installed adapter's manifest (its files' hashes checked)."""
+    typer.echo(json.dumps(_store(bundle).verify(name), indent=2))
+
+
+@adapter_app.command("rm")
+def adapter_rm(bundle: Path = typer.Argument(...), name: str = typer.Argument(...)) -> None:
+    """Remove an installed adapter."""
+    _store(bundle).remove(name)
+    typer.echo(f"removed {name}")
+
+
+def _parse_adapters(specs: list[str]) -> dict[str, float]:
+    from .errors import EdgeloraError
+
+    out = {}
+    for spec in specs:
+        name, _, weight = spec.partition(":")
+        try:
+            out[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise EdgeloraError(f"--adapter {spec!r}: the weight after ':' must be a number, e.g. {name}:0.5") from None
+    return out
+
+
+def _prompt_of(engine, text: str, raw: bool):
+    if raw or not (engine.tokenizer and engine.tokenizer.chat_template):
+        return text
+    return [{"role": "user", "content": text}]
+
+
+def _stream_text(engine, prompt, **kw) -> str:
+    """Streams decoded text to stdout as tokens arrive; returns the whole text."""
+    tokens: list[int] = []
+    shown = ""
+    for tok in engine.stream(prompt, **kw):
+        tokens.append(tok)
+        text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+            typer.echo(text[len(shown):], nl=False)
+            shown = text
+    typer.echo(engine.tokenizer.decode(tokens, skip_special_tokens=True)[len(shown):])
+    return shown
+
+
+@app.command()
+def run(
+    bundle: Path = typer.Argument(..., help="The bundle directory."),
+    prompt: str = typer.Argument(..., help="The prompt (sent as a chat message when the model has a chat template)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="gguf or onnx (default: the bundle's first)."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME or NAME:WEIGHT; repeat to mix adapters."),
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: int = typer.Option(0, "--seed"),
+    raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, without the chat template."),
+) -> None:
+    """Generate from a bundle, with installed adapters active."""
+    from .bundle import open_bundle
+
+    engine = open_bundle(bundle).engine(backend)
+    try:
+        engine.set_adapters(_parse_adapters(adapter))
+        _stream_text(engine, _prompt_of(engine, prompt, raw), max_tokens=max_tokens, temperature=temperature,
+                     top_p=top_p, top_k=top_k, seed=seed)
+    finally:
+        engine.close()
+
+
+CHAT_HELP = "commands: /adapter NAME[:W] [NAME:W ...] (swap; no name = none), /adapters, /reset, /exit"
+
+
+@app.command()
+def chat(
+    bundle: Path = typer.Argument(..., help="The bundle directory."),
+    backend: Optional[str] = typer.Option(None, "--backend"),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME or NAME:WEIGHT to start with."),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+) -> None:
+    """Chat with a bundle; swap adapters mid-conversation with /adapter NAME."""
+    import sys
+
+    from .bundle import open_bundle
+
+    b = open_bundle(bundle)
+    engine = b.engine(backend)
+    engine.set_adapters(_parse_adapters(adapter))
+    messages: list[dict[str, str]] = []
+    typer.echo(f"edgelora chat ({engine.backend}); {CHAT_HELP}", err=True)
+    try:
+        while True:
+            sys.stderr.write(f"[{'+'.join(engine.active_adapters) or 'base'}] > ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("/exit", "/quit"):
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/adapters"):
+                typer.echo(", ".join(b.store.names()) or "no adapters installed")
+            elif line.startswith("/adapter"):
+                try:
+                    engine.set_adapters(_parse_adapters(line.split()[1:]))
+                    typer.echo(f"active: {engine.active_adapters or 'none'}", err=True)
+                except EdgeloraError as e:
+                    typer.echo(f"edgelora: error: {e}", err=True)
+            elif line.startswith("/reset"):
+                messages.clear()
+            elif line.startswith("/"):
+                typer.echo(CHAT_HELP, err=True)
+            else:
+                messages.append({"role": "user", "content": line})
+                reply = _stream_text(engine, messages, max_tokens=max_tokens, temperature=temperature)
+                messages.append({"role": "assistant", "content": reply})
+    finally:
+        engine.close()
+
+
 class ConvertTarget(str, Enum):
     hf = "hf"
     gguf_f32 = "gguf-f32"

@@ -71,6 +71,7 @@ class Engine:
         self.fingerprint = fingerprint
         self.n_ctx = n_ctx
         self._adapters = _AdapterState()
+        self.resolver = None  # name -> adapter file, for names not loaded yet (a bundle's store)
 
     # -- backend hooks -----------------------------------------------------------------------
 
@@ -115,7 +116,7 @@ class Engine:
     def _read_adapter(self, path: Path) -> LoraAdapter:
         from edgelora.adapters import load_adapter
 
-        return load_adapter(path)
+        return load_adapter(path, self.config)
 
     @property
     def loaded_adapters(self) -> list[str]:
@@ -133,6 +134,10 @@ class Engine:
         elif not isinstance(weights, Mapping):
             weights = {n: 1.0 for n in weights}
         weights = {n: float(w) for n, w in weights.items() if w != 0}
+        if self.resolver is not None:
+            for n in weights:
+                if n not in self._adapters.paths:
+                    self.load_adapter(n, self.resolver(n))
         unknown = [n for n in weights if n not in self._adapters.paths]
         if unknown:
             raise AdapterError(f"adapter(s) {', '.join(unknown)} not loaded; loaded: {', '.join(self._adapters.paths) or 'none'}")

@@ -1,0 +1,139 @@
+"""The adapter store of a bundle (``bundle/adapters/``).
+
+Each installed adapter is a directory ``adapters/<name>/`` holding the files the bundle's backends
+load (``adapter.gguf``, ``adapter.onnx_adapter``) and ``manifest.json`` (base fingerprint, rank,
+alpha, targets, provenance, every file's size and sha256). An install is validated in full, built
+in a temporary directory (``adapters/.<name>.*``), fsynced and renamed into place: the rename is the
+commit, so a crash never leaves a half adapter listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_dir, sha256_file
+from .adapters import LoraAdapter, load_adapter
+from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError
+
+ADAPTER_FILES = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter"}
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_ADAPTER_MB = 64.0
+MAX_STORE_MB = 512.0
+
+
+class StoreError(EdgeloraError):
+    """An adapter store operation that cannot be done (bad name, over a size limit, missing)."""
+
+
+@dataclass
+class StoreLimits:
+    max_adapter_mb: float = MAX_ADAPTER_MB
+    max_store_mb: float = MAX_STORE_MB
+
+
+class AdapterStore:
+    def __init__(self, root: str | os.PathLike, *, fingerprint: str, config, backends: list[str],
+                 limits: StoreLimits | None = None):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.config = config
+        self.backends = backends
+        self.limits = limits or StoreLimits()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and (p / MANIFEST).exists())
+
+    def manifest(self, name: str) -> dict[str, Any]:
+        path = self.root / name / MANIFEST
+        if not _NAME.match(name) or not path.exists():
+            raise SourceNotFoundError(f"no adapter named {name!r} in {self.root} (installed: {', '.join(self.names()) or 'none'})")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CorruptFileError(f"{path}: not valid JSON ({e}); remove and reinstall the adapter") from e
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.manifest(n) for n in self.names()]
+
+    def verify(self, name: str) -> dict[str, Any]:
+        m = self.manifest(name)
+        bad = []
+        for rel, info in m["files"].items():
+            p = self.root / name / rel
+            if not p.exists():
+                bad.append(f"{rel} is missing")
+            elif sha256_file(p) != info["sha256"]:
+                bad.append(f"{rel} has the wrong sha256")
+        if bad:
+            raise CorruptFileError(f"adapter {name}: {'; '.join(bad)}; remove and reinstall it")
+        return m
+
+    def path(self, name: str, backend: str) -> Path:
+        m = self.manifest(name)
+        rel = ADAPTER_FILES[backend]
+        if rel not in m["files"]:
+            raise StoreError(f"adapter {name} has no {backend} file (it was installed for {', '.join(m['backends'])})")
+        return self.root / name / rel
+
+    def size_mb(self) -> float:
+        return sum(f["size"] for m in self.list() for f in m["files"].values()) / (1 << 20)
+
+    # -- changing -----------------------------------------------------------------------------
+
+    def install(self, source: str | os.PathLike | LoraAdapter, name: str, *, replace: bool = False) -> dict[str, Any]:
+        """Validates `source` (a path in any adapter format, or a LoraAdapter) against the base and
+        installs it under `name`. Adapters without a fingerprint (plain PEFT) are bound to this base."""
+        from .adapters import save_adapter
+
+        if not _NAME.match(name):
+            raise StoreError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
+        target = self.root / name
+        if target.exists() and not replace:
+            raise StoreError(f"an adapter named {name!r} is already installed; remove it first or pass replace")
+        adapter = source if isinstance(source, LoraAdapter) else load_adapter(source, config=self.config)
+        bound_here = adapter.base_fingerprint is None
+        adapter.check_fits(self.config, self.fingerprint)
+        adapter.base_fingerprint = self.fingerprint
+        adapter.name = name
+        if adapter.nbytes() / (1 << 20) > self.limits.max_adapter_mb:
+            raise StoreError(f"adapter {name} is {adapter.nbytes() / (1 << 20):.1f} MB, over the limit of "
+                             f"{self.limits.max_adapter_mb:g} MB per adapter")
+        other = sum(f["size"] for m in self.list() if m["name"] != name for f in m["files"].values()) / (1 << 20)
+        expected = other + len(self.backends) * adapter.nbytes() / (1 << 20)
+        if expected > self.limits.max_store_mb:
+            raise StoreError(f"installing {name} would grow the store to ~{expected:.1f} MB, over its limit of "
+                             f"{self.limits.max_store_mb:g} MB; remove adapters first")
+        with atomic_dir(target, replace=replace) as tmp:
+            for backend in self.backends:
+                save_adapter(adapter, tmp / ADAPTER_FILES[backend], "gguf" if backend == "gguf" else "onnx", self.config)
+            files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            ranks = sorted(set(adapter.ranks.values()))
+            manifest = {
+                "name": name, "base_fingerprint": self.fingerprint, "bound_at_install": bound_here,
+                "rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": adapter.alpha, "rslora": adapter.use_rslora,
+                "targets": adapter.target_kinds, "modules": len(adapter.tensors), "parameters": adapter.num_parameters(),
+                "backends": self.backends, "files": files, "provenance": adapter.provenance,
+                "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        return manifest
+
+    def remove(self, name: str) -> None:
+        self.manifest(name)  # raises if absent
+        doomed = self.root / f".{name}.removing"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(self.root / name, doomed)  # unlisted at once
+        shutil.rmtree(doomed, ignore_errors=True)
