@@ -19,12 +19,13 @@ class QuantizeError(EdgeloraError):
     exit_code = 1
 
 
-def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, threads: int | None = None) -> Path:
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str | int, threads: int | None = None) -> Path:
+    """`quant` is one of FTYPES or a raw llama_ftype number."""
     import llama_cpp
 
     from . import gguf_model
 
-    if quant not in FTYPES:
+    if not isinstance(quant, int) and quant not in FTYPES:
         raise UnsupportedFormatError(f"GGUF quantization must be one of {', '.join(FTYPES)}, got {quant!r}")
     src, dst = Path(src), Path(dst)
     reader = gguf_model.open_reader(src)
@@ -34,7 +35,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, threads
             f"{src} is already quantized ({', '.join(sorted(kinds - FLOAT_TYPES))}); quantize from an F32/F16 GGUF")
     del reader
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[quant]
+    params.ftype = quant if isinstance(quant, int) else FTYPES[quant]
     params.nthread = threads or os.cpu_count() or 1
     with atomic_file(dst) as tmp:
         with quiet_native():

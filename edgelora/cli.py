@@ -366,9 +366,12 @@ def convert(
 @app.command()
 def quickstart(
     model: str = typer.Option(_models.DEFAULT_MODEL, "--model", help="Model name or path."),
+    device: str = typer.Option("raspberry-pi-5", "--device", help="Device profile to export for."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the bundle (default: the cache)."),
 ) -> None:
     """Run edgelora's whole story on the default model and say what it did."""
     from .base import load_base
+    from .bundle import export as do_export
 
     t0 = time.monotonic()
     typer.echo(f"[1] base model: {model}")
@@ -377,11 +380,13 @@ def quickstart(
         typer.echo(f"    float32 checkpoint: {hf_dir}")
         typer.echo(f"    source GGUF:        {_models.gguf_path(model)}")
     base = load_base(model)
-    t = time.monotonic()
-    summary = base.summary()
-    typer.echo(f"    fingerprint computed in {time.monotonic() - t:.1f}s")
-    _print_summary(summary)
-    typer.echo(f"done in {time.monotonic() - t0:.1f}s")
+    _print_summary(base.summary())
+
+    out = out or _models.cache_dir() / "bundles" / f"{base.name or 'model'}-{device}"
+    typer.echo(f"\n[2] export for {device} -> {out}")
+    bundle = do_export(base, device, out, replace=True, force=True)
+    _table(ARTIFACT_HEADER, _artifact_rows(bundle))
+    typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s")
 
 
 def main() -> None:

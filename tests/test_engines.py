@@ -122,3 +122,33 @@ def test_generate_stops_and_samples(engine, setup):
     g = engine.generate([{"role": "user", "content": "hi"}], max_tokens=5, temperature=0.8, top_k=20, top_p=0.9, seed=3)
     again = engine.generate([{"role": "user", "content": "hi"}], max_tokens=5, temperature=0.8, top_k=20, top_p=0.9, seed=3)
     assert g.tokens == again.tokens and len(g.tokens) <= 5 and g.prompt_tokens > 5
+
+
+def test_merge_then_unmerge(engine, setup, tiny_llama):
+    base, files, peft, converted, ids = setup
+    engine.load_adapter("a", converted[engine.backend, "a"])
+    before = engine.logits(ids)
+    engine.merge("a")
+    merged = engine.logits(ids)
+    np.testing.assert_allclose(merged, peft_logits(tiny_llama, {"a": peft["a"]}, ids), rtol=0, atol=ATOL)
+    with pytest.raises(Exception, match="unmerge"):
+        engine.set_adapters(["a"])
+    engine.unmerge()
+    np.testing.assert_array_equal(engine.logits(ids), before)  # the base, exactly
+
+
+def test_merge_into_a_quantized_gguf_requantizes(setup, tmp_path, tiny_llama):
+    from edgelora.converters import gguf_quant
+
+    base, files, peft, converted, ids = setup
+    q8 = gguf_quant.quantize(files["gguf"], tmp_path / "q8.gguf", "q8_0", threads=1)
+    engine = GGUFEngine(q8, n_ctx=128, threads=1, fingerprint=base.fingerprint)
+    engine.load_adapter("a", converted["gguf", "a"])
+    engine.set_adapters(["a"])
+    active = engine.logits(ids)
+    engine.merge("a")
+    merged = engine.logits(ids)
+    ref = peft_logits(tiny_llama, {"a": peft["a"]}, ids)
+    for got in (active, merged):  # Q8_0 weights and activations: close to PEFT's float logits, not equal
+        assert np.abs(got - ref).max() < 0.05 and (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    engine.close()

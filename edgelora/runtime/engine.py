@@ -72,6 +72,7 @@ class Engine:
         self.n_ctx = n_ctx
         self._adapters = _AdapterState()
         self.resolver = None  # name -> adapter file, for names not loaded yet (a bundle's store)
+        self.merged: tuple[str, float] | None = None
 
     # -- backend hooks -----------------------------------------------------------------------
 
@@ -88,6 +89,14 @@ class Engine:
         raise NotImplementedError
 
     def _activate(self, weights: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def _merge(self, adapter: LoraAdapter, weight: float) -> None:
+        """Switch the forward to a base with `weight` x the adapter folded into its weights."""
+        raise NotImplementedError
+
+    def _unmerge(self) -> None:
+        """Switch the forward back to the original base (which stayed loaded)."""
         raise NotImplementedError
 
     # -- logits ------------------------------------------------------------------------------
@@ -134,6 +143,8 @@ class Engine:
         elif not isinstance(weights, Mapping):
             weights = {n: 1.0 for n in weights}
         weights = {n: float(w) for n, w in weights.items() if w != 0}
+        if self.merged and weights:
+            raise AdapterError(f"adapter {self.merged[0]} is merged into the base: unmerge() before activating adapters")
         if self.resolver is not None:
             for n in weights:
                 if n not in self._adapters.paths:
@@ -147,6 +158,26 @@ class Engine:
 
     def clear_adapters(self) -> None:
         self.set_adapters({})
+
+    def merge(self, name: str, weight: float = 1.0) -> None:
+        """Folds a loaded adapter into a copy of the base weights (for decode with no LoRA overhead).
+        The original base stays loaded, so `unmerge` returns to it exactly."""
+        if self.resolver is not None and name not in self._adapters.paths:
+            self.load_adapter(name, self.resolver(name))
+        if name not in self._adapters.values:
+            raise AdapterError(f"adapter {name} not loaded; loaded: {', '.join(self._adapters.paths) or 'none'}")
+        if self.merged:
+            self.unmerge()
+        self.set_adapters({})
+        self._merge(self._adapters.values[name], float(weight))
+        self.merged = (name, float(weight))
+        self._reset()
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._unmerge()
+            self.merged = None
+            self._reset()
 
     # -- generation --------------------------------------------------------------------------
 

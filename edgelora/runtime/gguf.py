@@ -48,6 +48,9 @@ class GGUFEngine(Engine):
         self.vocab = self.llm.n_vocab()
         self.n_past = 0
         self._handles: dict[str, object] = {}
+        self._base_llm = self.llm
+        self._llm_args = dict(n_ctx=n_ctx, threads=threads, kv_type=kv_type, n_batch=self.n_batch)
+        self._merge_dir = None
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -109,6 +112,40 @@ class GGUFEngine(Engine):
         if rc != 0:
             raise EngineError(f"llama.cpp refused the adapter set {list(weights)} (code {rc})")
 
+    # -- merge ------------------------------------------------------------------------------
+
+    def _merge(self, adapter: LoraAdapter, weight: float) -> None:
+        import tempfile
+
+        from llama_cpp import Llama
+
+        from edgelora.converters import gguf_model, gguf_quant
+
+        self._merge_dir = tempfile.TemporaryDirectory(prefix="edgelora-merge-")
+        tmp = Path(self._merge_dir.name)
+        base = gguf_model.read(self.path)
+        merged = merge_weights(base, adapter, weight)
+        ftype = int(gguf_model.fields_of(gguf_model.open_reader(self.path)).get("general.file_type", 0))
+        if ftype in (0, 1):
+            path = gguf_model.write(merged, tmp / "merged.gguf", "F32" if ftype == 0 else "F16")
+        else:  # a quantized base: re-quantize the merged float weights to the same type
+            f32 = gguf_model.write(merged, tmp / "merged-f32.gguf", "F32")
+            path = gguf_quant.quantize(f32, tmp / "merged.gguf", ftype)
+            f32.unlink()
+        a = self._llm_args
+        with quiet_native():
+            self.llm = Llama(str(path), n_ctx=a["n_ctx"], n_threads=a["threads"], n_threads_batch=a["threads"],
+                             n_batch=a["n_batch"], n_ubatch=a["n_batch"], logits_all=False, verbose=False,
+                             type_k=KV_TYPES[a["kv_type"]], type_v=KV_TYPES[a["kv_type"]])
+
+    def _unmerge(self) -> None:
+        if self.llm is not self._base_llm:
+            self.llm.close()
+            self.llm = self._base_llm
+        if self._merge_dir is not None:
+            self._merge_dir.cleanup()
+            self._merge_dir = None
+
     def _free(self, name: str) -> None:
         handle = self._handles.pop(name, None)
         if handle is not None:
@@ -116,8 +153,28 @@ class GGUFEngine(Engine):
 
     def close(self) -> None:
         if getattr(self, "llm", None) is not None:
+            self._unmerge()
             self._activate({})
             for name in list(self._handles):
                 self._free(name)
             self.llm.close()
             self.llm = None
+
+
+def merge_weights(base, adapter: LoraAdapter, weight: float):
+    """A BaseModel whose target weights are W + weight * scale * B @ A (float32, checked finite)."""
+    from edgelora.base import BaseModel, Weights
+
+    def loader(name):
+        def load():
+            w = base.weights[name]
+            if name in adapter.tensors:
+                w = w + np.float32(weight) * adapter.delta(name).astype(np.float32)
+                if not np.isfinite(w).all():
+                    raise AdapterError(f"merging {adapter.name} makes {name} non-finite; refusing the merge")
+            return w
+        return load
+
+    weights = Weights({n: loader(n) for n in base.weights}, {n: base.weights.shape(n) for n in base.weights})
+    return BaseModel(base.config, weights, base.tokenizer, base.source, base.source_format, base.source_dtype,
+                     name=f"{base.name}+{adapter.name}")

@@ -54,6 +54,8 @@ class OnnxEngine(Engine):
         self._ort_adapters: dict[str, object] = {}
         self._mix_dir = tempfile.TemporaryDirectory(prefix="edgelora-mix-")
         self._mixes: dict[tuple, object] = {}
+        self._so, self._providers = so, list(providers)
+        self._base_session = self.session
         self._reset()
 
     # -- forward -----------------------------------------------------------------------------
@@ -130,8 +132,35 @@ class OnnxEngine(Engine):
             ro.add_active_adapter(self._mixes[key])
         self._run_options = ro
 
+    # -- merge ------------------------------------------------------------------------------
+
+    def _merge(self, adapter: LoraAdapter, weight: float) -> None:
+        import onnx
+        from onnx import numpy_helper
+
+        from edgelora.converters.onnx_model import linear_nodes
+
+        model = onnx.load(str(self.path))
+        inits = {i.name: i for i in model.graph.initializer}
+        nodes = linear_nodes(model)
+        for target in adapter.targets:
+            node = nodes.get(target)
+            init = inits.get(node.input[1]) if node is not None else None
+            if node is None or node.op_type != "MatMul" or init is None or init.data_type != onnx.TensorProto.FLOAT:
+                raise EngineError(f"cannot merge into this ONNX base: {target} is not a float MatMul "
+                                  "(quantized bases run adapters unmerged, in float)")
+            w = numpy_helper.to_array(init) + np.float32(weight) * adapter.delta(target).T.astype(np.float32)
+            if not np.isfinite(w).all():
+                raise AdapterError(f"merging {adapter.name} makes {target} non-finite; refusing the merge")
+            init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+        self.session = self._ort.InferenceSession(model.SerializeToString(), self._so, providers=self._providers)
+
+    def _unmerge(self) -> None:
+        self.session = self._base_session
+
     def close(self) -> None:
         self.session = None
+        self._base_session = None
         self._ort_adapters.clear()
         self._mixes.clear()
         self._mix_dir.cleanup()
