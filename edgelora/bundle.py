@@ -327,13 +327,13 @@ class Bundle:
         return AdapterStore(self.root / "adapters", fingerprint=self.fingerprint, config=self.config,
                             backends=self.backends)
 
-    def engine(self, backend: str | None = None, *, threads: int | None = None, n_ctx: int | None = None):
+    def engine(self, backend: str | None = None, *, threads: int | None = None, n_ctx: int | None = None, **kw):
         """An engine over this bundle's artifact for `backend`; adapters installed in the store (now
         or later) are loaded by name the first time `set_adapters` asks for them."""
         art = self.artifact(backend)
         engine = _engine_for(art.backend, self.path(art.main), threads or self.manifest["device"]["threads"],
                              n_ctx or min(self.manifest["device"]["context_length"], 4096),
-                             tokenizer=self.tokenizer(), fingerprint=self.fingerprint, config=self.config)
+                             tokenizer=self.tokenizer(), fingerprint=self.fingerprint, config=self.config, **kw)
         store = self.store
         engine.resolver = lambda name: store.path(name, art.backend)
         return engine
