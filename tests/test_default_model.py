@@ -83,3 +83,22 @@ def test_llama_cpp_on_the_source_gguf_agrees_with_transformers_on_the_float_chec
     q = np.exp(cpp - cpp.max(-1, keepdims=True)); q /= q.sum(-1, keepdims=True)
     kl = float((p * (np.log(p) - np.log(q))).sum(-1).mean())
     assert agree >= 0.9 and kl < 0.02, (agree, kl)
+
+
+def test_our_f32_gguf_in_llama_cpp_equals_transformers(default_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgelora.converters import gguf_model
+    from edgelora.runtime.gguf import GGUFEngine
+
+    base = edgelora.load_base(default_model_dir)
+    path = gguf_model.write(base, tmp_path / "f32.gguf", "F32")
+    ids = base.tokenizer.encode(TEXT)
+    engine = GGUFEngine(path, n_ctx=128, threads=2, kv_type="f32")
+    ours = engine.logits(ids)
+    engine.close()
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(default_model_dir).eval()(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3)  # logits ~20 in magnitude, 30 layers of float32
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
