@@ -1,0 +1,166 @@
+"""Export formats of the default model side by side: file size, export time, perplexity and its
+change against float, top-1 agreement, and decode tokens/s at the same thread count, for
+edgelora's GGUF and ONNX outputs next to llama.cpp's own Q4_1 file (the one the model ships as)
+and onnxruntime-genai's int4 build of the same weights.
+
+    python bench/export.py [--threads 2] [--eval-tokens N] [--formats gguf:q8_0,onnx:int4,...]
+
+Prints one table; writes bench/out/export.json and bench/out/export.png (decode speed against
+perplexity change, with the Pareto front).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+FORMATS = ["gguf:f16", "gguf:q8_0", "gguf:q4_0", "gguf:q4_k_m", "onnx:f32", "onnx:int8", "onnx:int4"]
+
+
+def measure_engine(engine, tokens: int) -> float:
+    return common.best_of(lambda: common.decode_rate(engine, tokens))
+
+
+def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: list[int], reference) -> dict | None:
+    """onnxruntime-genai's own int4 CPU build of the same float weights, run by its own generator."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        print("onnxruntime-genai is not installed: skipping its row (pip install onnxruntime-genai)", file=sys.stderr)
+        return None
+    import numpy as np
+
+    from edgelora import quality
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                    "-p", "int4", "-e", "cpu"], check=True, capture_output=True)
+    export_s = time.perf_counter() - t
+    cfg = og.Config(str(out))
+    cfg.clear_providers()
+    model = og.Model(cfg)
+    tok = og.Tokenizer(model)
+
+    def logits(ids):
+        params = og.GeneratorParams(model)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.asarray(ids, np.int32)[None])
+        return gen.get_output("logits")[0]
+
+    scores = quality.score(logits, eval_ids, quality_window())
+    report = quality.compare(scores, reference, quality_window())
+
+    def rate() -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=4096, do_sample=False)
+        gen = og.Generator(model, params)
+        prompt = tok.encode(common.PROMPT[0]["content"])
+        gen.append_tokens(prompt)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            gen.generate_next_token()
+        return tokens / (time.perf_counter() - t0)
+
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return dict(name="onnxruntime-genai int4", size=size, export_s=export_s, ppl=report.perplexity,
+                change=report.perplexity_change, top1=report.top1_agreement, tok_s=common.best_of(rate))
+
+
+def quality_window() -> int:
+    from edgelora.bundle import EVAL_WINDOW
+
+    return EVAL_WINDOW
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64, help="decoded tokens per speed measurement")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for perplexity (default: all)")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--no-genai", action="store_true")
+    args = ap.parse_args()
+
+    import edgelora
+    from edgelora import bundle as B, models, quality
+    from edgelora.runtime.gguf import GGUFEngine
+
+    base = edgelora.load_base(edgelora.DEFAULT_MODEL)
+    eval_ids = B._eval_tokens(base, args.eval_tokens)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = B._Workspace(base, Path(tmp), progress=True)
+        reference = B.float_scores(ws, eval_ids, args.threads, progress=True)
+        for spec in args.formats.split(","):
+            backend, quant = spec.split(":")
+            t = time.perf_counter()
+            out = Path(tmp) / spec.replace(":", "-")
+            b = edgelora.export(base, "x86-64", out, backend=backend, quant=quant, force=True,
+                                eval_tokens=args.eval_tokens, threads=args.threads)
+            export_s = time.perf_counter() - t
+            art = b.artifacts[0]
+            engine = b.engine(backend, threads=args.threads, n_ctx=1024)
+            rows.append(dict(name=f"edgelora {backend} {quant}", size=sum(b.manifest["files"][f]["size"] for f in art.files),
+                             export_s=export_s, ppl=art.quality["perplexity"], change=art.quality["perplexity_change"],
+                             top1=art.quality["top1_agreement"], tok_s=measure_engine(engine, args.tokens)))
+            engine.close()
+        # llama.cpp's own quantization of the model: the Q4_1 file it ships as
+        src = models.gguf_path(edgelora.DEFAULT_MODEL)
+        engine = GGUFEngine(src, n_ctx=1024, threads=args.threads)
+        scores = quality.score(lambda ids: engine.logits(ids), eval_ids, quality_window())
+        rep = quality.compare(scores, reference, quality_window())
+        rows.append(dict(name="llama.cpp Q4_1 (shipped)", size=src.stat().st_size, export_s=float("nan"),
+                         ppl=rep.perplexity, change=rep.perplexity_change, top1=rep.top1_agreement,
+                         tok_s=measure_engine(engine, args.tokens)))
+        engine.close()
+        if not args.no_genai:
+            g = genai_int4(ws.hf_dir(), Path(tmp) / "genai", args.threads, args.tokens, eval_ids, reference)
+            if g:
+                rows.append(g)
+    table = [(r["name"], f"{r['size'] / 1e6:.0f} MB", f"{r['export_s']:.0f}s", f"{r['ppl']:.3f}", f"{r['change']:+.2%}",
+              f"{r['top1']:.1%}", f"{r['tok_s']:.1f}") for r in rows]
+    print(common.table(("format", "file", "export", "perplexity", "vs float", "top-1", f"decode tok/s ({args.threads} thr)"), table))
+    print(f"float perplexity {reference.perplexity:.3f} on {len(eval_ids)} held-out tokens (windows of {quality_window()})")
+    path = common.write_json("export", {"threads": args.threads, "float_perplexity": reference.perplexity,
+                                        "machine": common.machine(), "rows": rows})
+    plot(rows, common.OUT / "export.png", args.threads)
+    print(f"wrote {path} and {common.OUT / 'export.png'}")
+
+
+def plot(rows: list[dict], path: Path, threads: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    pts = [(100 * r["change"], r["tok_s"], r["name"]) for r in rows]
+    for x, y, name in pts:
+        ax.scatter(x, y, color="tab:blue" if name.startswith("edgelora") else "tab:gray")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front, best = [], -1.0
+    for x, y, _ in sorted(pts):
+        if y > best:
+            front.append((x, y))
+            best = y
+    ax.plot(*zip(*front), color="tab:orange", linestyle="--", label="Pareto front")
+    ax.set_xlabel("perplexity change vs float (%)")
+    ax.set_ylabel(f"decode tokens/s ({threads} threads)")
+    ax.set_title("SmolLM2-135M-Instruct: speed against quality")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
