@@ -58,13 +58,14 @@ class Artifact:
     memory: dict[str, float] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     export_seconds: float = 0.0
+    graph: str = ""  # for ONNX: "fused" or "optimum"
 
     @property
     def main(self) -> str:
         return self.files[0]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "quant": self.quant, "files": self.files, "memory_mb": self.memory,
+        return {"backend": self.backend, "quant": self.quant, "graph": self.graph, "files": self.files, "memory_mb": self.memory,
                 "quality": self.quality, "export_seconds": round(self.export_seconds, 1)}
 
 
@@ -113,8 +114,10 @@ def resolve_plan(profile: DeviceProfile, backend: str | None, quant: str | None)
 class _Workspace:
     """Float intermediates shared by the artifacts of one export (cached per fingerprint)."""
 
-    def __init__(self, base: BaseModel, tmp: Path, progress: bool):
+    def __init__(self, base: BaseModel, tmp: Path, progress: bool, profile: DeviceProfile | None = None,
+                 onnx_graph: str = "fused"):
         self.base, self.tmp, self.progress = base, tmp, progress
+        self.profile, self.onnx_graph = profile, onnx_graph
         self._f32_gguf: Path | None = None
         self._hf_dir: Path | None = None
 
@@ -156,12 +159,15 @@ def _build_gguf(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Pat
 
 
 def _build_onnx(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Path]:
-    from .converters import onnx_model
+    from .converters import onnx_fused, onnx_model
 
     if quant == "qdq":
         raise UnsupportedFormatError("the NPU (qdq) export is not available yet")
     target_dir = out / "onnx" / quant
-    path = onnx_model.export(ws.hf_dir(), target_dir, ws.base.config, quant, progress=bar(f"ONNX {quant}", ws.progress))
+    if ws.onnx_graph == "fused":
+        path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length)
+    else:
+        path = onnx_model.export(ws.hf_dir(), target_dir, ws.base.config, quant, progress=bar(f"ONNX {quant}", ws.progress))
     return [path] + sorted(p for p in target_dir.iterdir() if p.is_file() and p != path)  # + external data
 
 
@@ -205,12 +211,19 @@ def float_scores(ws: _Workspace, tokens: list[int], threads: int, progress: bool
 
 def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out: str | os.PathLike, *,
            backend: str | None = None, quant: str | None = None, force: bool = False, replace: bool = False,
-           eval_tokens: int | None = None, threads: int | None = None, progress: bool = True) -> "Bundle":
-    """Exports `model` for the device profile `device` into the bundle directory `out`."""
+           eval_tokens: int | None = None, threads: int | None = None, progress: bool = True,
+           onnx_graph: str | None = None) -> "Bundle":
+    """Exports `model` for the device profile `device` into the bundle directory `out`.
+
+    `onnx_graph`: "fused" (edgelora's graph built from the weights with ONNX Runtime's fused
+    kernels; the default) or "optimum" (optimum's export plus LoRA slots)."""
     from . import __version__
 
     profile = get_profile(device)
     plan = resolve_plan(profile, backend, quant)
+    onnx_graph = onnx_graph or profile.backends.onnx_graph
+    if onnx_graph not in ("fused", "optimum"):
+        raise UnsupportedFormatError(f"onnx_graph must be 'fused' or 'optimum', got {onnx_graph!r}")
     base = model if isinstance(model, BaseModel) else load_base(model, progress=progress)
     threads = threads or min(os.cpu_count() or 1, 4)
     out = Path(out)
@@ -219,12 +232,13 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     tokens = _eval_tokens(base, eval_tokens)
     artifacts: list[Artifact] = []
     with tempfile.TemporaryDirectory(prefix="edgelora-export-") as work, atomic_dir(out, replace=replace) as tmp:
-        ws = _Workspace(base, Path(work), progress)
+        ws = _Workspace(base, Path(work), progress, profile, onnx_graph)
         reference = float_scores(ws, tokens, threads, progress)
         for b, q in plan:
             t0 = time.monotonic()
             paths = BUILDERS[b](ws, q, tmp, threads)
-            art = Artifact(b, q, [p.relative_to(tmp).as_posix() for p in paths])
+            art = Artifact(b, q, [p.relative_to(tmp).as_posix() for p in paths],
+                           graph=onnx_graph if b == "onnx" else "")
             art.memory = estimate_memory(base, profile, b, q, sum(p.stat().st_size for p in paths))
             if art.memory["total"] > profile.memory_budget_mb:
                 m = art.memory
@@ -291,8 +305,8 @@ class Bundle:
 
     @property
     def artifacts(self) -> list[Artifact]:
-        return [Artifact(a["backend"], a["quant"], a["files"], a["memory_mb"], a["quality"], a["export_seconds"])
-                for a in self.manifest["artifacts"]]
+        return [Artifact(a["backend"], a["quant"], a["files"], a["memory_mb"], a["quality"], a["export_seconds"],
+                         a.get("graph", "")) for a in self.manifest["artifacts"]]
 
     def artifact(self, backend: str | None = None) -> Artifact:
         arts = self.artifacts

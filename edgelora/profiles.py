@@ -35,6 +35,7 @@ class Backends:
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     qnn_backend: str | None = None
     disable_cpu_fallback: bool = False
+    onnx_graph: str = "fused"  # "fused" (edgelora's graph with ORT's fused kernels) or "optimum"
 
     def __post_init__(self) -> None:
         bad = [b for b in self.order if b not in BACKENDS]

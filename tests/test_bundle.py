@@ -54,11 +54,13 @@ def test_plan_refuses_a_quant_the_backend_lacks():
         bundle_mod.resolve_plan(profiles.get_profile("raspberry-pi-5"), "onnx", "q8_0")
 
 
-@pytest.mark.parametrize("backend,quant", [("gguf", "f32"), ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_0"),
-                                           ("gguf", "q4_k_m"), ("onnx", "f32"), ("onnx", "int8"), ("onnx", "int4")])
-def test_export_each_format(backend, quant, tiny_llama, tmp_path):
+@pytest.mark.parametrize("backend,quant,graph", [
+    ("gguf", "f32", None), ("gguf", "f16", None), ("gguf", "q8_0", None), ("gguf", "q4_0", None), ("gguf", "q4_k_m", None),
+    ("onnx", "f32", "optimum"), ("onnx", "int8", "optimum"), ("onnx", "int4", "optimum"),
+    ("onnx", "f32", "fused"), ("onnx", "int8", "fused"), ("onnx", "int4", "fused")])
+def test_export_each_format(backend, quant, graph, tiny_llama, tmp_path):
     b = edgelora.bundle.export(tiny_llama, "x86-64", tmp_path / "b", backend=backend, quant=quant, force=True,
-                               eval_tokens=EVAL, progress=False)
+                               eval_tokens=EVAL, progress=False, onnx_graph=graph)
     m = b.manifest
     base = edgelora.load_base(tiny_llama)
     assert m["base"]["fingerprint"] == base.fingerprint

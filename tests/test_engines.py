@@ -5,7 +5,7 @@ import pytest
 
 import edgelora
 from edgelora.adapters import AdapterBaseMismatchError, AdapterMismatchError, load_adapter, random_adapter, save_adapter
-from edgelora.converters import gguf_model, onnx_model
+from edgelora.converters import gguf_model, onnx_fused, onnx_model
 from edgelora.runtime.gguf import GGUFEngine
 from edgelora.runtime.onnx import OnnxEngine
 from tests.peft_util import base_logits, make_peft_adapter, peft_logits
@@ -19,7 +19,8 @@ def setup(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engines")
     base = edgelora.load_base(tiny_llama)
     files = {"gguf": gguf_model.write(base, tmp / "base.gguf", "F32"),
-             "onnx": onnx_model.export(tiny_llama, tmp / "onnx", base.config, "f32")}
+             "onnx": onnx_model.export(tiny_llama, tmp / "onnx", base.config, "f32"),
+             "onnx-fused": onnx_fused.export(base, tmp / "fused", "f32", max_len=256)}
     peft = {n: make_peft_adapter(tiny_llama, tmp / f"peft-{n}", r=r, alpha=a, seed=s,
                                  targets=t) for n, r, a, s, t in [
         ("a", 8, 16, 1, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
@@ -34,17 +35,18 @@ def setup(tiny_llama, tmp_path_factory):
     return base, files, peft, converted, ids
 
 
-def make_engine(backend, base, files):
-    if backend == "gguf":  # F32 KV cache: the float model, exactly
+def make_engine(kind, base, files):
+    if kind == "gguf":  # F32 KV cache: the float model, exactly
         return GGUFEngine(files["gguf"], n_ctx=128, threads=1, kv_type="f32", fingerprint=base.fingerprint)
-    return OnnxEngine(files["onnx"], base.config, threads=1, n_ctx=128, tokenizer=base.tokenizer,
+    return OnnxEngine(files[kind], base.config, threads=1, n_ctx=128, tokenizer=base.tokenizer,
                       fingerprint=base.fingerprint)
 
 
-@pytest.fixture(params=["gguf", "onnx"])
+@pytest.fixture(params=["gguf", "onnx", "onnx-fused"])
 def engine(request, setup):
     base, files, *_ = setup
     e = make_engine(request.param, base, files)
+    e.kind = request.param
     yield e
     e.close()
 
@@ -83,7 +85,7 @@ def test_swap_resets_the_cache_and_keeps_the_base(engine, setup):
     engine.set_adapters({"a": 1.0})
     adapted = engine.generate(ids, max_tokens=8).tokens
     # a fresh engine with the adapter gives the same tokens: nothing computed under the base leaked in
-    fresh = make_engine(engine.backend, base, files)
+    fresh = make_engine(engine.kind, base, files)
     fresh.load_adapter("a", converted[engine.backend, "a"])
     fresh.set_adapters(["a"])
     assert fresh.generate(ids, max_tokens=8).tokens == adapted != plain

@@ -138,21 +138,23 @@ class OnnxEngine(Engine):
         import onnx
         from onnx import numpy_helper
 
-        from edgelora.converters.onnx_model import linear_nodes
-
         model = onnx.load(str(self.path))
         inits = {i.name: i for i in model.graph.initializer}
-        nodes = linear_nodes(model)
+        targets = _float_weights(model, self.config)
         for target in adapter.targets:
-            node = nodes.get(target)
-            init = inits.get(node.input[1]) if node is not None else None
-            if node is None or node.op_type != "MatMul" or init is None or init.data_type != onnx.TensorProto.FLOAT:
+            if target not in targets or targets[target][0] not in inits or \
+                    inits[targets[target][0]].data_type != onnx.TensorProto.FLOAT:
                 raise EngineError(f"cannot merge into this ONNX base: {target} is not a float MatMul "
-                                  "(quantized bases run adapters unmerged, in float)")
-            w = numpy_helper.to_array(init) + np.float32(weight) * adapter.delta(target).T.astype(np.float32)
+                                  "(quantized ONNX bases run adapters unmerged, in float; GGUF bases can merge)")
+        for target in adapter.targets:
+            name, col = targets[target]
+            init = inits[name]
+            w = numpy_helper.to_array(init).copy()  # [in, out] (several targets may share one, by columns)
+            delta = np.float32(weight) * adapter.delta(target).T.astype(np.float32)
+            w[:, col:col + delta.shape[1]] += delta
             if not np.isfinite(w).all():
                 raise AdapterError(f"merging {adapter.name} makes {target} non-finite; refusing the merge")
-            init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+            init.CopyFrom(numpy_helper.from_array(w, name))
         self.session = self._ort.InferenceSession(model.SerializeToString(), self._so, providers=self._providers)
 
     def _unmerge(self) -> None:
@@ -164,3 +166,21 @@ class OnnxEngine(Engine):
         self._ort_adapters.clear()
         self._mixes.clear()
         self._mix_dir.cleanup()
+
+
+def _float_weights(model, config: LlamaConfig) -> dict[str, tuple[str, int]]:
+    """Target -> (initializer holding its transposed weight, first column) in an optimum graph
+    (one MatMul per target) or an edgelora fused graph (q, k and v share one qkv weight)."""
+    from edgelora.converters.onnx_model import linear_nodes
+
+    found = {t: (n.input[1], 0) for t, n in linear_nodes(model).items()}
+    if found:
+        return found
+    names = {i.name for i in model.graph.initializer}
+    for i in range(config.num_layers):
+        offsets = {"q": 0, "k": config.q_dim, "v": config.q_dim + config.kv_dim}
+        for t, col in offsets.items():
+            found[f"layers.{i}.{t}"] = (f"layers.{i}.qkv.weight_T", col)
+        for t in ("o", "gate", "up", "down"):
+            found[f"layers.{i}.{t}"] = (f"layers.{i}.{t}.weight_T", 0)
+    return {t: v for t, v in found.items() if v[0] in names}

@@ -1,0 +1,322 @@
+"""edgelora's fast CPU decoder graph, built straight from the float weights with numpy and
+onnx.helper (no torch, no exporter), with ONNX Runtime's fused kernels:
+
+    embedding (GatherBlockQuantized) -> per layer: (Skip)SimplifiedLayerNormalization -> one qkv
+    MatMulNBits -> GroupQueryAttention (rotary inside; past and present can share one buffer)
+    -> o MatMulNBits -> SkipSimplifiedLayerNormalization -> gate, up MatMulNBits -> SiLU * up
+    -> down MatMulNBits -> ... -> final norm -> LM head (MatMulNBits, sharing the embedding's
+    quantized table when tied)
+
+Accuracy-aware weight encoding. A model whose weights are exactly dequantized Q4_1 (like the
+default model, which ships as Q4_1) is encoded exactly: w = d*q + m per block of 32 becomes
+MatMulNBits(q, scale d, implicit zero point 8) plus blocksum(x) @ (m + 8d)^T, which equals x @ W in
+real arithmetic. Other weights are quantized round-to-nearest, asymmetric, block 32. A tied
+embedding that is exactly Q8_0 is kept as Q8_0. Every target linear gets a LoRA slot (float
+MatMuls on overridable initializers with zero-rank defaults), as in `onnx_model`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgelora.base import BaseModel
+from edgelora.errors import EdgeloraError
+
+from .onnx_model import rank_dim, slot_names
+
+MS = "com.microsoft"
+BLK = 32
+QUANTS = ("f32", "int8", "int4")
+
+
+class FusedExportError(EdgeloraError):
+    exit_code = 1
+
+
+# -- weight encodings --------------------------------------------------------------------------
+
+def q41_decompose(w: np.ndarray):
+    """w [N, K], exactly a dequantized Q4_1 tensor -> (q uint8 [N, K/32, 32], d, m [N, K/32]) or
+    None if it is not exactly representable."""
+    n, k = w.shape
+    if k % BLK:
+        return None
+    b = w.reshape(n, k // BLK, BLK)
+    m = b.min(-1)
+    d = ((b.max(-1).astype(np.float64) - m) / 15).astype(np.float16).astype(np.float32)
+    if not np.array_equal(m.astype(np.float16).astype(np.float32), m):
+        return None
+    q = np.clip(np.rint((b - m[..., None]) / np.where(d > 0, d, 1)[..., None]), 0, 15).astype(np.uint8)
+    if not np.array_equal(q.astype(np.float32) * d[..., None] + m[..., None], b):
+        return None
+    return q, d, m
+
+
+def q80_decompose(w: np.ndarray):
+    """w [N, K], exactly a dequantized Q8_0 tensor -> (q int8 [N, K/32, 32], d [N, K/32]) or None."""
+    n, k = w.shape
+    if k % BLK:
+        return None
+    b = w.reshape(n, k // BLK, BLK)
+    d = (np.abs(b).max(-1).astype(np.float64) / 127).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(b / np.where(d > 0, d, 1)[..., None]), -127, 127).astype(np.int8)
+    if not np.array_equal(q.astype(np.float32) * d[..., None], b):
+        return None
+    return q, d
+
+
+def rtn(w: np.ndarray, bits: int):
+    """Round-to-nearest asymmetric block-32 quantization of w [N, K] -> (u uint8 [N, K/32, 32],
+    scale [N, K/32], zero point uint8 [N, K/32])."""
+    n, k = w.shape
+    b = w.reshape(n, k // BLK, BLK).astype(np.float32)
+    qmax = 2 ** bits - 1
+    lo, hi = np.minimum(b.min(-1), 0), np.maximum(b.max(-1), 0)
+    s = ((hi - lo) / qmax).astype(np.float32)
+    s1 = np.where(s > 0, s, 1)
+    zp = np.clip(np.rint(-lo / s1), 0, qmax)
+    u = np.clip(np.rint(b / s1[..., None]) + zp[..., None], 0, qmax)
+    return u.astype(np.uint8), s, zp.astype(np.uint8)
+
+
+def pack4(u: np.ndarray) -> np.ndarray:
+    """uint8 values 0..15 [..., 32] -> [..., 16], element 2j in the low nibble."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def pack_zp4(zp: np.ndarray) -> np.ndarray:
+    n, nb = zp.shape
+    if nb % 2:
+        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], 1)
+    return (zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+
+
+# -- graph --------------------------------------------------------------------------------------
+
+class _Graph:
+    def __init__(self):
+        from onnx import helper
+
+        self.helper = helper
+        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
+        self.names: set[str] = set()
+        self.consts: dict = {}
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name in self.names:
+            raise FusedExportError(f"duplicate initializer {name}")
+        self.names.add(name)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def const(self, arr: np.ndarray, hint: str) -> str:
+        arr = np.ascontiguousarray(arr)
+        key = (arr.dtype.str, arr.shape, arr.tobytes()) if arr.size < 4096 else (hint,)
+        if key not in self.consts:
+            self.consts[key] = self.init(f"const.{hint}", arr)
+        return self.consts[key]
+
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", outputs=None, **attrs):
+        outs = outputs or [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(self.helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+class FusedBuilder:
+    def __init__(self, base: BaseModel, quant: str = "int4", accuracy_level: int = 4, max_len: int = 4096,
+                 lora: bool = True):
+        if quant not in QUANTS:
+            raise FusedExportError(f"fused ONNX quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
+        self.base, self.c, self.quant, self.acc, self.max_len, self.lora = base, base.config, quant, accuracy_level, max_len, lora
+        self.g = _Graph()
+        self._blocksum: dict[str, str] = {}
+        self.encodings: dict[str, int] = {}
+
+    # linear layers: list of output terms to add
+    def _blocksum_of(self, x: str, k: int) -> str:
+        if x not in self._blocksum:
+            e = np.kron(np.eye(k // BLK, dtype=np.float32), np.ones((BLK, 1), np.float32))  # [K, K/32]
+            self._blocksum[x] = self.g.node("MatMul", [x, self.g.const(e, f"blocksum_{k}")], f"{x}/blocksum")
+        return self._blocksum[x]
+
+    def linear(self, x: str, w: np.ndarray, name: str) -> list[str]:
+        g, (n, k) = self.g, w.shape
+        if self.quant == "f32" or k % BLK:
+            self.encodings["f32"] = self.encodings.get("f32", 0) + 1
+            return [g.node("MatMul", [x, g.init(f"{name}.weight_T", np.ascontiguousarray(w.T))], f"/{name}/MatMul")]
+        attrs = dict(K=k, N=n, block_size=BLK, accuracy_level=self.acc, domain=MS)
+        exact = q41_decompose(w) if self.quant == "int4" else None
+        if exact is not None:  # exact Q4_1: (q - 8) * d + (m + 8d)
+            self.encodings["q4_1 exact"] = self.encodings.get("q4_1 exact", 0) + 1
+            q, d, m = exact
+            y = g.node("MatMulNBits", [x, g.init(f"{name}.q4", pack4(q)), g.init(f"{name}.scales", d)],
+                       f"/{name}/MatMulNBits", bits=4, **attrs)
+            offset = g.init(f"{name}.q4_1_offset_T", np.ascontiguousarray((m + 8 * d).T))
+            return [y, g.node("MatMul", [self._blocksum_of(x, k), offset], f"/{name}/offset")]
+        bits = 4 if self.quant == "int4" else 8
+        self.encodings[f"int{bits} rtn"] = self.encodings.get(f"int{bits} rtn", 0) + 1
+        u, s, zp = rtn(w, bits)
+        ins = [x, g.init(f"{name}.q{bits}", pack4(u) if bits == 4 else u), g.init(f"{name}.scales", s),
+               g.init(f"{name}.zp", pack_zp4(zp) if bits == 4 else zp.reshape(-1))]
+        return [g.node("MatMulNBits", ins, f"/{name}/MatMulNBits", bits=bits, **attrs)]
+
+    def lora_delta(self, x: str, target: str, d_in: int, d_out: int) -> str:
+        from onnx import TensorProto
+
+        g = self.g
+        a, b = slot_names(target)
+        r = rank_dim(target)
+        g.init(a, np.zeros((d_in, 0), np.float32))
+        g.init(b, np.zeros((0, d_out), np.float32))
+        g.inputs += [g.helper.make_tensor_value_info(a, TensorProto.FLOAT, [d_in, r]),
+                     g.helper.make_tensor_value_info(b, TensorProto.FLOAT, [r, d_out])]
+        xa = g.node("MatMul", [x, a], f"/lora/{target}/MatMul_A")
+        return g.node("MatMul", [xa, b], f"/lora/{target}/MatMul_B")
+
+    def add(self, terms: list[str], name: str) -> str:
+        if len(terms) == 1:
+            return terms[0]
+        op = "Add" if len(terms) == 2 else "Sum"
+        return self.g.node(op, terms, f"/{name}/{op}")
+
+    def build(self):
+        from onnx import TensorProto
+
+        g, c, W = self.g, self.c, self.base.weights
+        mk = g.helper.make_tensor_value_info
+        L, kv, hd, d = c.num_layers, c.num_kv_heads, c.head_dim, c.hidden_size
+        g.inputs += [mk("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                     mk("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+        for kind in ("key", "value"):
+            for i in range(L):
+                g.inputs.append(mk(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch_size", kv, "past_sequence_length", hd]))
+        g.outputs.append(mk("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size]))
+        for kind in ("key", "value"):
+            for i in range(L):
+                g.outputs.append(mk(f"present.{i}.{kind}", TensorProto.FLOAT, ["batch_size", kv, "total_sequence_length", hd]))
+
+        # attention mask -> seqlens_k (int32 [B]: valid length - 1) and total length (int32 scalar)
+        s = g.node("ReduceSum", ["attention_mask", g.const(np.array([1], np.int64), "one_1d")], "/mask/ReduceSum", keepdims=0)
+        s = g.node("Sub", [s, g.const(np.array(1, np.int64), "one")], "/mask/Sub")
+        seqlens_k = g.node("Cast", [s], "/mask/seqlens_k", to=TensorProto.INT32)
+        total = g.node("Gather", [g.node("Shape", ["attention_mask"], "/mask/Shape"), g.const(np.array(1, np.int64), "one")],
+                       "/mask/Gather", axis=0)
+        total_len = g.node("Cast", [total], "/mask/total_len", to=TensorProto.INT32)
+        inv = 1.0 / c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+        f = np.outer(np.arange(self.max_len, dtype=np.float64), inv)
+        cos, sin = g.init("cos_cache", np.cos(f).astype(np.float32)), g.init("sin_cache", np.sin(f).astype(np.float32))
+
+        x = self.embedding(W["embed"])
+        resid = mlp_out = None
+        for i in range(L):
+            p = f"layers.{i}"
+            if resid is None:
+                h = g.node("SimplifiedLayerNormalization", [x, g.init(f"{p}.attn_norm", W[f"{p}.attn_norm"])],
+                           f"/{p}/attn_norm", axis=-1, epsilon=c.rms_norm_eps, stash_type=1)
+                resid = x
+            else:
+                h, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [resid, mlp_out, g.init(f"{p}.attn_norm", W[f"{p}.attn_norm"])],
+                                        f"/{p}/attn_norm", n_out=4, domain=MS, epsilon=c.rms_norm_eps)
+            wq, wk, wv = W[f"{p}.q"], W[f"{p}.k"], W[f"{p}.v"]
+            terms = self.linear(h, np.concatenate([wq, wk, wv], 0), f"{p}.qkv")
+            if self.lora:
+                deltas = [self.lora_delta(h, f"{p}.{t}", d, w.shape[0]) for t, w in (("q", wq), ("k", wk), ("v", wv))]
+                terms.append(g.node("Concat", deltas, f"/lora/{p}/qkv/Concat", axis=-1))
+            qkv = self.add(terms, f"{p}/qkv")
+            attn, _, _ = g.node("GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                                        seqlens_k, total_len, cos, sin],
+                                f"/{p}/attn/GroupQueryAttention", domain=MS,
+                                outputs=[f"/{p}/attn/out", f"present.{i}.key", f"present.{i}.value"],
+                                num_heads=c.num_heads, kv_num_heads=kv, scale=float(hd ** -0.5),
+                                do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+            terms = self.linear(attn, W[f"{p}.o"], f"{p}.o")
+            if self.lora:
+                terms.append(self.lora_delta(attn, f"{p}.o", c.q_dim, d))
+            o = self.add(terms, f"{p}/o")
+            h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [resid, o, g.init(f"{p}.mlp_norm", W[f"{p}.mlp_norm"])],
+                                     f"/{p}/mlp_norm", n_out=4, domain=MS, epsilon=c.rms_norm_eps)
+            outs = []
+            for t in ("gate", "up"):
+                terms = self.linear(h2, W[f"{p}.{t}"], f"{p}.{t}")
+                if self.lora:
+                    terms.append(self.lora_delta(h2, f"{p}.{t}", d, c.intermediate_size))
+                outs.append(self.add(terms, f"{p}/{t}"))
+            gate, up = outs
+            act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"/{p}/mlp/Sigmoid")], f"/{p}/mlp/SiLU")
+            mid = g.node("Mul", [act, up], f"/{p}/mlp/Mul")
+            terms = self.linear(mid, W[f"{p}.down"], f"{p}.down")
+            if self.lora:
+                terms.append(self.lora_delta(mid, f"{p}.down", c.intermediate_size, d))
+            mlp_out = self.add(terms, f"{p}/down")
+        hn, _, _, _ = g.node("SkipSimplifiedLayerNormalization", [resid, mlp_out, g.init("norm", W["norm"])],
+                             "/norm", n_out=4, domain=MS, epsilon=c.rms_norm_eps)
+        self.lm_head(hn)
+        return g
+
+    def embedding(self, emb: np.ndarray) -> str:
+        """The embedding lookup; with a tied head, the quantized table is shared with the LM head."""
+        g, c = self.g, self.c
+        self.head_spec = None
+        if self.quant == "f32" or c.hidden_size % BLK:
+            g.init("embed", emb)
+            return g.node("Gather", ["embed", "input_ids"], "/embed/Gather", axis=0)
+        exact = q80_decompose(emb)
+        if exact is not None:  # exactly Q8_0: keep it so (implicit zero point 128)
+            q, d = exact
+            data, scales, zp = (q.astype(np.int16) + 128).astype(np.uint8), d, None
+        else:
+            data, scales, zp = rtn(emb, 8)
+        g.init("embed.q8", data)
+        g.init("embed.scales", scales)
+        zp_name = g.init("embed.zp", zp) if zp is not None else ""
+        flat = g.node("Reshape", ["embed.q8", g.const(np.array([c.vocab_size, data.shape[1] * data.shape[2]], np.int64), "emb_shape")],
+                      "/embed/Reshape")
+        if c.tie_word_embeddings:
+            self.head_spec = ("embed.q8", "embed.scales", zp_name)
+        return g.node("GatherBlockQuantized", [flat, "input_ids", "embed.scales"] + ([zp_name] if zp_name else []),
+                      "/embed/GatherBlockQuantized", domain=MS, bits=8, block_size=BLK, gather_axis=0, quantize_axis=1)
+
+    def lm_head(self, hn: str) -> None:
+        g, c = self.g, self.c
+        if self.head_spec is not None:
+            q, s, zp = self.head_spec
+            g.node("MatMulNBits", [hn, q, s] + ([zp] if zp else []), "/lm_head/MatMulNBits", domain=MS, outputs=["logits"],
+                   K=c.hidden_size, N=c.vocab_size, bits=8, block_size=BLK, accuracy_level=self.acc)
+            return
+        w = self.base.weights["embed" if c.tie_word_embeddings else "lm_head"]
+        if self.quant == "f32" or c.hidden_size % BLK:
+            g.node("MatMul", [hn, g.init("lm_head_T", np.ascontiguousarray(w.T))], "/lm_head/MatMul", outputs=["logits"])
+            return
+        u, s, zp = rtn(w, 8)
+        g.node("MatMulNBits", [hn, g.init("lm_head.q8", u), g.init("lm_head.scales", s), g.init("lm_head.zp", zp.reshape(-1))],
+               "/lm_head/MatMulNBits", domain=MS, outputs=["logits"], K=c.hidden_size, N=c.vocab_size, bits=8,
+               block_size=BLK, accuracy_level=self.acc)
+
+
+def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, accuracy_level: int = 4,
+           max_len: int = 4096, lora: bool = True) -> Path:
+    """Builds the fused graph into ``out_dir/model.onnx`` (+ ``model.onnx.data``)."""
+    import onnx
+    from onnx import helper
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    b = FusedBuilder(base, quant, accuracy_level, max_len, lora)
+    g = b.build()
+    graph = helper.make_graph(g.nodes, "edgelora-decoder", g.inputs, g.outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+                              producer_name="edgelora")
+    model.ir_version = 10
+    for k, v in {"edgelora.graph": "fused", "edgelora.quant": quant, "edgelora.accuracy_level": accuracy_level,
+                 "edgelora.max_len": max_len, "edgelora.encodings": b.encodings,
+                 "edgelora.base_fingerprint": base.fingerprint}.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    path = out_dir / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return path
