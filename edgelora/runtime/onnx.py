@@ -1,6 +1,15 @@
 """The ONNX engine: an onnxruntime session over a decoder with KV-cache inputs and outputs, with
-LoRA adapters through ONNX Runtime's multi-LoRA (`LoraAdapter` + `RunOptions`). Several active
-adapters are mixed into one by concatenation along the rank, so one slot serves any mix."""
+LoRA adapters in the graph's LoRA slots. Several active adapters are mixed into one by
+concatenation along the rank, so one slot serves any mix.
+
+Two decode paths:
+- edgelora's fused graph (GroupQueryAttention): the KV cache is one preallocated buffer per layer,
+  bound as both past and present through IO binding, so no cache is copied per token. ONNX
+  Runtime ignores active `LoraAdapter`s in `run_with_iobinding` (seen on 1.32), so the adapter's
+  parameters (read zero-copy from the .onnx_adapter) are bound as the slots' inputs directly.
+- other graphs (optimum's export): `session.run` with the adapter activated through `RunOptions`;
+  the graph concatenates past and new K/V each step.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +59,19 @@ class OnnxEngine(Engine):
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.slots = {i.name: i.shape for i in self.session.get_overridable_initializers()}
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.shared_kv = meta.get("edgelora.graph") == "fused"
+        if self.shared_kv:
+            max_len = int(meta.get("edgelora.max_len", n_ctx))
+            if n_ctx > max_len:
+                raise OnnxEngineError(f"context {n_ctx} exceeds the {max_len} positions this graph was built for")
+            c = self.config
+            self._kv = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, c.num_kv_heads, n_ctx, c.head_dim), np.float32))
+                        for name in self.past_names}
+            self._step_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, c.vocab_size), np.float32))
+        self._bound_params: dict[str, object] = {}  # slot name -> OrtValue of the active adapter(s)
+        self._keep: list[object] = []  # what the bound OrtValues view into
+        self._param_cache: dict[str, tuple[object, dict]] = {}
         self._run_options = ort.RunOptions()
         self._ort_adapters: dict[str, object] = {}
         self._mix_dir = tempfile.TemporaryDirectory(prefix="edgelora-mix-")
@@ -65,10 +87,6 @@ class OnnxEngine(Engine):
         empty = np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32)
         return {name: empty for name in self.past_names}
 
-    def _reset(self) -> None:
-        self.past = self._empty_past()
-        self.n_past = 0
-
     def _run(self, ids: Sequence[int], past: dict[str, np.ndarray], past_len: int) -> list[np.ndarray]:
         n = len(ids)
         feed = {"input_ids": np.asarray([ids], np.int64), **past}
@@ -78,15 +96,42 @@ class OnnxEngine(Engine):
             feed["position_ids"] = np.arange(past_len, past_len + n, dtype=np.int64)[None]
         return self.session.run(["logits", *self.present_names], feed, self._run_options)
 
+    def _run_shared(self, ids: Sequence[int]) -> np.ndarray:
+        """One step of the fused graph with the KV cache kept in place; returns logits [n, vocab]."""
+        n = len(ids)
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, self.n_past + n), np.int64))
+        if n == 1:
+            io.bind_ortvalue_output("logits", self._step_logits)
+        else:
+            io.bind_output("logits")
+        for past, present in zip(self.past_names, self.present_names):
+            io.bind_ortvalue_input(past, self._kv[past])
+            io.bind_ortvalue_output(present, self._kv[past])
+        for name, value in self._bound_params.items():
+            io.bind_ortvalue_input(name, value)
+        self.session.run_with_iobinding(io)
+        self.n_past += n
+        logits = self._step_logits if n == 1 else io.get_outputs()[0]
+        return logits.numpy()[0]
+
     def _feed(self, token_ids: Sequence[int]) -> np.ndarray:
         if self.n_past + len(token_ids) > self.n_ctx:
             raise EngineError(f"{self.n_past + len(token_ids)} tokens do not fit the context of {self.n_ctx}")
+        if self.shared_kv:
+            return self._run_shared(list(token_ids))[-1].copy()
         out = self._run(list(token_ids), self.past, self.n_past)
         self.past = dict(zip(self.past_names, out[1:]))
         self.n_past += len(token_ids)
         return out[0][0, -1]
 
     def _logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        if self.shared_kv:
+            self._reset()
+            out = self._run_shared(list(token_ids)).copy()
+            self._reset()
+            return out
         return self._run(list(token_ids), self._empty_past(), 0)[0][0]
 
     # -- adapters ----------------------------------------------------------------------------
@@ -113,8 +158,29 @@ class OnnxEngine(Engine):
             raise AdapterError(f"onnxruntime could not load adapter {name} from {path}: {str(e).splitlines()[0]}") from e
         self._ort_adapters[name] = handle  # RunOptions does not keep it alive: we must
         self._mixes = {k: v for k, v in self._mixes.items() if name not in dict(k)}
+        self._param_cache.pop(name, None)
+
+    def _adapter_params(self, name: str) -> dict:
+        """The slot parameters of a loaded adapter as OrtValues viewing its memory-mapped file."""
+        if name not in self._param_cache:
+            fmt = self._ort.AdapterFormat.read_adapter(str(self._adapters.paths[name]))
+            self._param_cache[name] = (fmt, fmt.get_parameters())
+        return self._param_cache[name][1]
 
     def _activate(self, weights: dict[str, float]) -> None:
+        if self.shared_kv:
+            self._keep = []
+            if not weights:
+                self._bound_params = {}
+            elif len(weights) == 1 and next(iter(weights.values())) == 1.0:
+                self._bound_params = dict(self._adapter_params(next(iter(weights))))
+            else:
+                from edgelora.converters.onnx_adapter import parameters
+
+                mixed = parameters(LoraAdapter.mix([(self._adapters.values[n], w) for n, w in weights.items()]))
+                self._keep = list(mixed.values())
+                self._bound_params = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in mixed.items()}
+            return
         ro = self._ort.RunOptions()
         if len(weights) == 1 and next(iter(weights.values())) == 1.0:
             ro.add_active_adapter(self._ort_adapters[next(iter(weights))])
@@ -159,6 +225,10 @@ class OnnxEngine(Engine):
 
     def _unmerge(self) -> None:
         self.session = self._base_session
+
+    def _reset(self) -> None:
+        self.past = self._empty_past() if not getattr(self, "shared_kv", False) else {}
+        self.n_past = 0
 
     def close(self) -> None:
         self.session = None
