@@ -161,9 +161,18 @@ def _build_gguf(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Pat
 def _build_onnx(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Path]:
     from .converters import onnx_fused, onnx_model
 
-    if quant == "qdq":
-        raise UnsupportedFormatError("the NPU (qdq) export is not available yet")
     target_dir = out / "onnx" / quant
+    if quant == "qdq":
+        from .converters import onnx_npu
+
+        prof = ws.profile
+        if not prof.shapes.static:
+            raise UnsupportedFormatError(f"qdq is the NPU format; profile {prof.name} has no static shapes")
+        tok = ws.base.tokenizer
+        prefix = [tok.bos_token_id if tok.bos_token_id is not None else 0]
+        onnx_npu.export(ws.hf_dir(), target_dir, prefill_len=prof.shapes.prefill_length, ctx=prof.context_length,
+                        calibration=calibration_sequences(ws.base, prefix, prof.context_length - 1), prefix_tokens=prefix)
+        return sorted(p for p in target_dir.iterdir() if p.is_file())
     if ws.onnx_graph == "fused":
         path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length)
     else:
@@ -171,14 +180,35 @@ def _build_onnx(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Pat
     return [path] + sorted(p for p in target_dir.iterdir() if p.is_file() and p != path)  # + external data
 
 
+def calibration_sequences(base: BaseModel, prefix: list[int], max_len: int, n: int = 8) -> list[list[int]]:
+    """Sample chats for calibrating activation ranges (the shipped training chats, not the held-out text)."""
+    from importlib import resources
+
+    out = []
+    for name in ("persona_train.jsonl", "pirate_train.jsonl"):
+        lines = resources.files("edgelora.data").joinpath(name).read_text(encoding="utf-8").splitlines()
+        for line in lines[: n // 2]:
+            msgs = json.loads(line)["messages"]
+            text = base.tokenizer.apply_chat_template(msgs, add_generation_prompt=False) if base.tokenizer.chat_template \
+                else " ".join(m["content"] for m in msgs)
+            ids = base.tokenizer.encode(text, add_special_tokens=False)
+            ids = ids[len(prefix):] if ids[:len(prefix)] == prefix else ids
+            out.append((prefix + ids)[:max_len])
+    return out
+
+
 BUILDERS: dict[str, Callable[[_Workspace, str, Path, int], list[Path]]] = {"gguf": _build_gguf, "onnx": _build_onnx}
 
 
 def _engine_for(backend: str, path: Path, threads: int, n_ctx: int, base: BaseModel | None = None,
-                config=None, **kw):
+                config=None, provider: str = "htp", **kw):
     if base is not None:
         kw.setdefault("tokenizer", base.tokenizer)
         kw.setdefault("fingerprint", base.fingerprint)
+    if path.parent.joinpath("npu.json").exists():
+        from .runtime.npu import NpuEngine
+
+        return NpuEngine(path.parent, config or base.config, provider=provider, threads=threads, **kw)
     if backend == "gguf":
         from .runtime.gguf import GGUFEngine
 
@@ -207,6 +237,19 @@ def float_scores(ws: _Workspace, tokens: list[int], threads: int, progress: bool
             engine.close()
 
     return _quality.cached_reference(ws.base.fingerprint, tokens, EVAL_WINDOW, compute)
+
+
+def npu_reference(ws: _Workspace, tokens: list[int], window: int, prefix: list[int], threads: int,
+                  progress: bool) -> _quality.Scores:
+    """Float scores on the NPU's windows, each seen after the same fixed prefix the NPU graphs hold."""
+    from .runtime.gguf import GGUFEngine
+
+    engine = GGUFEngine(ws.f32_gguf(), n_ctx=window + len(prefix), threads=threads, kv_type="f32")
+    try:
+        return _quality.score(lambda ids: engine.logits(prefix + list(ids))[len(prefix):], tokens, window,
+                              progress=bar("float perplexity (NPU windows)", progress))
+    finally:
+        engine.close()
 
 
 def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out: str | os.PathLike, *,
@@ -247,12 +290,16 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
                     f"{m['kv_cache']:.0f} at context {m['context_length']} + activations {m['activations']:.0f} + runtime "
                     f"{m['runtime']:.0f}), over its budget of {profile.memory_budget_mb} MB; choose a smaller quantization")
             art.export_seconds = time.monotonic() - t0
-            engine = _engine_for(b, paths[0], threads, EVAL_WINDOW, base)
+            engine = _engine_for(b, paths[0], threads, EVAL_WINDOW, base, provider="cpu")
+            window, ref = EVAL_WINDOW, reference
+            if q == "qdq":  # the NPU window is the profile's context, after the fixed prefix token
+                window = engine.n_ctx
+                ref = npu_reference(ws, tokens, window, engine.prefix, threads, progress)
             try:
-                scores = _quality.score(engine.logits, tokens, EVAL_WINDOW, progress=bar(f"{b} {q} perplexity", progress))
+                scores = _quality.score(engine.logits, tokens, window, progress=bar(f"{b} {q} perplexity", progress))
             finally:
                 engine.close()
-            report = _quality.compare(scores, reference, EVAL_WINDOW)
+            report = _quality.compare(scores, ref, window)
             art.quality = report.to_dict()
             qb = profile.quality
             art.quality["within_budget"] = report.within(qb.max_perplexity_increase, qb.min_top1_agreement)
@@ -345,6 +392,8 @@ class Bundle:
         """An engine over this bundle's artifact for `backend`; adapters installed in the store (now
         or later) are loaded by name the first time `set_adapters` asks for them."""
         art = self.artifact(backend)
+        if art.quant == "qdq":
+            kw.setdefault("provider", "htp" if "QNNExecutionProvider" in self.manifest["device"]["backends"]["execution_providers"] else "cpu")
         engine = _engine_for(art.backend, self.path(art.main), threads or self.manifest["device"]["threads"],
                              n_ctx or min(self.manifest["device"]["context_length"], 4096),
                              tokenizer=self.tokenizer(), fingerprint=self.fingerprint, config=self.config, **kw)
