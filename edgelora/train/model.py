@@ -1,0 +1,634 @@
+"""A Llama-family model with LoRA adapters, forward and backward, in plain numpy.
+
+The core of edgelora's on-device trainer: no torch at run time. It computes exactly what
+transformers' LlamaForCausalLM + PEFT LoRA compute in float32 (checked in tests/test_train.py),
+and the gradient of the masked next-token loss with respect to the LoRA parameters only.
+
+Shape key (after llm.c):
+    B  batch                    T  sequence length          BT = B*T rows
+    C  hidden width             F  MLP width                V  vocabulary
+    H  query heads              KV key/value heads          G  = H // KV (query heads per KV head)
+    D  head dim (H*D = C)       R  LoRA rank                N  number of loss positions
+
+Layout decisions:
+- Base weights: a dict of arrays in Hugging Face orientation (a linear W is out x in), canonical
+  names "embed", "norm", "lm_head" (absent when tied), "layers.{i}.{attn_norm,q,k,v,o,mlp_norm,gate,up,down}".
+  They are frozen: nothing here ever writes to them.
+- LoRA: one flat buffer; "layers.{i}.{kind}.A" (R x in) and ".B" (out x R) are views into it,
+  and the gradient is a flat buffer of the same layout, so an optimizer step is one vector update.
+- Memory (`keep=`): what the forward pass keeps of each trainable layer for the backward pass.
+  Sizes per layer per 256 tokens on SmolLM2-135M (C=576, F=1536), step CPU time at T=256:
+    "input":   only the layer's input (0.6 MB); the backward pass reruns the whole layer first:
+               least memory, one more forward pass of work (~1.3x the step time of "matmuls");
+    "matmuls": (default) the outputs of the big matmuls (q, k, v, attention output, gate, up),
+               the residual stream and x A^T (6.0 MB); norms, softmax probabilities and SwiGLU
+               are recomputed in the backward pass (elementwise work plus one q k^T per layer);
+    "all":     everything (12.4 MB, probabilities grow as T^2): a few % faster than "matmuls".
+  Layers below the trainable ones keep nothing. Kept arrays are copied into a Workspace that a
+  training loop reuses from step to step (fresh pages cost ~5-10% of a step in page faults).
+- Attention is causal by blocks of query time steps (`attn_block`): the score blocks wholly
+  above the diagonal are never computed.
+- The LM head is evaluated only at the loss positions, in row chunks, with its softmax and its
+  backward fused per chunk, so the (BT x V) logits never exist.
+- Dtype follows the inputs: float32 in use, float64 for finite-difference tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgelora.arch import LlamaConfig
+from edgelora.errors import EdgeloraError
+from edgelora.naming import LAYER_TENSORS, LORA_TARGETS
+
+LORA_KINDS: tuple[str, ...] = LORA_TARGETS
+HF_LAYER_NAMES = LAYER_TENSORS  # only the keys (per-layer suffixes) are used here
+
+
+class TrainerError(EdgeloraError):
+    """Bad input to the trainer."""
+
+
+def linear_shape(config: LlamaConfig, kind: str) -> tuple[int, int]:
+    """(out, in) of a layer's linear `kind`."""
+    c = config
+    return {"q": (c.q_dim, c.hidden_size), "k": (c.kv_dim, c.hidden_size), "v": (c.kv_dim, c.hidden_size),
+            "o": (c.hidden_size, c.q_dim), "gate": (c.intermediate_size, c.hidden_size),
+            "up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}[kind]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Which linears carry an adapter, and its rank and alpha (scale = alpha / rank)."""
+    rank: int
+    alpha: float
+    kinds: tuple[str, ...] = LORA_KINDS
+    layers: tuple[int, ...] | None = None  # None: every layer
+
+    def __post_init__(self):
+        bad = [k for k in self.kinds if k not in LORA_KINDS]
+        if bad:
+            raise TrainerError(f"unknown LoRA targets {bad}; choose from {LORA_KINDS}")
+        if self.rank <= 0:
+            raise TrainerError(f"LoRA rank must be positive, got {self.rank}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraParams:
+    """All LoRA parameters in one flat buffer with named views "layers.{i}.{kind}.A" / ".B"."""
+
+    def __init__(self, config: LlamaConfig, spec: LoraSpec, flat: np.ndarray | None = None,
+                 dtype=np.float32):
+        self.config, self.spec = config, spec
+        layers = range(config.num_layers) if spec.layers is None else spec.layers
+        self.layout: list[tuple[str, tuple[int, int], int]] = []  # (name, shape, offset)
+        off = 0
+        for i in layers:
+            for kind in LORA_KINDS:  # canonical order, whatever order spec.kinds has
+                if kind not in spec.kinds:
+                    continue
+                out_f, in_f = linear_shape(config, kind)
+                for suffix, shape in (("A", (spec.rank, in_f)), ("B", (out_f, spec.rank))):
+                    self.layout.append((f"layers.{i}.{kind}.{suffix}", shape, off))
+                    off += shape[0] * shape[1]
+        self.size = off
+        if flat is None:
+            flat = np.zeros(off, dtype)
+        if flat.shape != (off,):
+            raise TrainerError(f"flat LoRA buffer has shape {flat.shape}, expected ({off},)")
+        self.flat = flat
+        self.views: dict[str, np.ndarray] = self.views_of(flat)
+
+    def views_of(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Named views into any buffer of this layout (the parameters, a gradient, Adam moments)."""
+        return {name: flat[o:o + s[0] * s[1]].reshape(s) for name, s, o in self.layout}
+
+    def pair(self, layer: int, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+        a = self.views.get(f"layers.{layer}.{kind}.A")
+        return None if a is None else (a, self.views[f"layers.{layer}.{kind}.B"])
+
+    def like(self, flat: np.ndarray) -> "LoraParams":
+        return LoraParams(self.config, self.spec, flat)
+
+    def astype(self, dtype) -> "LoraParams":
+        return LoraParams(self.config, self.spec, self.flat.astype(dtype))
+
+    def init_random(self, rng: np.random.Generator) -> "LoraParams":
+        """PEFT's default init: A kaiming-uniform(a=sqrt(5)) i.e. U(+-1/sqrt(in)), B zero."""
+        for name, arr in self.views.items():
+            if name.endswith(".A"):
+                bound = 1.0 / math.sqrt(arr.shape[1])
+                arr[...] = rng.uniform(-bound, bound, arr.shape)
+            else:
+                arr[...] = 0.0
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# ops: each forward next to its backward
+
+# embedding: x = embed[tokens]. The embedding is frozen and the gradient stops at the first
+# trainable layer's input, so there is no embedding backward.
+
+def embedding_forward(embed, tokens):
+    # embed (V,C), tokens (B,T) int
+    return embed[tokens]  # (B,T,C)
+
+
+def rmsnorm_forward(x, w, eps):
+    # x (N,C), w (C,)
+    ms = np.einsum("nc,nc->n", x, x)[:, None] / x.shape[1]  # (N,1) mean of squares
+    rstd = 1.0 / np.sqrt(ms + eps)                           # (N,1)
+    xn = x * rstd                                            # (N,C)
+    return xn * w, (xn, rstd)                                # (N,C)
+
+
+def rmsnorm_backward(dout, w, cache):
+    # dout (N,C), w (C,); y = w * x * rstd, d rstd/dx = -rstd^3 x / C
+    xn, rstd = cache
+    g = dout * w                                             # (N,C)
+    proj = np.einsum("nc,nc->n", g, xn)[:, None] / xn.shape[1]  # (N,1) mean(g * xn)
+    g -= xn * proj
+    g *= rstd
+    return g                                                 # (N,C) dx
+
+
+def linear_forward(x, W, ab, scale):
+    # x (N,in), W (out,in), ab = (A (R,in), B (out,R)) or None; y = x W^T + scale (x A^T) B^T
+    y = x @ W.T                                              # (N,out)
+    if ab is None:
+        return y, None
+    A, Bm = ab
+    xa = x @ A.T                                             # (N,R)
+    y += (xa * scale) @ Bm.T                                 # (N,out)
+    return y, xa
+
+
+def linear_backward(dy, x, xa, W, ab, scale, grads, add_to=None, need_dx=True):
+    # dy (N,out), x (N,in), xa (N,R); grads = (dA (R,in), dB (out,R)) views of the flat gradient.
+    # Fills dA = scale (dy B)^T x and dB = scale dy^T (x A^T); returns dx = dy W + scale (dy B) A
+    # (N,in), added into add_to if given, or None if not need_dx.
+    dyb = None
+    if ab is not None:
+        A, Bm = ab
+        dA, dB = grads
+        dyb = dy @ Bm                                        # (N,R)
+        dyb *= scale
+        np.matmul(dyb.T, x, out=dA)                          # (R,in)
+        np.matmul(dy.T, xa, out=dB)                          # (out,R)
+        dB *= scale
+    if not need_dx:
+        return None
+    if add_to is None:
+        dx = dy @ W                                          # (N,in)
+    else:
+        dx = add_to
+        dx += dy @ W
+    if dyb is not None:
+        dx += dyb @ ab[0]
+    return dx
+
+
+def rope_tables(T, D, theta, dtype=np.float32):
+    # transformers' default rope, inv_freq = 1 / theta^(2i/D), rounded as torch rounds it: the
+    # power correctly rounded to float32, then a float32 reciprocal (numpy's own float32 pow is
+    # 1 ulp off for some i, and at position p that error grows p-fold in the angle).
+    exponent = np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / np.float32(D)          # (D/2,)
+    inv_freq = np.float32(1.0) / (theta ** exponent.astype(np.float64)).astype(np.float32)    # (D/2,)
+    freqs = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]                       # (T,D/2) float32
+    emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)                           # (T,D)
+    return np.cos(emb).astype(np.float32).astype(dtype), np.sin(emb).astype(np.float32).astype(dtype)
+
+
+def rope_forward(x, cos, sin):
+    # x (B,T,h,D), cos/sin (T,D); y = x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]
+    h = x.shape[-1] // 2
+    c, s = cos[:, None, :], sin[:, None, :]                  # (T,1,D)
+    y = x * c                                                # (B,T,h,D)
+    y[..., :h] -= x[..., h:] * s[..., :h]
+    y[..., h:] += x[..., :h] * s[..., h:]
+    return y
+
+
+def rope_backward(dy, cos, sin):
+    # the transpose of the rotation: dx = dy cos + rotate_half^T(dy sin), rotate_half^T(u) = [u2, -u1]
+    h = dy.shape[-1] // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    dx = dy * c                                              # (B,T,h,D)
+    dx[..., :h] += dy[..., h:] * s[..., h:]
+    dx[..., h:] -= dy[..., :h] * s[..., :h]
+    return dx
+
+
+@dataclass(frozen=True)
+class Causal:
+    """Causal attention over query blocks of `block` time steps.
+
+    Rows of one KV group are ordered t*G + g (time-major), so a block of time steps is a
+    contiguous range of rows, and block j only needs the keys up to its own last step: the
+    scores above the diagonal blocks are never computed (about half the work at T >> block).
+    """
+    T: int
+    G: int
+    block: int
+    neg: np.ndarray  # (block*G, block) additive mask of a diagonal block: 0 or -inf
+
+    @classmethod
+    def make(cls, T, G, block, dtype):
+        block = min(block, T)
+        t_row = np.arange(block * G) // G                                         # (block*G,)
+        neg = np.where(np.arange(block)[None, :] <= t_row[:, None], 0.0, -np.inf).astype(dtype)
+        return cls(T, G, block, neg)
+
+    def spans(self):
+        # (t0, t1, r0, r1): time steps [t0,t1) are rows [r0,r1) and see keys [0,t1)
+        for t0 in range(0, self.T, self.block):
+            t1 = min(self.T, t0 + self.block)
+            yield t0, t1, t0 * self.G, t1 * self.G
+
+
+def attention_probs(q, k, causal: Causal):
+    # Grouped-query causal attention. Query head h = kv*G + g uses KV head kv (transformers'
+    # repeat_kv), so the G query heads of one KV head are stacked as T*G rows of one matrix.
+    # q (B,KV,T*G,D), k (B,KV,T,D) -> list of probability blocks (B,KV,r1-r0,t1), float32 softmax
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    blocks = []
+    for t0, t1, r0, r1 in causal.spans():
+        att = q[:, :, r0:r1] @ k[:, :, :t1].transpose(0, 1, 3, 2)  # (B,KV,n,t1)
+        att *= scale
+        att[..., t0:] += causal.neg[:r1 - r0, :t1 - t0]
+        att -= att.max(axis=-1, keepdims=True)
+        np.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        blocks.append(att)
+    return blocks
+
+
+def attention_forward(q, k, v, causal: Causal):
+    # q (B,KV,TG,D), k, v (B,KV,T,D) -> out (B,KV,TG,D), probability blocks
+    p = attention_probs(q, k, causal)
+    out = np.empty_like(q)                                   # (B,KV,TG,D)
+    for (t0, t1, r0, r1), pb in zip(causal.spans(), p):
+        np.matmul(pb, v[:, :, :t1], out=out[:, :, r0:r1])
+    return out, p
+
+
+def attention_backward(dout, q, k, v, p, causal: Causal):
+    # dout (B,KV,TG,D), p the probability blocks -> dq (B,KV,TG,D), dk, dv (B,KV,T,D)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dq = np.empty_like(q)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    for (t0, t1, r0, r1), pb in zip(causal.spans(), p):
+        do = dout[:, :, r0:r1]                               # (B,KV,n,D)
+        dv[:, :, :t1] += pb.transpose(0, 1, 3, 2) @ do       # (B,KV,t1,D) summed over the G heads
+        dp = do @ v[:, :, :t1].transpose(0, 1, 3, 2)         # (B,KV,n,t1)
+        dp -= np.einsum("bkrt,bkrt->bkr", dp, pb)[..., None]  # softmax backward: p (dp - sum(dp p))
+        dp *= pb
+        dp *= scale                                          # dscores
+        np.matmul(dp, k[:, :, :t1], out=dq[:, :, r0:r1])     # (B,KV,n,D)
+        dk[:, :, :t1] += dp.transpose(0, 1, 3, 2) @ q[:, :, r0:r1]  # (B,KV,t1,D)
+    return dq, dk, dv
+
+
+def _sigmoid(x):
+    s = np.negative(x)                                       # one buffer, four in-place passes
+    with np.errstate(over="ignore"):                         # exp(88+) = inf -> sigmoid 0, as wanted
+        np.exp(s, out=s)
+    s += 1.0
+    return np.reciprocal(s, out=s)
+
+
+def swiglu_forward(g, u):
+    # g, u (N,F); a = silu(g) * u, silu(g) = g sigmoid(g)
+    s = _sigmoid(g)                                          # (N,F)
+    a = g * s
+    a *= u                                                   # (N,F)
+    return a, s
+
+
+def swiglu_backward(da, g, u, s):
+    # d silu/dg = s (1 + g (1 - s))
+    du = g * s
+    du *= da                                                 # (N,F) da * silu(g)
+    dg = 1.0 - s
+    dg *= g
+    dg += 1.0
+    dg *= s
+    dg *= da
+    dg *= u                                                  # (N,F)
+    return dg, du
+
+
+def lm_head_ce_forward(h, W, targets, out=None):
+    # h (n,C) final-normed states at loss positions, W (V,C), targets (n,) int; out (n,V) or None
+    logits = np.matmul(h, W.T, out=out)                      # (n,V)
+    rows = np.arange(len(targets))
+    m = logits.max(axis=-1, keepdims=True)                   # (n,1)
+    logits -= m
+    z_t = logits[rows, targets].copy()                       # (n,) target logit (shifted)
+    np.exp(logits, out=logits)
+    s = logits.sum(axis=-1)                                  # (n,)
+    loss_sum = float(np.sum(np.log(s) - z_t, dtype=np.float64))
+    logits /= s[:, None]                                     # (n,V) probabilities
+    return loss_sum, logits
+
+
+def lm_head_ce_backward(probs, targets, W, inv_n):
+    # loss = mean over all N positions of -log p[target]; dlogits = (p - onehot) / N
+    probs[np.arange(len(targets)), targets] -= 1.0
+    probs *= inv_n                                           # (n,V) dlogits, in place
+    return probs @ W                                         # (n,C) dh
+
+
+# ----------------------------------------------------------------------------------------------
+# one transformer layer
+
+def _layer_weights(base, i):
+    return {k: base[f"layers.{i}.{k}"] for k in HF_LAYER_NAMES}
+
+
+def layer_forward(x, base, lora, i, cfg: LlamaConfig, rope, causal: Causal, B, T):
+    # x (BT,C) -> out (BT,C), cache for layer_backward
+    w = _layer_weights(base, i)
+    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = H // KV
+    sc = lora.spec.scale if lora is not None else 1.0
+    ab = (lambda kind: lora.pair(i, kind)) if lora is not None else (lambda kind: None)
+    cos, sin = rope
+    c = {}  # everything layer_backward needs
+    xn1, c["n1"] = rmsnorm_forward(x, w["attn_norm"], cfg.rms_norm_eps)  # (BT,C)
+    c["xn1"] = xn1
+    q, c["q_xa"] = linear_forward(xn1, w["q"], ab("q"), sc)    # (BT,H*D)
+    k, c["k_xa"] = linear_forward(xn1, w["k"], ab("k"), sc)    # (BT,KV*D)
+    v, c["v_xa"] = linear_forward(xn1, w["v"], ab("v"), sc)    # (BT,KV*D)
+    q = rope_forward(q.reshape(B, T, H, D), cos, sin)          # (B,T,H,D)
+    k = rope_forward(k.reshape(B, T, KV, D), cos, sin)         # (B,T,KV,D)
+    qh = np.ascontiguousarray(q.reshape(B, T, KV, G, D).transpose(0, 2, 1, 3, 4)).reshape(B, KV, T * G, D)
+    kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))                      # (B,KV,T,D)
+    vh = np.ascontiguousarray(v.reshape(B, T, KV, D).transpose(0, 2, 1, 3))  # (B,KV,T,D)
+    c["qh"], c["kh"], c["vh"] = qh, kh, vh
+    att, c["p"] = attention_forward(qh, kh, vh, causal)        # (B,KV,TG,D), rows t*G+g
+    ao = np.ascontiguousarray(att.reshape(B, KV, T, G, D).transpose(0, 2, 1, 3, 4)).reshape(B * T, H * D)
+    c["ao"] = ao
+    o, c["o_xa"] = linear_forward(ao, w["o"], ab("o"), sc)     # (BT,C)
+    o += x                                                      # (BT,C) residual 1
+    c["h"] = h = o
+    xn2, c["n2"] = rmsnorm_forward(h, w["mlp_norm"], cfg.rms_norm_eps)  # (BT,C)
+    c["xn2"] = xn2
+    c["g"], c["g_xa"] = linear_forward(xn2, w["gate"], ab("gate"), sc)  # (BT,F)
+    c["u"], c["u_xa"] = linear_forward(xn2, w["up"], ab("up"), sc)      # (BT,F)
+    c["a"], c["s"] = swiglu_forward(c["g"], c["u"])                    # (BT,F)
+    d, c["d_xa"] = linear_forward(c["a"], w["down"], ab("down"), sc)   # (BT,C)
+    d += h                                                              # (BT,C) residual 2
+    return d, c
+
+
+def layer_backward(dout, c, base, lora, grads: dict, i, cfg: LlamaConfig, rope, causal: Causal, B, T,
+                   need_dx=True):
+    # dout (BT,C) gradient of the layer output -> dx (BT,C) (None if not need_dx); fills grads views
+    w = _layer_weights(base, i)
+    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = H // KV
+    sc = lora.spec.scale
+    cos, sin = rope
+
+    def ab(kind):
+        return lora.pair(i, kind)
+
+    def gr(kind):
+        a = grads.get(f"layers.{i}.{kind}.A")
+        return None if a is None else (a, grads[f"layers.{i}.{kind}.B"])
+
+    # MLP: d = down(silu(gate(xn2)) * up(xn2)) + h
+    da = linear_backward(dout, c["a"], c["d_xa"], w["down"], ab("down"), sc, gr("down"))  # (BT,F)
+    dg, du = swiglu_backward(da, c["g"], c["u"], c["s"])                     # (BT,F) each
+    del da
+    dxn2 = linear_backward(dg, c["xn2"], c["g_xa"], w["gate"], ab("gate"), sc, gr("gate"))  # (BT,C)
+    linear_backward(du, c["xn2"], c["u_xa"], w["up"], ab("up"), sc, gr("up"), add_to=dxn2)
+    del dg, du
+    dh = rmsnorm_backward(dxn2, w["mlp_norm"], c["n2"])                     # (BT,C)
+    dh += dout                                                               # residual 2
+    # attention: h = o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))) + x
+    dao = linear_backward(dh, c["ao"], c["o_xa"], w["o"], ab("o"), sc, gr("o"))  # (BT,H*D)
+    datt = np.ascontiguousarray(dao.reshape(B, T, KV, G, D).transpose(0, 2, 1, 3, 4)).reshape(B, KV, T * G, D)
+    dqh, dkh, dvh = attention_backward(datt, c["qh"], c["kh"], c["vh"], c["p"], causal)
+    dq = dqh.reshape(B, KV, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)      # (B,T,H,D)
+    dq = rope_backward(dq, cos, sin).reshape(B * T, H * D)
+    dk = rope_backward(dkh.transpose(0, 2, 1, 3), cos, sin).reshape(B * T, KV * D)
+    dv = np.ascontiguousarray(dvh.transpose(0, 2, 1, 3)).reshape(B * T, KV * D)
+    # the lowest trainable layer needs the LoRA gradients of q, k, v but no dx below them
+    dxn1 = linear_backward(dq, c["xn1"], c["q_xa"], w["q"], ab("q"), sc, gr("q"), need_dx=need_dx)  # (BT,C)
+    linear_backward(dk, c["xn1"], c["k_xa"], w["k"], ab("k"), sc, gr("k"), add_to=dxn1, need_dx=need_dx)
+    linear_backward(dv, c["xn1"], c["v_xa"], w["v"], ab("v"), sc, gr("v"), add_to=dxn1, need_dx=need_dx)
+    if not need_dx:
+        return None
+    dx = rmsnorm_backward(dxn1, w["attn_norm"], c["n1"])                    # (BT,C)
+    dx += dh                                                                 # residual 1
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# whole model
+
+class Workspace:
+    """Buffers that live across training steps (llm.c allocates its activations once; same idea).
+
+    What the forward pass keeps for the backward pass is copied into slots allocated on the first
+    step and reused after, and the LM head's logits chunk has a fixed buffer. Without this, every
+    step takes its ~180 MB of kept activations from fresh pages (glibc gives freed memory back to
+    the kernel): ~46K page faults per step on SmolLM2 at T=256, about 10% of the step time.
+    Pass the same Workspace to every loss_and_grads call of a training run.
+    """
+
+    def __init__(self):
+        self._slots: dict = {}
+
+    def buffer(self, key, shape, dtype) -> np.ndarray:
+        slot = self._slots.get(key)
+        if slot is None or slot.shape != tuple(shape) or slot.dtype != dtype:
+            slot = self._slots[key] = np.empty(shape, dtype)
+        return slot
+
+    def keep(self, key, value):
+        """A copy of value (an array, or a tuple/list/dict of them) in this workspace's slots."""
+        if isinstance(value, np.ndarray):
+            out = self.buffer(key, value.shape, value.dtype)
+            np.copyto(out, value)
+            return out
+        if isinstance(value, dict):
+            return {k: self.keep((key, k), v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.keep((key, j), v) for j, v in enumerate(value))
+        return value
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._slots.values())
+
+
+KEEP_MODES = ("input", "matmuls", "all")
+_RECOMPUTED = ("xn1", "n1", "xn2", "n2", "p", "a", "s")  # what "matmuls" drops and rebuilds
+
+
+def _compact(cache, x):
+    kept = {k: v for k, v in cache.items() if k not in _RECOMPUTED}
+    kept["x"] = x
+    return kept
+
+
+def _restore(kept, base, i, cfg: LlamaConfig, causal: Causal):
+    # rebuild the cheap parts of a layer's cache from its kept matmul outputs
+    c = dict(kept)
+    c["xn1"], c["n1"] = rmsnorm_forward(kept["x"], base[f"layers.{i}.attn_norm"], cfg.rms_norm_eps)
+    c["xn2"], c["n2"] = rmsnorm_forward(kept["h"], base[f"layers.{i}.mlp_norm"], cfg.rms_norm_eps)
+    c["p"] = attention_probs(kept["qh"], kept["kh"], causal)
+    c["a"], c["s"] = swiglu_forward(kept["g"], kept["u"])
+    return c
+
+
+def _check_inputs(base, tokens, loss_mask, cfg):
+    if tokens.ndim != 2:
+        raise TrainerError(f"tokens must be (B,T), got shape {tokens.shape}")
+    if loss_mask is not None and loss_mask.shape != tokens.shape:
+        raise TrainerError(f"loss_mask shape {loss_mask.shape} != tokens shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise TrainerError(f"token ids must be in [0, {cfg.vocab_size})")
+    if not cfg.tie_word_embeddings and "lm_head" not in base:
+        raise TrainerError("config says untied embeddings but base has no 'lm_head'")
+
+
+def _head_weight(base, cfg):
+    return base["embed"] if cfg.tie_word_embeddings else base["lm_head"]
+
+
+def forward_logits(base, lora, tokens, config: LlamaConfig, *, attn_block: int = 64):
+    """Inference check: (B,T) tokens -> (B,T,V) logits (lora may be None)."""
+    _check_inputs(base, tokens, None, config)
+    B, T = tokens.shape
+    dtype = base["embed"].dtype
+    G = config.num_heads // config.num_kv_heads
+    rope = rope_tables(T, config.head_dim, config.rope_theta, dtype)
+    causal = Causal.make(T, G, attn_block, dtype)
+    x = embedding_forward(base["embed"], tokens).reshape(B * T, -1)          # (BT,C)
+    for i in range(config.num_layers):
+        x, _ = layer_forward(x, base, lora, i, config, rope, causal, B, T)
+    xn, _ = rmsnorm_forward(x, base["norm"], config.rms_norm_eps)
+    return (xn @ _head_weight(base, config).T).reshape(B, T, -1)             # (B,T,V)
+
+
+def loss_and_grads(base, lora: LoraParams, tokens, loss_mask, config: LlamaConfig, *,
+                   train_last: int | None = None, keep: str = "matmuls", vocab_rows: int = 256,
+                   attn_block: int = 64, workspace: Workspace | None = None):
+    """Masked next-token cross-entropy and its gradient with respect to every LoRA parameter.
+
+    tokens (B,T) int; loss_mask (B,T) bool marks the tokens that are targets (like transformers'
+    labels with -100 elsewhere: token t is predicted from position t-1, so loss_mask[:, 0] is
+    ignored); loss = mean over the marked tokens. train_last=k: gradients flow only through the
+    last k layers (the first L-k are run once, their LoRA still applied, their gradient zero).
+    keep: "input" | "matmuls" | "all", what each trainable layer keeps for the backward pass (see
+    the module docstring). vocab_rows: loss rows per LM-head chunk (the (rows x V) logits buffer).
+    attn_block: time steps per causal query block in attention. workspace: buffers reused across
+    calls (pass the same one at every step; saves the page faults of fresh memory).
+    Returns (loss: float, grad: flat array in lora's layout).
+    """
+    _check_inputs(base, tokens, loss_mask, config)
+    L = config.num_layers
+    k = L if train_last is None else train_last
+    if not 0 < k <= L:
+        raise TrainerError(f"train_last must be in 1..{L}, got {train_last}")
+    if keep not in KEEP_MODES:
+        raise TrainerError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
+    first = L - k
+    B, T = tokens.shape
+    C = config.hidden_size
+    dtype = base["embed"].dtype
+    G = config.num_heads // config.num_kv_heads
+    sel_b, sel_t = np.nonzero(np.asarray(loss_mask, bool)[:, 1:])            # targets at t+1
+    N = len(sel_b)
+    if N == 0:
+        raise TrainerError("loss_mask selects no target tokens (loss_mask[:, 1:] is all False)")
+    rows = sel_b * T + sel_t                                                 # (N,) predicting rows
+    targets = tokens[sel_b, sel_t + 1]                                       # (N,)
+    rope = rope_tables(T, config.head_dim, config.rope_theta, dtype)
+    causal = Causal.make(T, G, attn_block, dtype)
+    ws = Workspace() if workspace is None else workspace
+
+    # forward: nothing kept below `first`; layer inputs (or whole caches) kept above
+    x = embedding_forward(base["embed"], tokens).reshape(B * T, C)           # (BT,C)
+    saved = []
+    for i in range(L):
+        out, cache = layer_forward(x, base, lora, i, config, rope, causal, B, T)
+        if i >= first:
+            kept = x if keep == "input" else _compact(cache, x) if keep == "matmuls" else cache
+            saved.append(ws.keep(("layer", i), kept))
+        del cache
+        x = out
+
+    # head: final norm and LM head only at the N loss rows, in chunks of vocab_rows rows
+    W = _head_weight(base, config)
+    hsel = x[rows]                                                           # (N,C)
+    hn, ncache = rmsnorm_forward(hsel, base["norm"], config.rms_norm_eps)     # (N,C)
+    dhn = np.empty_like(hn)                                                  # (N,C)
+    loss_sum = 0.0
+    chunk = ws.buffer("logits", (min(N, vocab_rows), W.shape[0]), dtype)     # (rows,V)
+    for s in range(0, N, vocab_rows):
+        e = min(N, s + vocab_rows)
+        logits = chunk[:e - s]                                               # (n,V)
+        ls, probs = lm_head_ce_forward(hn[s:e], W, targets[s:e], out=logits)  # probs is logits
+        loss_sum += ls
+        dhn[s:e] = lm_head_ce_backward(probs, targets[s:e], W, 1.0 / N)
+        del probs, logits
+    dsel = rmsnorm_backward(dhn, base["norm"], ncache)                       # (N,C)
+    dx = np.zeros((B * T, C), dtype)                                         # (BT,C)
+    dx[rows] = dsel                                                          # rows are distinct
+
+    # backward through the trainable layers, rebuilding what each one did not keep
+    grad = np.zeros(lora.size, lora.flat.dtype)
+    gviews = lora.views_of(grad)
+    for i in range(L - 1, first - 1, -1):
+        item = saved.pop()
+        if keep == "input":
+            cache = layer_forward(item, base, lora, i, config, rope, causal, B, T)[1]
+        elif keep == "matmuls":
+            cache = _restore(item, base, i, config, causal)
+        else:
+            cache = item
+        dx = layer_backward(dx, cache, base, lora, gviews, i, config, rope, causal, B, T, need_dx=i > first)
+        del cache, item
+    return loss_sum / N, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer: one vector update over the flat buffer
+
+@dataclass
+class AdamW:
+    """AdamW over a flat parameter buffer (torch.optim.AdamW's update, decoupled weight decay)."""
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    step_count: int = 0
+    m: np.ndarray | None = None
+    v: np.ndarray | None = None
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        # params, grad (P,) float32; updates params in place
+        if self.m is None:
+            self.m, self.v = np.zeros_like(params), np.zeros_like(params)
+        b1, b2 = self.betas
+        self.step_count += 1
+        params *= 1.0 - self.lr * self.weight_decay
+        self.m *= b1
+        self.m += (1.0 - b1) * grad
+        self.v *= b2
+        self.v += (1.0 - b2) * grad * grad
+        denom = np.sqrt(self.v / (1.0 - b2 ** self.step_count)) + self.eps
+        params -= (self.lr / (1.0 - b1 ** self.step_count)) * self.m / denom

@@ -1,0 +1,166 @@
+"""The numpy trainer: loss and LoRA gradients against PEFT + torch autograd and finite differences;
+the loop's determinism, kill-and-resume, data errors, and the adapter it installs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import edgelora
+from edgelora.train import TrainConfig, train_adapter
+from edgelora.train.data import DataError
+from edgelora.train.model import LoraParams, LoraSpec, loss_and_grads
+from tests.peft_util import make_peft_adapter
+
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+PEFT_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _lora_from_adapter(adapter, config, dtype=np.float32):
+    lora = LoraParams(config, LoraSpec(adapter.rank, adapter.alpha, KINDS))
+    for t, lt in adapter.tensors.items():
+        lora.views[f"{t}.A"][...] = lt.A
+        lora.views[f"{t}.B"][...] = lt.B
+    return lora.astype(dtype) if dtype != np.float32 else lora
+
+
+def _torch_reference(base_dir, peft_dir, tokens, mask):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), peft_dir, is_trainable=True)
+    ids = torch.from_numpy(tokens)
+    labels = torch.where(torch.from_numpy(mask), ids, torch.full_like(ids, -100))
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            i = int(n.split(".layers.")[1].split(".")[0])
+            kind = next(k for k, m in PEFT_NAMES.items() if f".{m}.lora_" in n)
+            grads[f"layers.{i}.{kind}.{'A' if '.lora_A.' in n else 'B'}"] = p.grad.numpy()
+    return float(loss), grads
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
+def test_loss_and_gradients_equal_peft(fixture, request, tmp_path):
+    path = request.getfixturevalue(fixture)
+    base = edgelora.load_base(path)
+    peft_dir = make_peft_adapter(path, tmp_path / "peft", r=4, alpha=8)
+    lora = _lora_from_adapter(edgelora.adapters.load_adapter(peft_dir), base.config)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, base.config.vocab_size, size=(2, 16))
+    mask = rng.random((2, 16)) < 0.6
+    weights = {n: base.weights[n] for n in base.weights}
+    loss, grad = loss_and_grads(weights, lora, tokens, mask, base.config)
+    ref_loss, ref = _torch_reference(path, peft_dir, tokens, mask)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    views = lora.views_of(grad)
+    assert set(views) == set(ref)
+    for name, g in views.items():
+        np.testing.assert_allclose(g, ref[name], rtol=1e-4, atol=1e-5 * np.abs(ref[name]).max(), err_msg=name)
+
+
+def test_gradients_equal_finite_differences(tiny_llama):
+    base = edgelora.load_base(tiny_llama)
+    weights = {n: base.weights[n].astype(np.float64) for n in base.weights}
+    rng = np.random.default_rng(1)
+    lora = LoraParams(base.config, LoraSpec(2, 4.0, KINDS), dtype=np.float64)
+    lora.flat[:] = rng.standard_normal(lora.size) * 0.05
+    tokens = rng.integers(0, base.config.vocab_size, size=(1, 12))
+    mask = np.ones((1, 12), bool)
+    _, grad = loss_and_grads(weights, lora, tokens, mask, base.config)
+    eps = 1e-6
+    for j in rng.choice(lora.size, 8, replace=False):
+        old = lora.flat[j]
+        lora.flat[j] = old + eps
+        up, _ = loss_and_grads(weights, lora, tokens, mask, base.config)
+        lora.flat[j] = old - eps
+        down, _ = loss_and_grads(weights, lora, tokens, mask, base.config)
+        lora.flat[j] = old
+        assert abs((up - down) / (2 * eps) - grad[j]) <= 1e-6 + 1e-5 * abs(grad[j])
+
+
+def _chats(path, n=12):
+    lines = []
+    for i in range(n):
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"What is my dog called? ({i})"},
+                                              {"role": "assistant", "content": "Your dog is Pepper, a border collie."}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_bundle(tiny_llama, tmp_path_factory):
+    os.environ.setdefault("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    return edgelora.export(tiny_llama, "x86-64", tmp_path_factory.mktemp("train") / "b", backend="both", quant="f32",
+                           eval_tokens=512, progress=False)
+
+
+def test_training_lowers_loss_and_installs_an_adapter_both_engines_use(gguf_bundle, tmp_path):
+    data = _chats(tmp_path / "d.jsonl")
+    r = train_adapter(gguf_bundle, data, "pepper", steps=150, lr=2e-2, rank=8, seq_len=128, eval_every=50, seed=3)
+    assert np.mean(r.losses[-5:]) < np.mean(r.losses[:5]) - 1.0
+    assert r.val_losses and r.val_losses[-1][1] < r.val_losses[0][1]
+    assert "pepper" in gguf_bundle.store.names()
+    tok = gguf_bundle.tokenizer()
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is my dog called?"}]), add_special_tokens=False)
+    for backend in ("gguf", "onnx"):
+        e = gguf_bundle.engine(backend, threads=1)
+        before = e.generate(ids, max_tokens=6).tokens
+        e.set_adapters({"pepper": 1.0})
+        after = e.generate(ids, max_tokens=6).tokens
+        assert after != before
+        e.close()
+
+
+def test_same_seed_same_adapter_and_kill_resume(gguf_bundle, tmp_path):
+    data = _chats(tmp_path / "d.jsonl")
+    kw = dict(steps=12, lr=3e-3, rank=2, seq_len=128, checkpoint_every=3, seed=5)
+    a = train_adapter(gguf_bundle, data, "a", install=False, **kw).adapter
+    b = train_adapter(gguf_bundle, data, "b", install=False, **kw).adapter
+    for t in a.targets:
+        np.testing.assert_array_equal(a.tensors[t].B, b.tensors[t].B)
+    ckpt = tmp_path / "ckpt"
+    script = textwrap.dedent(f"""
+        import os, edgelora
+        from edgelora.train import train_adapter
+        b = edgelora.open_bundle({str(gguf_bundle.root)!r})
+        def progress(p):
+            if p["step"] == 7:
+                os.kill(os.getpid(), 9)
+        train_adapter(b, {str(data)!r}, "c", install=False, checkpoint_dir={str(ckpt)!r}, progress=progress, **{kw!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env=os.environ.copy())
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    resumed = train_adapter(gguf_bundle, data, "c", install=False, checkpoint_dir=ckpt, resume=True, **kw)
+    for t in a.targets:
+        np.testing.assert_array_equal(resumed.adapter.tensors[t].A, a.tensors[t].A)
+        np.testing.assert_array_equal(resumed.adapter.tensors[t].B, a.tensors[t].B)
+
+
+@pytest.mark.parametrize("content,text", [
+    ("", "no training examples (the file is empty)"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: no assistant turn"),
+    ('{"messages": []}\nnot json\n', ":1: \"messages\" must be a non-empty list"),
+    ('{"prompt": "a", "completion": "b"}\n{oops\n', ":2: invalid JSON"),
+    (json.dumps({"prompt": "x " * 300, "completion": "y"}) + "\n", ":1: 601 tokens, longer than the sequence length 64"),
+])
+def test_bad_data_names_the_line(content, text, gguf_bundle, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as info:
+        train_adapter(gguf_bundle, path, "x", steps=1, seq_len=64, install=False)
+    assert text in str(info.value)
