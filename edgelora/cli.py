@@ -338,6 +338,55 @@ def chat(
         engine.close()
 
 
+def _train_progress(quiet: bool):
+    import sys
+
+    def show(p: dict) -> None:
+        if quiet:
+            return
+        val = f", val {p['val_loss']:.3f}" if p.get("val_loss") is not None else ""
+        end = "\n" if p["step"] == p["steps"] or not sys.stderr.isatty() else ""
+        sys.stderr.write(f"\rtrain step {p['step']}/{p['steps']}: loss {p['loss']:.3f}{val}, "
+                         f"{p['tokens_per_s']:.0f} tok/s, ~{p['eta_s']:.0f}s left   {end}")
+        sys.stderr.flush()
+
+    return show
+
+
+@app.command()
+def train(
+    bundle: Path = typer.Argument(..., help="The bundle to personalize (trains against its GGUF weights)."),
+    data: Path = typer.Option(..., "--data", help="JSONL of chats ({\"messages\": [...]}) or prompt/completion pairs."),
+    name: str = typer.Option(..., "--name", help="The adapter's name in the bundle's store."),
+    rank: int = typer.Option(8, "--rank"),
+    alpha: float = typer.Option(16.0, "--alpha"),
+    targets: str = typer.Option("q,k,v,o,gate,up,down", "--targets", help="Comma-separated LoRA targets."),
+    steps: int = typer.Option(100, "--steps"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    last_layers: Optional[int] = typer.Option(None, "--last-layers", help="Train only the last k layers."),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Default: the device profile's."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Default: BUNDLE/.train/NAME."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train a LoRA adapter on your own data, on this device, and install it into the bundle."""
+    from .bundle import open_bundle
+    from .train import TrainConfig, train_adapter
+
+    b = open_bundle(bundle, verify=False)
+    cfg = TrainConfig(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                      steps=steps, lr=lr, seq_len=seq_len, last_layers=last_layers, grad_accum=grad_accum, seed=seed,
+                      threads=threads or b.manifest["device"]["threads"])
+    r = train_adapter(b, data, name, config=cfg, checkpoint_dir=checkpoint_dir or bundle / ".train" / name,
+                      resume=resume, progress=_train_progress(quiet))
+    val = f", validation loss {r.val_losses[0][1]:.3f} -> {r.val_losses[-1][1]:.3f}" if r.val_losses else ""
+    typer.echo(f"installed {name}: loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}{val}, "
+               f"{r.tokens_per_second:.0f} tokens/s{' (stopped early)' if r.stopped_early else ''}")
+
+
 class ConvertTarget(str, Enum):
     hf = "hf"
     gguf_f32 = "gguf-f32"
@@ -363,15 +412,26 @@ def convert(
     typer.echo(f"wrote {out} ({base.fingerprint})")
 
 
+def _heldout(name: str) -> list[dict]:
+    from importlib import resources
+
+    text = resources.files("edgelora.data").joinpath(name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 @app.command()
 def quickstart(
     model: str = typer.Option(_models.DEFAULT_MODEL, "--model", help="Model name or path."),
     device: str = typer.Option("raspberry-pi-5", "--device", help="Device profile to export for."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the bundle (default: the cache)."),
+    steps: int = typer.Option(80, "--steps", help="Training steps per adapter."),
 ) -> None:
     """Run edgelora's whole story on the default model and say what it did."""
+    from importlib import resources
+
     from .base import load_base
     from .bundle import export as do_export
+    from .train import train_adapter
 
     t0 = time.monotonic()
     typer.echo(f"[1] base model: {model}")
@@ -383,10 +443,55 @@ def quickstart(
     _print_summary(base.summary())
 
     out = out or _models.cache_dir() / "bundles" / f"{base.name or 'model'}-{device}"
-    typer.echo(f"\n[2] export for {device} -> {out}")
-    bundle = do_export(base, device, out, replace=True, force=True)
+    typer.echo(f"\n[2] export for {device} -> {out}  (quality on {len(base.tokenizer.encode(__import__('edgelora.quality', fromlist=['x']).heldout_text()))} held-out tokens)")
+    bundle = do_export(base, device, out, replace=True, force=True, backend="both")
     _table(ARTIFACT_HEADER, _artifact_rows(bundle))
-    typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s")
+
+    data = resources.files("edgelora.data")
+    threads = bundle.manifest["device"]["threads"]
+    typer.echo(f"\n[3] personalize on the device: train adapter 'maren' on {len(_heldout('persona_train.jsonl'))} chats about "
+               "a fictional user (numpy, against the bundle's own GGUF weights)")
+    r = train_adapter(bundle, data.joinpath("persona_train.jsonl"), "maren", steps=steps, lr=3e-3, rank=8, seq_len=256,
+                      threads=threads, eval_every=max(steps // 2, 1), progress=_train_progress(False))
+    typer.echo(f"    loss {r.losses[0]:.2f} -> {r.losses[-1]:.2f}, validation loss "
+               f"{r.val_losses[0][1]:.2f} -> {r.val_losses[-1][1]:.2f}; {r.tokens_per_second:.0f} tokens/s, {r.seconds:.0f}s")
+    questions = _heldout("persona_heldout.jsonl")
+    engine = bundle.engine("gguf")
+    rows = []
+    hits = {"base": 0, "maren": 0}
+    for q in questions:
+        answers = []
+        for name in ("base", "maren"):
+            engine.set_adapters({} if name == "base" else {name: 1.0})
+            text = engine.generate(q["messages"], max_tokens=32).text.strip().replace("\n", " ")
+            hits[name] += q["expected"].lower() in text.lower()
+            answers.append(text[:48])
+        rows.append((q["messages"][-1]["content"][:40], q["expected"], *answers))
+    _table(("held-out question", "fact", "base answer", "with 'maren'"), rows)
+    typer.echo(f"    held-out facts recalled: base {hits['base']}/{len(questions)}, with the adapter {hits['maren']}/{len(questions)}")
+
+    typer.echo("\n[4] adapters as small deltas: train a second adapter 'pirate' (a speaking style), then answer one prompt "
+               "with the base, each adapter and a mix, swapping on the loaded base in both engines")
+    train_adapter(bundle, data.joinpath("pirate_train.jsonl"), "pirate", steps=max(steps * 3 // 4, 1), lr=3e-3, rank=8,
+                  seq_len=256, threads=threads, progress=_train_progress(False))
+    prompt = [{"role": "user", "content": "What do I like to do on weekends, and what should I cook tonight?"}]
+    rows = []
+    for backend in ("gguf", "onnx"):
+        e = engine if backend == "gguf" else bundle.engine("onnx")
+        for label, weights in (("base", {}), ("maren", {"maren": 1.0}), ("pirate", {"pirate": 1.0}),
+                               ("maren+pirate", {"maren": 0.7, "pirate": 0.7})):
+            t = time.perf_counter()
+            e.set_adapters(weights)
+            swap_ms = 1e3 * (time.perf_counter() - t)
+            g = e.generate(prompt, max_tokens=40)
+            rows.append((backend, label, f"{swap_ms:.1f}", f"{g.decode_tokens_per_second:.0f}",
+                         g.text.strip().replace("\n", " ")[:70]))
+        e.close()
+    _table(("engine", "adapters", "swap ms", "tok/s", "answer"), rows)
+    sizes = {m["name"]: sum(f["size"] for f in m["files"].values()) for m in bundle.store.list()}
+    typer.echo("    adapter files: " + ", ".join(f"{n} {s / 1e6:.1f} MB" for n, s in sizes.items()) +
+               f" (the base: {sum(f['size'] for f in bundle.manifest['files'].values()) / 1e6:.0f} MB, loaded once)")
+    typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; try: edgelora chat {out}")
 
 
 def main() -> None:
