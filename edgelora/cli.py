@@ -431,6 +431,7 @@ def quickstart(
 
     from .base import load_base
     from .bundle import export as do_export
+    from .quality import heldout_text
     from .train import train_adapter
 
     t0 = time.monotonic()
@@ -443,7 +444,7 @@ def quickstart(
     _print_summary(base.summary())
 
     out = out or _models.cache_dir() / "bundles" / f"{base.name or 'model'}-{device}"
-    typer.echo(f"\n[2] export for {device} -> {out}  (quality on {len(base.tokenizer.encode(__import__('edgelora.quality', fromlist=['x']).heldout_text()))} held-out tokens)")
+    typer.echo(f"\n[2] export for {device} -> {out}  (quality on {len(base.tokenizer.encode(heldout_text()))} held-out tokens)")
     bundle = do_export(base, device, out, replace=True, force=True, backend="both")
     _table(ARTIFACT_HEADER, _artifact_rows(bundle))
 
