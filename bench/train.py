@@ -1,0 +1,117 @@
+"""On-device training: edgelora's numpy trainer against PEFT + torch on the default model, same
+sequence length, rank, targets, data and thread count, each side in its own process (so peak
+resident memory is its own). Prints tokens/s and peak memory as ratios, and both loss curves.
+
+    python bench/train.py [--steps 12] [--seq 256] [--rank 8] [--threads 1,2]
+
+Writes bench/out/train.json and bench/out/train.png (the loss curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+WORKER = r"""
+import json, os, resource, sys, time
+side, threads, steps, seq, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+import numpy as np
+import edgelora
+from edgelora.train.data import load
+base = edgelora.load_base(edgelora.DEFAULT_MODEL, progress=False)
+from importlib import resources
+data = resources.files("edgelora.data").joinpath("persona_train.jsonl")
+ex = load(data, base.tokenizer, 4096)
+# the same token stream for both sides: chats concatenated and cut into sequences of `seq`
+stream = np.concatenate([e.tokens for e in ex])
+batches = [stream[i * seq:(i + 1) * seq] for i in range(steps)]
+losses, times = [], []
+if side == "numpy":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(threads)
+    from edgelora.train.model import AdamW, LoraParams, LoraSpec, Workspace, loss_and_grads
+    w = {n: np.ascontiguousarray(base.weights[n]) for n in base.weights}
+    lora = LoraParams(base.config, LoraSpec(rank, 2.0 * rank)).init_random(np.random.default_rng(0))
+    opt, ws = AdamW(lr=1e-3), Workspace()
+    for b in batches:
+        t = time.perf_counter()
+        loss, g = loss_and_grads(w, lora, b[None], np.ones((1, seq), bool), base.config, workspace=ws)
+        opt.step(lora.flat, g)
+        times.append(time.perf_counter() - t); losses.append(loss)
+else:
+    import torch
+    torch.set_num_threads(threads)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(edgelora.models.hf_path(edgelora.DEFAULT_MODEL)),
+                       LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                  "gate_proj", "up_proj", "down_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    for b in batches:
+        t = time.perf_counter()
+        x = torch.from_numpy(b[None].astype(np.int64))
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+        times.append(time.perf_counter() - t); losses.append(float(loss))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+print(json.dumps({"side": side, "threads": threads, "tokens_per_s": seq / steady, "peak_rss_mb": rss, "losses": losses}))
+"""
+
+
+def run(side: str, threads: int, steps: int, seq: int, rank: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", WORKER, side, str(threads), str(steps), str(seq), str(rank)],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    results, rows = [], []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        pair = {side: run(side, threads, args.steps, args.seq, args.rank) for side in ("numpy", "torch")}
+        results.append(pair)
+        n, t = pair["numpy"], pair["torch"]
+        rows.append((threads, f"{n['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}", f"{n['tokens_per_s'] / t['tokens_per_s']:.2f}x",
+                     f"{n['peak_rss_mb']:.0f}", f"{t['peak_rss_mb']:.0f}", f"{n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x",
+                     f"{n['losses'][-1]:.3f} / {t['losses'][-1]:.3f}"))
+    print(common.table(("threads", "edgelora tok/s", "PEFT+torch tok/s", "speed", "edgelora MB", "PEFT MB", "memory",
+                        "final loss (ours / PEFT)"), rows))
+    print(f"SmolLM2-135M, LoRA r={args.rank} on all 7 targets x 30 layers, sequence {args.seq}, {args.steps} steps, "
+          "median step time; peak = ru_maxrss of each process. Targets: speed >= 1.00x, memory <= 0.50x.")
+    print(f"wrote {common.write_json('train', {'args': vars(args), 'machine': common.machine(), 'results': results})}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for pair in results:
+            for side, style in (("numpy", "-"), ("torch", "--")):
+                ax.plot(pair[side]["losses"], style, label=f"{'edgelora' if side == 'numpy' else 'PEFT+torch'}, {pair[side]['threads']} thr")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(common.OUT / "train.png", dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
