@@ -23,11 +23,18 @@ def test_pull_and_quickstart_with_an_empty_cache(tmp_path, run_cli):
     assert "dequantize" in pulled.stderr  # progress was shown
     listed = run_cli("models", "list", env=env)
     assert "smollm2-135m     pulled" in listed.stdout
-    quick = run_cli("quickstart", env=env)
+    quick = run_cli("quickstart", env=env, timeout=3600)
     assert quick.returncode == 0, quick.stderr
     base = edgelora.load_base(hf_dir)
     assert base.fingerprint in quick.stdout
     assert "30 layers, width 576" in quick.stdout
+    for step in ("[2] export for raspberry-pi-5", "[3] personalize", "[4] adapters as small deltas"):
+        assert step in quick.stdout
+    import re
+
+    recalled = re.search(r"held-out facts recalled: base (\d+)/12, with the adapter (\d+)/12", quick.stdout)
+    assert recalled and int(recalled.group(2)) > int(recalled.group(1)), quick.stdout
+    print(quick.stdout)
 
 
 def test_gguf_and_float_checkpoint_have_one_fingerprint(default_model_dir):
