@@ -377,6 +377,12 @@ class Bundle:
         return LlamaConfig(**self.manifest["base"]["architecture"])
 
     @property
+    def threads(self) -> int:
+        """The profile's thread count, capped at this machine's cores (more threads than cores
+        makes llama.cpp and OpenBLAS spin against each other)."""
+        return max(1, min(int(self.manifest["device"]["threads"]), os.cpu_count() or 1))
+
+    @property
     def backends(self) -> list[str]:
         return list(dict.fromkeys(a.backend for a in self.artifacts))
 
@@ -394,7 +400,7 @@ class Bundle:
         art = self.artifact(backend)
         if art.quant == "qdq":
             kw.setdefault("provider", "htp" if "QNNExecutionProvider" in self.manifest["device"]["backends"]["execution_providers"] else "cpu")
-        engine = _engine_for(art.backend, self.path(art.main), threads or self.manifest["device"]["threads"],
+        engine = _engine_for(art.backend, self.path(art.main), threads or self.threads,
                              n_ctx or min(self.manifest["device"]["context_length"], 4096),
                              tokenizer=self.tokenizer(), fingerprint=self.fingerprint, config=self.config, **kw)
         store = self.store

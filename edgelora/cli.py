@@ -379,7 +379,7 @@ def train(
     b = open_bundle(bundle, verify=False)
     cfg = TrainConfig(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
                       steps=steps, lr=lr, seq_len=seq_len, last_layers=last_layers, grad_accum=grad_accum, seed=seed,
-                      threads=threads or b.manifest["device"]["threads"])
+                      threads=threads or b.threads)
     r = train_adapter(b, data, name, config=cfg, checkpoint_dir=checkpoint_dir or bundle / ".train" / name,
                       resume=resume, progress=_train_progress(quiet))
     val = f", validation loss {r.val_losses[0][1]:.3f} -> {r.val_losses[-1][1]:.3f}" if r.val_losses else ""
@@ -449,7 +449,7 @@ def quickstart(
     _table(ARTIFACT_HEADER, _artifact_rows(bundle))
 
     data = resources.files("edgelora.data")
-    threads = bundle.manifest["device"]["threads"]
+    threads = bundle.threads
     typer.echo(f"\n[3] personalize on the device: train adapter 'maren' on {len(_heldout('persona_train.jsonl'))} chats about "
                "a fictional user (numpy, against the bundle's own GGUF weights)")
     r = train_adapter(bundle, data.joinpath("persona_train.jsonl"), "maren", steps=steps, lr=3e-3, rank=8, seq_len=256,
