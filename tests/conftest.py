@@ -96,3 +96,12 @@ def run_cli():
                               env=full_env, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory):
+    """EDGELORA_CACHE pointed at this session's temporary directory for one test module, and restored
+    after it (module-scoped bundle fixtures depend on it, so they never write the user's cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield

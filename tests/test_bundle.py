@@ -14,9 +14,7 @@ SHIPPED = ["android-arm64", "raspberry-pi-4", "raspberry-pi-5", "snapdragon-8-ge
 EVAL = 1024  # held-out tokens per export in these tests (the default model uses all 22k)
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_shipped_profiles():

@@ -12,16 +12,11 @@ from tests.peft_util import base_logits
 pytest.importorskip("onnxruntime_qnn")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
-def npu_bundle(tiny_llama, tmp_path_factory):
-    import os
-
-    os.environ.setdefault("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def npu_bundle(tiny_llama, tmp_path_factory, isolated_cache):
     return edgelora.export(tiny_llama, "snapdragon-8-gen-3", tmp_path_factory.mktemp("npu") / "b", eval_tokens=1024,
                            progress=False)
 

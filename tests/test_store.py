@@ -17,14 +17,11 @@ from edgelora.store import StoreError, StoreLimits
 from tests.peft_util import make_peft_adapter, peft_logits
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tiny_llama, tmp_path_factory):
-    os.environ.setdefault("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def bundle_dir(tiny_llama, tmp_path_factory, isolated_cache):
     out = tmp_path_factory.mktemp("store") / "bundle"
     edgelora.export(tiny_llama, "x86-64", out, backend="both", quant="f32", eval_tokens=512, progress=False)
     return out

@@ -22,9 +22,7 @@ PEFT_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _lora_from_adapter(adapter, config, dtype=np.float32):
@@ -103,8 +101,7 @@ def _chats(path, n=12):
 
 
 @pytest.fixture(scope="module")
-def gguf_bundle(tiny_llama, tmp_path_factory):
-    os.environ.setdefault("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def gguf_bundle(tiny_llama, tmp_path_factory, isolated_cache):
     return edgelora.export(tiny_llama, "x86-64", tmp_path_factory.mktemp("train") / "b", backend="both", quant="f32",
                            eval_tokens=512, progress=False)
 
