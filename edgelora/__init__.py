@@ -19,11 +19,12 @@ from .models import DEFAULT_MODEL, REGISTRY, pull
 from . import bundle
 from .bundle import Bundle, export, open_bundle
 from .tokenizer import Tokenizer
+from .cloud import CloudClient
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BaseModel", "CorruptFileError", "DEFAULT_MODEL", "EdgeloraError", "LlamaConfig", "ModelFetchError",
     "REGISTRY", "SourceNotFoundError", "Tokenizer", "UnsupportedArchitectureError", "UnsupportedFormatError",
-    "Bundle", "bundle", "export", "load_base", "open_bundle", "pull",
+    "Bundle", "CloudClient", "bundle", "export", "load_base", "open_bundle", "pull",
 ]

@@ -419,6 +419,160 @@ def _heldout(name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+
+cloud_app = typer.Typer(cls=_Group, help="Adapters from the cloud: the reference service and the device client.",
+                        no_args_is_help=True)
+app.add_typer(cloud_app, name="cloud")
+
+
+@cloud_app.command("serve")
+def cloud_serve(
+    root: Path = typer.Option(..., "--root", help="The service's directory: key, tokens, library, jobs."),
+    base: list[str] = typer.Option(..., "--base", help="A base model (name, path or bundle) to serve; repeatable."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8470, "--port"),
+    queue: int = typer.Option(8, "--queue", help="Jobs queued or running at most."),
+    ttl_days: float = typer.Option(30.0, "--ttl-days", help="How long a signed manifest stays valid."),
+    rate: float = typer.Option(20.0, "--rate", help="Requests per second per token (burst: 3x)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Training threads (default: all cores)."),
+) -> None:
+    """Run the adapter service (FastAPI on uvicorn) until interrupted."""
+    from .cloud.service import Limits, ServiceConfig, serve
+
+    limits = Limits(queue_size=queue, rate_per_s=rate, burst=max(1, int(3 * rate)))
+    serve(ServiceConfig(root, list(base), limits=limits, ttl_s=ttl_days * 86400, threads=threads), host=host, port=port)
+
+
+@cloud_app.command("token")
+def cloud_token(
+    name: str = typer.Argument(..., help="Who the token is for (a device or user name)."),
+    root: Path = typer.Option(..., "--root", help="The service's directory."),
+) -> None:
+    """Create an access token for a device or user (printed once; only its hash is kept)."""
+    from .cloud.service import add_token
+
+    typer.echo(add_token(root, name))
+
+
+@cloud_app.command("add")
+def cloud_add(
+    adapter: Path = typer.Argument(..., help="An adapter (PEFT dir, GGUF LoRA or .onnx_adapter)."),
+    root: Path = typer.Option(..., "--root", help="The service's directory."),
+    base: str = typer.Option(..., "--base", help="The base model it was made for."),
+    name: str = typer.Option(..., "--name"),
+    description: str = typer.Option(..., "--description", help="What it does: compositions match on it."),
+) -> None:
+    """Add an adapter to the service's library, shared with every token."""
+    from .cloud.service import library_add
+
+    e = library_add(root, adapter, base, name=name, description=description)
+    typer.echo(f"added {e['name']} as {e['id']} (rank {e['rank']}, {', '.join(e['targets'])}) for base {e['base_fingerprint'][:23]}")
+
+
+def _client(bundle_dir: Path):
+    from .bundle import open_bundle
+    from .cloud import CloudClient
+
+    return CloudClient.for_bundle(open_bundle(bundle_dir, verify=False))
+
+
+def _job_line(job: dict) -> str:
+    p = job.get("progress") or {}
+    prog = (f" step {p['step']}/{p['steps']} loss {p['loss']:.3f}" if "step" in p else
+            f" search {p['evaluations']}/{p['budget']} objective {p['objective']:.3f}" if "evaluations" in p else "")
+    tail = f" -> adapter {job['adapter_id']}" if job.get("adapter_id") else f": {job['error']}" if job.get("error") else ""
+    return f"{job['id']}  {job['kind']:<8} {job['name']:<16} {job['status']}{prog}{tail}"
+
+
+@cloud_app.command("connect")
+def cloud_connect(
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE"),
+    url: str = typer.Option(..., "--url", help="The service, e.g. http://127.0.0.1:8470"),
+    token: str = typer.Option(..., "--token", envvar="EDGELORA_CLOUD_TOKEN", help="This device's token."),
+    key: str = typer.Option(..., "--key", help="The service's public key (ed25519:...) or a file holding it; pinned."),
+) -> None:
+    """Pin the service's key and remember its URL and this device's token in the bundle."""
+    from .bundle import open_bundle
+    from .cloud import CloudClient
+
+    c = CloudClient.connect(open_bundle(bundle_dir, verify=False), url, token, key)
+    typer.echo(f"connected {bundle_dir} to {c.url} (pinned key {c.key_id})")
+
+
+@cloud_app.command("library")
+def cloud_library(bundle_dir: Path = typer.Argument(..., metavar="BUNDLE")) -> None:
+    """List the service's adapters for this bundle's base."""
+    rows = [(a["id"], a["name"], str(a["rank"]), a["method"], a["description"][:60]) for a in _client(bundle_dir).library()]
+    _table(("id", "name", "rank", "made by", "description"), rows)
+
+
+@cloud_app.command("request")
+def cloud_request(
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE"),
+    name: str = typer.Option(..., "--name", help="The adapter's name on this device."),
+    examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL chats: train on them (or search mixture weights with --description)."),
+    description: str = typer.Option("", "--description", help="The task: compose from the library."),
+    steps: int = typer.Option(60, "--steps"),
+    rank: int = typer.Option(8, "--rank"),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job, then pull and install it."),
+) -> None:
+    """Ask the service for an adapter: from examples, or composed from a description."""
+    if examples is None and not description:
+        raise typer.BadParameter("give --examples, --description, or both")
+    c = _client(bundle_dir)
+    kind = "examples" if examples is not None and not description else "compose"
+    job = c.request(name=name, examples=examples, description=description, kind=kind, steps=steps, rank=rank)
+    typer.echo(_job_line(job))
+    if wait:
+        last = [None]
+
+        def show(j):
+            line = _job_line(j)
+            if line != last[0]:
+                typer.echo("  " + line, err=True)
+                last[0] = line
+
+        c.wait(job["id"], progress=show)
+        m = c.pull(job["id"], name)
+        typer.echo(f"installed {m['name']} (rank {m['rank']}, signed by {m['provenance']['cloud']['key_id']})")
+
+
+@cloud_app.command("status")
+def cloud_status(
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE"),
+    job: Optional[str] = typer.Argument(None, help="A job id (default: every job this bundle requested)."),
+) -> None:
+    """Show the status of this bundle's jobs on the service."""
+    c = _client(bundle_dir)
+    ids = [job] if job else list(c.remembered_jobs())
+    if not ids:
+        typer.echo("no jobs requested from this bundle")
+    for j in ids:
+        typer.echo(_job_line(c.status(j)))
+
+
+@cloud_app.command("pull")
+def cloud_pull(
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE"),
+    ref: str = typer.Argument(..., help="A finished job's id, or an adapter id from `cloud library`."),
+    name: Optional[str] = typer.Option(None, "--name", help="Install under this name (default: the job's)."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an installed adapter of that name."),
+) -> None:
+    """Download, verify (signature, base, hashes) and install an adapter into the bundle's store."""
+    m = _client(bundle_dir).pull(ref, name, replace=replace)
+    typer.echo(f"installed {m['name']} (rank {m['rank']}, {', '.join(m['targets'])}, signed by {m['provenance']['cloud']['key_id']})")
+
+
+@cloud_app.command("sync")
+def cloud_sync(bundle_dir: Path = typer.Argument(..., metavar="BUNDLE")) -> None:
+    """Catch up after being offline: pull every finished job this bundle requested."""
+    rows = _client(bundle_dir).sync()
+    if not rows:
+        typer.echo("no jobs requested from this bundle")
+    for r in rows:
+        typer.echo(f"{r['id']}  {r.get('name') or ''}: {r['action']}")
+
+
 @app.command()
 def quickstart(
     model: str = typer.Option(_models.DEFAULT_MODEL, "--model", help="Model name or path."),

@@ -1,0 +1,604 @@
+"""The reference adapter service (``edgelora cloud serve``): FastAPI on uvicorn.
+
+It keeps, under one root directory::
+
+    service_key.pem        the Ed25519 signing key (created on first start, mode 0600)
+    service_key.pub        its public half, ``ed25519:<base64>``: what devices pin
+    tokens.json            sha256 of each device/user token -> its name
+    library/<id>/          one adapter: entry.json (who, what, for which base), adapter.gguf,
+                           render/<format>/ (the files served for each format, made on demand)
+    jobs/<id>/             job.json (status, progress), examples.jsonl, the trainer's checkpoint
+
+API (every route but /v1/health and /v1/key needs ``Authorization: Bearer <token>``)::
+
+    GET  /v1/health                          service state, key id, bases served
+    GET  /v1/key                             the public key
+    GET  /v1/library?base=FP                 adapters for a base (shared ones and the caller's own)
+    POST /v1/jobs                            {"kind": "examples"|"compose", "base": FP, "name", ...}
+    GET  /v1/jobs/{id}                       status and progress
+    GET  /v1/adapters/{id}/manifest?format=F signed manifest for format gguf|onnx|peft
+    GET  /v1/adapters/{id}/files/{F}/{name}  a file of it (HTTP Range supported)
+
+Jobs run one at a time in a bounded queue; a job interrupted by a stop resumes from the trainer's
+checkpoint when the service starts again.
+"""
+
+
+import hashlib
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelora._io import atomic_dir, sha256_file, write_bytes_atomic
+from edgelora.adapters import FORMATS, LoraAdapter, load_adapter, save_adapter
+from edgelora.errors import EdgeloraError, SourceNotFoundError
+
+from . import signing
+from .compose import ComposeError, ExampleLoss, compose, search_weights, similarities, weights_from_description
+
+KEY_FILE, PUB_FILE, TOKENS_FILE = "service_key.pem", "service_key.pub", "tokens.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = re.compile(r"^[0-9a-f]{16}$")
+FILE_NAMES = {"gguf": ["adapter.gguf"], "onnx": ["adapter.onnx_adapter"],
+              "peft": ["adapter_config.json", "adapter_model.safetensors"]}
+
+
+class ServiceError(EdgeloraError):
+    """The adapter service cannot start or do what was asked."""
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 4 << 20
+    max_examples: int = 2000
+    max_steps: int = 2000
+    max_rank: int = 64
+    max_description: int = 2000
+    queue_size: int = 8
+    rate_per_s: float = 20.0  # per token, sustained
+    burst: int = 60
+
+
+@dataclass
+class ServiceConfig:
+    root: Path
+    bases: list[str]
+    limits: Limits = field(default_factory=Limits)
+    ttl_s: float = 30 * 86400.0
+    threads: int | None = None
+    checkpoint_every: int = 10
+
+
+def add_token(root: str | os.PathLike, name: str) -> str:
+    """Creates a token for device/user `name` and returns it (only its sha256 is stored)."""
+    if not _NAME.match(name):
+        raise ServiceError(f"token name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
+    path = Path(root) / TOKENS_FILE
+    tokens = json.loads(path.read_text()) if path.exists() else {}
+    token = "elt_" + secrets.token_urlsafe(24)
+    tokens[hashlib.sha256(token.encode()).hexdigest()] = {"name": name, "created": signing.iso(time.time())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps(tokens, indent=2).encode())
+    os.chmod(path, 0o600)
+    return token
+
+
+class _Bucket:
+    """Token-bucket rate limit per caller."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.state: dict[str, tuple[float, float]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, who: str) -> float:
+        """0 if allowed, else the seconds to wait."""
+        with self.lock:
+            now = time.monotonic()
+            level, t = self.state.get(who, (float(self.burst), now))
+            level = min(self.burst, level + (now - t) * self.rate)
+            if level < 1:
+                self.state[who] = (level, now)
+                return (1 - level) / self.rate
+            self.state[who] = (level - 1, now)
+            return 0.0
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Base:
+    """A base the service serves: what jobs train against (a bundle's GGUF or the float weights)."""
+
+    def __init__(self, source: str):
+        from edgelora.base import load_base
+        from edgelora.bundle import open_bundle
+
+        p = Path(source).expanduser()
+        if (p / "bundle.json").exists():
+            self.source = open_bundle(p)
+            self.fingerprint, self.config = self.source.fingerprint, self.source.config
+            self.tokenizer = self.source.tokenizer()
+        else:
+            self.source = load_base(source, progress=False)
+            self.fingerprint, self.config = self.source.fingerprint, self.source.config
+            self.tokenizer = self.source.tokenizer
+        self.label = str(source)
+        self._weights = None
+
+    def weights(self):
+        if self._weights is None:
+            from edgelora.train import base_weights
+
+            self._weights = base_weights(self.source)[1]
+        return self._weights
+
+
+class Library:
+    """Adapters the service holds, each bound to one base fingerprint."""
+
+    def __init__(self, root: Path):
+        self.root = root / "library"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+
+    def entries(self) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if p.is_dir() and not p.name.startswith(".") and (p / "entry.json").exists():
+                out.append(json.loads((p / "entry.json").read_text()))
+        return sorted(out, key=lambda e: e["created"])
+
+    def entry(self, adapter_id: str) -> dict[str, Any]:
+        p = self.root / adapter_id / "entry.json"
+        if not _ID.match(adapter_id) or not p.exists():
+            raise SourceNotFoundError(f"no adapter {adapter_id} in the library")
+        return json.loads(p.read_text())
+
+    def visible(self, fingerprint: str | None, who: str) -> list[dict[str, Any]]:
+        return [e for e in self.entries() if (fingerprint is None or e["base_fingerprint"] == fingerprint)
+                and (e["public"] or e["owner"] == who)]
+
+    def add(self, adapter: LoraAdapter, config, *, name: str, description: str, owner: str, public: bool,
+            method: str, inputs_sha256: str, extra: dict | None = None) -> dict[str, Any]:
+        adapter.check_fits(config, adapter.base_fingerprint)
+        adapter_id = uuid.uuid4().hex[:16]
+        ranks = sorted(set(adapter.ranks.values()))
+        entry = {"id": adapter_id, "name": name, "description": description, "base_fingerprint": adapter.base_fingerprint,
+                 "rank": ranks[-1], "alpha": adapter.alpha, "targets": adapter.target_kinds,
+                 "modules": len(adapter.tensors), "parameters": adapter.num_parameters(), "method": method,
+                 "inputs_sha256": inputs_sha256, "owner": owner, "public": public,
+                 "created": signing.iso(time.time()), **(extra or {})}
+        with atomic_dir(self.root / adapter_id) as tmp:
+            save_adapter(adapter, tmp / "adapter.gguf", "gguf", config)
+            (tmp / "entry.json").write_text(json.dumps(entry, indent=2))
+        return entry
+
+    def load(self, adapter_id: str, config) -> LoraAdapter:
+        e = self.entry(adapter_id)
+        a = load_adapter(self.root / adapter_id / "adapter.gguf", config)
+        a.base_fingerprint, a.name = e["base_fingerprint"], e["name"]
+        return a
+
+    def render(self, adapter_id: str, fmt: str, config) -> tuple[Path, dict[str, dict]]:
+        """The directory of files served for `fmt`, made once, and their sizes and sha256."""
+        out = self.root / adapter_id / "render" / fmt
+        with self.lock:
+            if not out.exists():
+                adapter = self.load(adapter_id, config)
+                with atomic_dir(out) as tmp:
+                    if fmt == "peft":
+                        save_adapter(adapter, tmp, "peft", config)
+                    else:
+                        save_adapter(adapter, tmp / FILE_NAMES[fmt][0], fmt, config)
+                    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                             for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "files.json"}
+                    (tmp / "files.json").write_text(json.dumps(files))
+        return out, json.loads((out / "files.json").read_text())
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, *, log=print):
+        self.config, self.limits, self.log = config, config.limits, log
+        root = self.root = Path(config.root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.key = signing.load_or_create_private_key(root / KEY_FILE)
+        self.public_key = signing.public_key_text(self.key)
+        if not (root / PUB_FILE).exists():
+            write_bytes_atomic(root / PUB_FILE, (self.public_key + "\n").encode())
+        self.key_id = signing.key_id(self.key.public_key())
+        if not config.bases:
+            raise ServiceError("the service needs at least one base model (--base NAME_OR_PATH)")
+        self.bases: dict[str, _Base] = {}
+        for src in config.bases:
+            b = _Base(src)
+            self.bases[b.fingerprint] = b
+        self.library = Library(root)
+        self.jobs_dir = root / "jobs"
+        self.jobs_dir.mkdir(exist_ok=True)
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.jobs_lock = threading.Lock()
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.bucket = _Bucket(self.limits.rate_per_s, self.limits.burst)
+        self.stop_event = threading.Event()
+        self._persisted: dict[str, float] = {}
+        for p in sorted(self.jobs_dir.glob("*/job.json")):
+            job = json.loads(p.read_text())
+            self.jobs[job["id"]] = job
+        for job in sorted(self.jobs.values(), key=lambda j: j["created"]):
+            if job["status"] in ("queued", "running"):  # stopped mid-job: resume from its checkpoint
+                if job["status"] == "running":
+                    job["restarts"] = job.get("restarts", 0) + 1
+                job["status"] = "queued"
+                self._save_job(job)
+                self.queue.put(job["id"])
+        self.worker = threading.Thread(target=self._work, name="edgelora-jobs", daemon=True)
+        self.worker.start()
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def caller(self, authorization: str | None) -> str | None:
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        path = self.root / TOKENS_FILE
+        tokens = json.loads(path.read_text()) if path.exists() else {}
+        entry = tokens.get(hashlib.sha256(authorization[7:].strip().encode()).hexdigest())
+        return entry["name"] if entry else None
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def _save_job(self, job: dict, *, force: bool = True) -> None:
+        now = time.monotonic()
+        if force or now - self._persisted.get(job["id"], 0) > 1.0:
+            self._persisted[job["id"]] = now
+            write_bytes_atomic(self.jobs_dir / job["id"] / "job.json", json.dumps(job, indent=2).encode())
+
+    def pending(self) -> int:
+        return sum(j["status"] in ("queued", "running") for j in self.jobs.values())
+
+    def submit(self, spec: dict[str, Any], who: str) -> dict[str, Any]:
+        """Validates a job request and queues it (ServiceError/DataError on a bad request)."""
+        from edgelora.train.data import DataError
+        from edgelora.train.data import load as load_examples
+
+        L = self.limits
+        kind = spec.get("kind")
+        if kind not in ("examples", "compose"):
+            raise ServiceError("\"kind\" must be \"examples\" (train on them) or \"compose\" (mix library adapters)")
+        base = self.bases.get(spec.get("base"))
+        if base is None:
+            raise SourceNotFoundError(f"this service has no base {spec.get('base')!r}; it serves {', '.join(self.bases)}")
+        name = spec.get("name", "cloud")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ServiceError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
+        description = spec.get("description") or ""
+        if not isinstance(description, str) or len(description) > L.max_description:
+            raise ServiceError(f"\"description\" must be a string of at most {L.max_description} characters")
+        examples = spec.get("examples") or []
+        if not isinstance(examples, list) or len(examples) > L.max_examples:
+            raise ServiceError(f"\"examples\" must be a list of at most {L.max_examples} chats or prompt/completion pairs")
+        params = {"steps": spec.get("steps", 60), "rank": spec.get("rank", 8), "lr": spec.get("lr", 3e-3),
+                  "seq_len": spec.get("seq_len", 256), "seed": spec.get("seed", 0), "budget": spec.get("budget", 40)}
+        for k, hi in (("steps", L.max_steps), ("rank", L.max_rank), ("seq_len", 4096), ("budget", 400)):
+            if not isinstance(params[k], int) or not 1 <= params[k] <= hi:
+                raise ServiceError(f"\"{k}\" must be an integer from 1 to {hi}")
+        if not isinstance(params["lr"], (int, float)) or not 0 < params["lr"] < 1:
+            raise ServiceError("\"lr\" must be a number between 0 and 1")
+        if kind == "examples" and not examples:
+            raise ServiceError("a job of kind \"examples\" needs at least one example")
+        if kind == "compose":
+            if not description and not examples:
+                raise ServiceError("a composition needs a task description, examples, or both")
+            if not self.library.visible(base.fingerprint, who):
+                raise ServiceError(f"the library has no adapters for base {base.fingerprint[:23]}; "
+                                   "send examples with kind \"examples\" instead")
+        job_id = uuid.uuid4().hex[:16]
+        jdir = self.jobs_dir / job_id
+        jdir.mkdir()
+        data = "".join(json.dumps(e) + "\n" for e in examples).encode()
+        write_bytes_atomic(jdir / "examples.jsonl", data)
+        if examples:
+            try:
+                load_examples(jdir / "examples.jsonl", base.tokenizer, params["seq_len"])
+            except DataError as e:
+                shutil.rmtree(jdir, ignore_errors=True)
+                raise DataError(str(e).replace(f"{jdir / 'examples.jsonl'}:", "example ")) from None
+        job = {"id": job_id, "kind": kind, "base": base.fingerprint, "owner": who, "name": name,
+               "description": description, "share": bool(spec.get("share", False)), "params": params,
+               "examples": len(examples), "inputs_sha256": hashlib.sha256(data + description.encode()).hexdigest(),
+               "status": "queued", "progress": {}, "created": signing.iso(time.time()), "restarts": 0,
+               "adapter_id": None, "error": None}
+        with self.jobs_lock:
+            if self.pending() >= L.queue_size:
+                shutil.rmtree(jdir, ignore_errors=True)
+                raise QueueFullError(f"the job queue is full ({L.queue_size} jobs); retry later")
+            self.jobs[job_id] = job
+            self._save_job(job)
+        self.queue.put(job_id)
+        return job
+
+    def _work(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                job_id = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            job = self.jobs[job_id]
+            job["status"], job["started"] = "running", signing.iso(time.time())
+            self._save_job(job)
+            try:
+                entry = self._run(job)
+            except _Interrupted:
+                self._save_job(job)  # stays "running": resumed at the next start
+                return
+            except EdgeloraError as e:
+                job.update(status="failed", error=str(e), finished=signing.iso(time.time()))
+            except Exception as e:  # a bug, not the caller's fault: say so, keep serving
+                job.update(status="failed", error=f"internal error: {type(e).__name__}: {e}",
+                           finished=signing.iso(time.time()))
+            else:
+                job.update(status="done", adapter_id=entry["id"], finished=signing.iso(time.time()))
+            self._save_job(job)
+            self.log(f"job {job_id} ({job['kind']}): {job['status']}" + (f": {job['error']}" if job["error"] else ""))
+
+    def _progress(self, job: dict, info: dict) -> None:
+        if self.stop_event.is_set():
+            raise _Interrupted()
+        job["progress"] = info
+        if job.get("restarts") and "resumed_at_step" not in job and "step" in info:
+            job["resumed_at_step"] = info["step"] - 1
+        self._save_job(job, force=False)
+
+    def _run(self, job: dict) -> dict[str, Any]:
+        from edgelora.train import TrainConfig, train_adapter
+        from edgelora.train.data import load as load_examples
+
+        base, p = self.bases[job["base"]], job["params"]
+        jdir = self.jobs_dir / job["id"]
+        keep = {"owner": job["owner"], "public": job["share"], "inputs_sha256": job["inputs_sha256"]}
+        if job["kind"] == "examples":
+            cfg = TrainConfig(rank=p["rank"], alpha=2.0 * p["rank"], steps=p["steps"], lr=p["lr"], seq_len=p["seq_len"],
+                              seed=p["seed"], checkpoint_every=self.config.checkpoint_every, threads=self.config.threads,
+                              val_fraction=0.1 if job["examples"] >= 10 else 0.0, eval_every=max(p["steps"] // 4, 1))
+            r = train_adapter(base.source, jdir / "examples.jsonl", job["name"], config=cfg, checkpoint_dir=jdir,
+                              resume=True, install=False,
+                              progress=lambda i: self._progress(job, {k: i[k] for k in ("step", "steps", "loss", "eta_s")}))
+            extra = {"train": {"steps": r.steps, "loss_first": r.losses[0], "loss_last": r.losses[-1],
+                               "val_loss": r.val_losses[-1][1] if r.val_losses else None}}
+            return self.library.add(r.adapter, base.config, name=job["name"], description=job["description"],
+                                    method="train", extra=extra, **keep)
+        # compose: weights by description alone, or searched on the examples' loss
+        entries = self.library.visible(base.fingerprint, job["owner"])
+        docs = [f"{e['name'].replace('-', ' ').replace('_', ' ')} {e['description']}" for e in entries]
+        examples = load_examples(jdir / "examples.jsonl", base.tokenizer, p["seq_len"]) if job["examples"] else []
+        info: dict[str, Any] = {}
+        if not examples:
+            weights = weights_from_description(job["description"], docs)
+        else:
+            if len(entries) > 8:  # search over the 8 closest by description (or the newest)
+                keep_idx = sorted(similarities(job["description"], docs).argsort(kind="stable")[::-1][:8]) \
+                    if job["description"] else list(range(len(entries) - 8, len(entries)))
+                entries, docs = [entries[i] for i in keep_idx], [docs[i] for i in keep_idx]
+            start = None
+            if job["description"]:
+                try:
+                    start = weights_from_description(job["description"], docs)
+                except ComposeError:
+                    pass
+        adapters = [self.library.load(e["id"], base.config) for e in entries]
+        if examples:
+            loss = ExampleLoss(base.weights(), base.config, adapters, examples)
+            res = search_weights(loss, len(adapters), start=start, budget=p["budget"], seed=p["seed"],
+                                 progress=lambda k, n, f: self._progress(job, {"evaluations": k, "budget": n, "objective": f}))
+            weights = res.weights
+            info = {"objective_start": res.start_loss, "objective": res.loss, "evaluations": res.evaluations,
+                    "loss": loss(weights)}
+        composite = compose(adapters, weights)
+        composite.base_fingerprint = base.fingerprint
+        components = [{"id": e["id"], "name": e["name"], "weight": round(float(w), 6)}
+                      for e, w in zip(entries, weights) if abs(w) >= 1e-3]
+        return self.library.add(composite, base.config, name=job["name"], description=job["description"],
+                                method="compose", extra={"components": components, "search": info}, **keep)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def signed_manifest(self, adapter_id: str, fmt: str, who: str) -> dict[str, Any]:
+        entry = self._entry_for(adapter_id, who)
+        if fmt not in FORMATS:
+            raise ServiceError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        _, files = self.library.render(adapter_id, fmt, self.bases[entry["base_fingerprint"]].config)
+        manifest = {
+            "adapter_id": adapter_id, "name": entry["name"], "description": entry["description"],
+            "base_fingerprint": entry["base_fingerprint"], "format": fmt, "rank": entry["rank"],
+            "alpha": entry["alpha"], "targets": entry["targets"], "modules": entry["modules"],
+            "parameters": entry["parameters"], "files": files,
+            "provenance": {"method": entry["method"], "inputs_sha256": entry["inputs_sha256"],
+                           "created": entry["created"], "service_key_id": self.key_id,
+                           **({"components": entry["components"]} if "components" in entry else {})},
+        }
+        return signing.sign(manifest, self.key, ttl_s=self.config.ttl_s)
+
+    def file_path(self, adapter_id: str, fmt: str, name: str, who: str) -> Path:
+        entry = self._entry_for(adapter_id, who)
+        if fmt not in FORMATS or name not in FILE_NAMES[fmt]:
+            raise SourceNotFoundError(f"adapter {adapter_id} has no file {fmt}/{name}")
+        out, _ = self.library.render(adapter_id, fmt, self.bases[entry["base_fingerprint"]].config)
+        return out / name
+
+    def _entry_for(self, adapter_id: str, who: str) -> dict[str, Any]:
+        entry = self.library.entry(adapter_id)
+        if not (entry["public"] or entry["owner"] == who) or entry["base_fingerprint"] not in self.bases:
+            raise SourceNotFoundError(f"no adapter {adapter_id} in the library")
+        return entry
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.worker.join(timeout=30)
+
+
+class QueueFullError(ServiceError):
+    """The job queue is full."""
+
+
+def create_app(service: Service):
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import FileResponse, JSONResponse
+
+    from edgelora.train.data import DataError
+
+    app = FastAPI(title="edgelora adapter service", version="1", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(EdgeloraError)
+    async def _edgelora_error(request, exc: EdgeloraError):
+        status = 404 if isinstance(exc, SourceNotFoundError) else 503 if isinstance(exc, QueueFullError) else \
+            422 if isinstance(exc, (DataError, ServiceError, ComposeError)) else 400
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+    def caller(request: Request) -> str:
+        who = service.caller(request.headers.get("authorization"))
+        if who is None:
+            raise HTTPException(401, "missing or unknown token; ask the service's operator for one "
+                                     "(edgelora cloud token)", headers={"WWW-Authenticate": "Bearer"})
+        wait = service.bucket.take(who)
+        if wait:
+            raise HTTPException(429, f"too many requests for token {who!r}; retry in {wait:.1f}s",
+                                headers={"Retry-After": str(max(1, round(wait)))})
+        return who
+
+    async def json_body(request: Request) -> Any:
+        limit = service.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks) or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise HTTPException(400, f"request body is not JSON ({e})") from None
+
+    @app.get("/v1/health")
+    def health():
+        return {"status": "ok", "key_id": service.key_id, "bases": list(service.bases),
+                "queued": service.pending(), "queue_size": service.limits.queue_size}
+
+    @app.get("/v1/key")
+    def key():
+        return {"public_key": service.public_key, "key_id": service.key_id}
+
+    @app.get("/v1/library")
+    def library(base: str | None = None, who: str = Depends(caller)):
+        keys = ("id", "name", "description", "base_fingerprint", "rank", "targets", "method", "created", "public")
+        return {"adapters": [{k: e[k] for k in keys} for e in service.library.visible(base, who)]}
+
+    @app.post("/v1/jobs", status_code=201)
+    def create_job(body: Any = Depends(json_body), who: str = Depends(caller)):
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the job request must be a JSON object")
+        return _public(service.submit(body, who))
+
+    @app.get("/v1/jobs/{job_id}")
+    def job_status(job_id: str, who: str = Depends(caller)):
+        job = service.jobs.get(job_id)
+        if job is None or job["owner"] != who:
+            raise HTTPException(404, f"no job {job_id}")
+        return _public(job)
+
+    @app.get("/v1/adapters/{adapter_id}/manifest")
+    def manifest(adapter_id: str, format: str = "gguf", who: str = Depends(caller)):  # noqa: A002
+        return service.signed_manifest(adapter_id, format, who)
+
+    @app.get("/v1/adapters/{adapter_id}/files/{fmt}/{name}")
+    def file(adapter_id: str, fmt: str, name: str, who: str = Depends(caller)):
+        return FileResponse(service.file_path(adapter_id, fmt, name, who), media_type="application/octet-stream")
+
+    return app
+
+
+def _public(job: dict) -> dict:
+    return {k: v for k, v in job.items() if k not in ("owner",)}
+
+
+class Running:
+    """A service running in a thread of this process (for the quickstart, benchmarks and tests)."""
+
+    def __init__(self, config: ServiceConfig, host: str = "127.0.0.1", port: int = 0, log=None):
+        import socket
+
+        import uvicorn
+
+        self.service = Service(config, log=log or (lambda *_: None))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise ServiceError(f"the adapter service did not start on {self.url}")
+            time.sleep(0.02)
+
+    @property
+    def public_key(self) -> str:
+        return self.service.public_key
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.service.close()
+
+    def __enter__(self) -> "Running":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8470) -> None:
+    """Runs the service in the foreground until interrupted."""
+    import uvicorn
+
+    service = Service(config)
+    print(f"edgelora adapter service on http://{host}:{port}")
+    print(f"  root:       {config.root}")
+    print(f"  bases:      {', '.join(f'{fp[:23]} ({b.label})' for fp, b in service.bases.items())}")
+    print(f"  public key: {service.public_key}  (devices pin it: edgelora cloud connect --key ...)")
+    print(f"  library:    {len(service.library.entries())} adapters; jobs queued: {service.pending()}")
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.close()
+
+
+def library_add(root: str | os.PathLike, adapter_path: str | os.PathLike, base: str, *, name: str,
+                description: str) -> dict[str, Any]:
+    """Adds an adapter file (any format) to a service's library, shared with every token, for `base`
+    (a model name or path, or a bundle): the operator's way to seed compositions."""
+    if not _NAME.match(name):
+        raise ServiceError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
+    b = _Base(base)
+    adapter = load_adapter(adapter_path, b.config)
+    adapter.check_fits(b.config, b.fingerprint)
+    adapter.base_fingerprint, adapter.name = b.fingerprint, name
+    return Library(Path(root)).add(adapter, b.config, name=name, description=description, owner="", public=True,
+                                   method=str(adapter.provenance.get("method", "import")),
+                                   inputs_sha256=sha256_file(adapter_path) if Path(adapter_path).is_file() else "")
