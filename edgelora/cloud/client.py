@@ -190,6 +190,10 @@ class CloudClient:
         kind = params.pop("kind", None) or ("examples" if examples and not description else "compose")
         body = {"kind": kind, "base": base or self.bundle.fingerprint, "name": name, "description": description,
                 "examples": examples or [], "share": share, **params}
+        size, limit = len(json.dumps(body)), self.health().get("max_body_bytes")
+        if limit and size > limit:  # the service would cut the upload off; say why instead
+            raise CloudError(f"the request is {size:,} bytes, over the service's limit of {limit:,} bytes; "
+                             "send fewer or shorter examples")
         job = self._json("POST", "/v1/jobs", body)
         self._remember(job)
         return job
@@ -264,13 +268,21 @@ class CloudClient:
         installed is pulled; returns one record per remembered job."""
         out = []
         for job_id, rec in list(self._state().get("jobs", {}).items()):
-            if rec.get("installed_as"):
-                out.append({**rec, "action": "already installed"})
+            if rec.get("installed_as") or rec.get("refused"):
+                out.append({**rec, "action": f"installed as {rec['installed_as']}" if rec.get("installed_as")
+                            else f"refused: {rec['refused']}"})
                 continue
             job = self.status(job_id)
             if job["status"] == "done":
                 name = rec.get("name") or job["name"]
-                self.pull(job_id, name, replace=name in self.bundle.store.names())
+                try:
+                    self.pull(job_id, name, replace=name in self.bundle.store.names())
+                except ServiceUnreachableError:
+                    raise
+                except EdgeloraError as e:  # refused (signature, base, hashes): say so, go on with the rest
+                    self._remember(job, refused=str(e))
+                    out.append({**job, "action": f"refused: {e}"})
+                    continue
                 out.append({**job, "action": f"installed as {name}"})
             else:
                 out.append({**job, "action": job["status"] + (f": {job['error']}" if job.get("error") else "")})

@@ -495,7 +495,8 @@ def create_app(service: Service):
     @app.get("/v1/health")
     def health():
         return {"status": "ok", "key_id": service.key_id, "bases": list(service.bases),
-                "queued": service.pending(), "queue_size": service.limits.queue_size}
+                "queued": service.pending(), "queue_size": service.limits.queue_size,
+                "max_body_bytes": service.limits.max_body_bytes}
 
     @app.get("/v1/key")
     def key():

@@ -157,7 +157,7 @@ def verify(envelope: Any, public_key, *, now: float | None = None) -> dict[str, 
     except (KeyError, TypeError, ValueError) as e:
         raise SignatureError("the signed manifest has no valid issued/expires dates; refusing it") from e
     if now > expires:
-        raise SignatureError(f"the adapter's signature expired at {manifest['expires']} (now {iso(now)}); pull it again")
+        raise SignatureError(f"the adapter's signature expired at {manifest['expires']} (now {iso(now)}); refusing it: pull it again")
     if issued > now + 300:
-        raise SignatureError(f"the adapter's signature is dated {manifest['issued']}, in the future (now {iso(now)}); check the clock")
+        raise SignatureError(f"the adapter's signature is dated {manifest['issued']}, in the future (now {iso(now)}); refusing it: check the clock")
     return manifest
