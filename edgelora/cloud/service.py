@@ -378,7 +378,9 @@ class Service:
             return self.library.add(r.adapter, base.config, name=job["name"], description=job["description"],
                                     method="train", extra=extra, **keep)
         # compose: weights by description alone, or searched on the examples' loss
-        entries = self.library.visible(base.fingerprint, job["owner"])
+        entries = [e for e in self.library.visible(base.fingerprint, job["owner"]) if e["method"] != "compose"]
+        if not entries:
+            raise ComposeError("the library has only compositions for this base, nothing to compose from")
         docs = [f"{e['name'].replace('-', ' ').replace('_', ' ')} {e['description']}" for e in entries]
         examples = load_examples(jdir / "examples.jsonl", base.tokenizer, p["seq_len"]) if job["examples"] else []
         info: dict[str, Any] = {}
