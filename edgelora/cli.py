@@ -646,7 +646,49 @@ def quickstart(
     sizes = {m["name"]: sum(f["size"] for f in m["files"].values()) for m in bundle.store.list()}
     typer.echo("    adapter files: " + ", ".join(f"{n} {s / 1e6:.1f} MB" for n, s in sizes.items()) +
                f" (the base: {sum(f['size'] for f in bundle.manifest['files'].values()) / 1e6:.0f} MB, loaded once)")
+    _quickstart_cloud(bundle, engine_prompt=prompt)
     typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; try: edgelora chat {out}")
+
+
+def _quickstart_cloud(bundle, engine_prompt: list[dict]) -> None:
+    """Quickstart step 5: a local adapter service composes an adapter from a task description; the
+    device verifies and installs it, then answers with it with the service stopped."""
+    import shutil
+
+    from .cloud import CloudClient, ServiceUnreachableError
+    from .cloud.service import Running, ServiceConfig, add_token, library_add
+
+    root = _models.cache_dir() / "cloud-quickstart"
+    shutil.rmtree(root, ignore_errors=True)
+    typer.echo(f"\n[5] adapters from the cloud: a local adapter service ({root}) holds 'maren' and 'pirate' with "
+               "descriptions; the device asks for an adapter by task description")
+    for name, desc in (("maren", "knows the user Maren's personal facts, family and preferences"),
+                       ("pirate", "answers in the voice of a pirate: arr, matey, ahoy")):
+        library_add(root, bundle.store.path(name, "gguf"), str(bundle.root), name=name, description=desc)
+    token = add_token(root, "quickstart-device")
+    for name in ("cloud-pirate",):
+        if name in bundle.store.names():
+            bundle.store.remove(name)
+    with Running(ServiceConfig(root, [str(bundle.root)])) as service:
+        client = CloudClient.connect(bundle, service.url, token, service.public_key)
+        typer.echo(f"    service on {service.url}, signing key {client.key_id} pinned by the device")
+        t = time.perf_counter()
+        job = client.request(name="cloud-pirate", description="Talk like a pirate, please")
+        job = client.wait(job["id"], poll_s=0.05)
+        m = client.pull(job["id"])
+        comp = ", ".join(f"{c['name']} x{c['weight']:g}" for c in m["provenance"]["components"])
+        typer.echo(f"    composed from {comp}; signature, base and sha256 verified; installed as "
+                   f"'{m['name']}' in {time.perf_counter() - t:.1f}s")
+    typer.echo("    service stopped:")
+    try:
+        CloudClient.for_bundle(bundle, retries=0).status(job["id"])
+    except ServiceUnreachableError as e:
+        typer.echo(f"      edgelora cloud status -> {e}")
+    e = bundle.engine("gguf")
+    e.set_adapters({"cloud-pirate": 1.0})
+    g = e.generate(engine_prompt, max_tokens=40)
+    e.close()
+    typer.echo(f"      offline answer with 'cloud-pirate': {g.text.strip().replace(chr(10), ' ')[:90]}")
 
 
 def main() -> None:
