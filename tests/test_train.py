@@ -91,6 +91,90 @@ def test_gradients_equal_finite_differences(tiny_llama):
         assert abs((up - down) / (2 * eps) - grad[j]) <= 1e-6 + 1e-5 * abs(grad[j])
 
 
+@pytest.mark.slow
+def test_default_model_loss_and_gradients_equal_peft(default_model_dir, tmp_path):
+    """The whole default model (30 layers, tied head): loss and every LoRA gradient against PEFT+torch."""
+    base = edgelora.load_base(default_model_dir)
+    peft_dir = make_peft_adapter(default_model_dir, tmp_path / "peft", r=4, alpha=8, seed=5)
+    lora = _lora_from_adapter(edgelora.adapters.load_adapter(peft_dir), base.config)
+    tok = base.tokenizer
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. Small language models run on phones and "
+                     "Raspberry Pis, and adapters personalize them where the data lives.")
+    tokens = np.array([ids], np.int64)
+    mask = np.ones_like(tokens, bool)
+    mask[0, : len(ids) // 3] = False
+    weights = {n: base.weights[n] for n in base.weights}
+    loss, grad = loss_and_grads(weights, lora, tokens, mask, base.config)
+    ref_loss, ref = _torch_reference(default_model_dir, peft_dir, tokens, mask)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    views = lora.views_of(grad)
+    assert set(views) == set(ref) and len(views) == 30 * 7 * 2
+    worst = 0.0
+    for name, g in views.items():
+        rel = np.linalg.norm(g - ref[name]) / np.linalg.norm(ref[name])
+        worst = max(worst, rel)
+        np.testing.assert_allclose(g, ref[name], rtol=1e-3, atol=1e-4 * np.abs(ref[name]).max(), err_msg=name)
+    assert worst < 1e-4, worst
+
+
+# -- the base as the device holds it -----------------------------------------------------------
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "f16", "q4_k_m"])
+def test_compact_gguf_weights_equal_the_gguf_packages_dequantization(quant, tiny_llama, tmp_path):
+    from edgelora.converters import gguf_model
+    from edgelora.train.weights import BlockQuant, for_bundle
+
+    b = edgelora.export(tiny_llama, "x86-64", tmp_path / "b", backend="gguf", quant=quant, force=True, progress=False)
+    compact, backend = for_bundle(b)
+    ref = gguf_model.read(b.path(b.artifact("gguf").main)).weights  # gguf.quants.dequantize, q/k unpermuted
+    assert backend == "gguf" and set(compact) == set(ref)
+    for name in ref:
+        np.testing.assert_array_equal(compact[name], ref[name], err_msg=name)
+    if quant in ("q8_0", "q4_0"):  # kept in blocks: about 1 (Q8_0) or 0.56 (Q4_0) bytes a weight
+        assert all(isinstance(p, BlockQuant) for p in compact.packed.values())
+        float_bytes = 4 * sum(np.prod(ref.shape(n)) for n in compact.packed)
+        assert sum(p.nbytes for p in compact.packed.values()) < (0.3 if quant == "q8_0" else 0.16) * float_bytes
+    assert len(compact._cache) <= compact.keep_layers
+
+
+def _onnxruntime_logits(model_path, ids, cfg, tmp_path):
+    """The bundle's own ONNX graph in ONNX Runtime, with MatMulNBits told to compute in float
+    (accuracy_level 0) so only the weights' encoding is compared, not int8 activations."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(model_path), load_external_data=True)
+    for node in m.graph.node:
+        for a in node.attribute:
+            if a.name == "accuracy_level":
+                a.i = 0
+    onnx.save_model(m, str(tmp_path / "float_acc.onnx"), save_as_external_data=True, location="w.data")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(str(tmp_path / "float_acc.onnx"), so, providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in range(cfg.num_layers):
+        for k in ("key", "value"):
+            feed[f"past_key_values.{i}.{k}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    return s.run(["logits"], feed)[0][0]
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "f32"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
+def test_compact_onnx_weights_reproduce_onnxruntime_logits(quant, fixture, request, tmp_path):
+    from edgelora.train.model import forward_logits
+    from edgelora.train.weights import for_bundle
+
+    b = edgelora.export(request.getfixturevalue(fixture), "x86-64", tmp_path / "b", backend="onnx", quant=quant,
+                        force=True, progress=False)
+    compact, backend = for_bundle(b)
+    assert backend == "onnx"
+    ids = b.tokenizer().encode("The quick brown fox jumps over the lazy dog. Edge devices run small models.")
+    ours = forward_logits(compact, None, np.array([ids]), b.config)[0]
+    ref = _onnxruntime_logits(b.path(b.artifact("onnx").main), ids, b.config, tmp_path)
+    np.testing.assert_allclose(ours, ref, atol=2e-6 * np.abs(ref).max(), rtol=0)
+
+
 def _chats(path, n=12):
     lines = []
     for i in range(n):
@@ -121,6 +205,19 @@ def test_training_lowers_loss_and_installs_an_adapter_both_engines_use(gguf_bund
         after = e.generate(ids, max_tokens=6).tokens
         assert after != before
         e.close()
+
+
+def test_training_against_an_onnx_int4_bundle(tiny_llama, tmp_path):
+    b = edgelora.export(tiny_llama, "x86-64", tmp_path / "b", backend="onnx", quant="int4", force=True, progress=False)
+    r = train_adapter(b, _chats(tmp_path / "d.jsonl"), "pepper", steps=60, lr=2e-2, rank=4, seq_len=128, seed=1)
+    assert np.mean(r.losses[-5:]) < np.mean(r.losses[:5]) - 0.5
+    e = b.engine("onnx", threads=1)
+    tok = b.tokenizer()
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is my dog called?"}]), add_special_tokens=False)
+    before = e.generate(ids, max_tokens=6).tokens
+    e.set_adapters({"pepper": 1.0})
+    assert e.generate(ids, max_tokens=6).tokens != before
+    e.close()
 
 
 def test_same_seed_same_adapter_and_kill_resume(gguf_bundle, tmp_path):

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class TrainConfig:
     checkpoint_every: int = 25
     seed: int = 0
     threads: int | None = None
+    backend: str | None = None  # which bundle artifact to train against: "gguf" or "onnx" (default: gguf if present)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.grad_accum < 1 or self.seq_len < 2:
@@ -80,26 +81,22 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
-def base_weights(source) -> tuple[object, dict[str, np.ndarray], str]:
-    """(config, float32 weights, fingerprint) of what the device runs: a bundle's GGUF artifact
-    dequantized, or a BaseModel's weights."""
+def base_weights(source, backend: str | None = None) -> tuple[object, Mapping[str, np.ndarray], str]:
+    """(config, weights, fingerprint) of what the device runs: a bundle's artifact (GGUF preferred,
+    else the fused ONNX graph) held compact and expanded a layer at a time, or a BaseModel's
+    weights as float32."""
     from edgelora.base import BaseModel
     from edgelora.bundle import Bundle
 
     if isinstance(source, Bundle):
-        from edgelora.converters import gguf_model
+        from .weights import for_bundle
 
-        art = source.artifact("gguf") if "gguf" in source.backends else None
-        if art is None:
-            raise TrainerError(f"{source.root} has no GGUF artifact to train against; export it with --backend gguf or both")
-        base = gguf_model.read(source.path(art.main))
-        fingerprint = source.fingerprint
-    elif isinstance(source, BaseModel):
-        base, fingerprint = source, source.fingerprint
-    else:
-        raise TrainerError("train against a Bundle or a BaseModel")
-    weights = {name: np.ascontiguousarray(base.weights[name], np.float32) for name in base.weights}
-    return base.config, weights, fingerprint
+        weights, _ = for_bundle(source, backend)
+        return source.config, weights, source.fingerprint
+    if isinstance(source, BaseModel):
+        weights = {name: np.ascontiguousarray(source.weights[name], np.float32) for name in source.weights}
+        return source.config, weights, source.fingerprint
+    raise TrainerError("train against a Bundle or a BaseModel")
 
 
 def to_adapter(lora: LoraParams, cfg: TrainConfig, fingerprint: str, name: str, provenance: dict) -> LoraAdapter:
@@ -137,7 +134,7 @@ def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, co
             threadpool_limits(cfg.threads)
         except ImportError:
             pass
-    model_config, weights, fingerprint = base_weights(source)
+    model_config, weights, fingerprint = base_weights(source, cfg.backend)
     tokenizer = source.tokenizer() if isinstance(source, Bundle) else source.tokenizer
     examples = _data.load(data, tokenizer, cfg.seq_len)
     rng = np.random.default_rng(cfg.seed)

@@ -1,0 +1,278 @@
+"""The frozen base as the device holds it: compact, expanded one layer at a time.
+
+`CompactWeights` is the mapping the trainer reads (canonical name -> float32 array). The linear
+weights stay in the bundle's own encoding, blocks of 32 along the input dimension:
+
+    w[n, 32 b + j] = (q[n, b, j] - zero[n, b]) * scale[n, b] + offset[n, b]
+
+(GGUF Q8_0, Q4_0 and Q4_1 blocks, and the fused ONNX graph's MatMulNBits int4/int8 blocks and its
+exact-Q4_1 offsets, all fit this form; F16 stays half), and the layer asked for is expanded to
+float32 on first use; the last `keep_layers` expanded layers are kept, the rest dropped. Norms and
+the embedding (needed by every step for the lookup and the LM head) are kept expanded.
+Other GGUF types (K-quants...) keep their raw blocks and are expanded by `gguf` itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from edgelora import naming
+from edgelora.arch import LlamaConfig
+from edgelora.errors import UnsupportedFormatError
+
+BLK = 32
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class BlockQuant:
+    """w = (q - zero) * scale + offset per block of 32 along the input dimension (4-bit q packed
+    two per byte, element 2j in the low nibble)."""
+    shape: tuple[int, int]
+    q: np.ndarray  # uint8/int8 (N, nb, 32), or (N, nb, 16) packed nibbles when bits == 4
+    bits: int
+    scale: np.ndarray  # float32 (N, nb)
+    zero: np.ndarray | float = 0.0  # (N, nb) or a constant
+    offset: np.ndarray | None = None  # float32 (N, nb)
+
+    def expand(self) -> np.ndarray:
+        q = self.q
+        if self.bits == 4:
+            u = np.empty((*q.shape[:-1], 2 * q.shape[-1]), np.uint8)
+            u[..., 0::2], u[..., 1::2] = q & 0x0F, q >> 4
+            q = u
+        v = q.astype(np.float32)
+        z = self.zero
+        if np.ndim(z) or z:
+            v -= z[..., None] if np.ndim(z) else np.float32(z)
+        v *= self.scale[..., None]
+        if self.offset is not None:
+            v += self.offset[..., None]
+        return v.reshape(self.shape)
+
+    def rows(self, perm: np.ndarray) -> "BlockQuant":
+        take = lambda a: a[perm] if isinstance(a, np.ndarray) and a.ndim else a  # noqa: E731
+        return BlockQuant(self.shape, take(self.q), self.bits, take(self.scale), take(self.zero), take(self.offset))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.q, self.scale, self.zero, self.offset) if isinstance(a, np.ndarray))
+
+
+@dataclass
+class Stored:
+    """A tensor kept as it is stored (float16, float32) or behind a loader (other GGUF types)."""
+    array: np.ndarray | None = None
+    load: Callable[[], np.ndarray] | None = None
+
+    def expand(self) -> np.ndarray:
+        if self.array is not None:
+            return self.array.astype(np.float32)
+        return np.ascontiguousarray(self.load(), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes if self.array is not None else 0
+
+
+class CompactWeights(Mapping):
+    """Canonical name -> float32 array; per-layer linears expanded on demand, `keep_layers` kept."""
+
+    def __init__(self, config: LlamaConfig, dense: dict[str, np.ndarray], packed: dict[str, BlockQuant | Stored],
+                 *, keep_layers: int = 2, source: str = ""):
+        self.config, self.dense, self.packed, self.keep_layers, self.source = config, dense, packed, keep_layers, source
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._names = list(dense) + list(packed)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.dense:
+            return self.dense[name]
+        if name not in self.packed:
+            raise KeyError(name)
+        layer = int(name.split(".")[1])
+        hit = self._cache.get(layer)
+        if hit is None:
+            hit = {n: self.packed[n].expand() for n in (f"layers.{layer}.{k}" for k in LINEARS) if n in self.packed}
+            self._cache[layer] = hit
+            while len(self._cache) > self.keep_layers:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(layer)
+        return hit[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.dense or name in self.packed
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the compact linears plus the expanded norms and embedding (not the cache)."""
+        return sum(p.nbytes for p in self.packed.values()) + sum(a.nbytes for a in self.dense.values())
+
+    def expanded(self) -> dict[str, np.ndarray]:
+        return {n: np.ascontiguousarray(self[n]) for n in self}
+
+
+# -- GGUF --------------------------------------------------------------------------------------
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
+
+
+def _gguf_blocks(t: Any, shape: tuple[int, int]) -> BlockQuant | None:
+    """GGUF Q8_0 / Q4_0 / Q4_1 tensor -> BlockQuant over its raw bytes, or None for other types."""
+    n, k = shape
+    name = t.tensor_type.name
+    raw = np.asarray(t.data).reshape(n, -1)
+    if name == "Q8_0":  # per block: f16 d, 32 x int8
+        b = raw.reshape(n, k // BLK, 34)
+        return BlockQuant(shape, np.ascontiguousarray(b[..., 2:]).view(np.int8), 8, _f16(b[..., :2]))
+    if name == "Q4_0":  # f16 d, 16 bytes: element j in the low nibble of byte j, element 16 + j in the high
+        b = raw.reshape(n, k // BLK, 18)
+        return BlockQuant(shape, _to_pairs(b[..., 2:]), 4, _f16(b[..., :2]), 8.0)
+    if name == "Q4_1":  # f16 d, f16 m, 16 bytes as Q4_0
+        b = raw.reshape(n, k // BLK, 20)
+        return BlockQuant(shape, _to_pairs(b[..., 4:]), 4, _f16(b[..., :2]), 0.0, _f16(b[..., 2:4]))
+    return None
+
+
+def _to_pairs(qs: np.ndarray) -> np.ndarray:
+    """GGUF's 4-bit layout (first half low nibbles, second half high) -> element 2j low, 2j+1 high."""
+    lo, hi = qs & 0x0F, qs >> 4
+    u = np.concatenate([lo, hi], -1)  # (.., 32) in element order
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def from_gguf(path: str | os.PathLike, *, keep_layers: int = 2) -> CompactWeights:
+    """A base-model GGUF's weights, linears kept in their quantized blocks (F16 as half)."""
+    from edgelora.converters import gguf_model
+
+    base = gguf_model.read(path)  # validates the file and gives the config
+    cfg = base.config
+    reader = gguf_model.open_reader(path)
+    dense, packed = {}, {}
+    for t in reader.tensors:
+        canon = naming.from_gguf(t.name)
+        if canon is None:
+            continue
+        kind = canon.rsplit(".", 1)[-1]
+        if not canon.startswith("layers.") or kind not in LINEARS:
+            dense[canon] = np.ascontiguousarray(base.weights[canon], np.float32)
+            continue
+        shape = tuple(int(s) for s in reversed(t.shape))
+        heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads}.get(kind)
+        perm = naming.rope_unpermute(np.arange(shape[0]), heads) if heads else None
+        p = _gguf_blocks(t, shape) if shape[1] % BLK == 0 else None
+        if p is not None:
+            packed[canon] = p.rows(perm) if perm is not None else p
+        elif t.tensor_type.name in ("F16", "F32"):
+            a = np.asarray(t.data).reshape(shape)
+            packed[canon] = Stored(np.ascontiguousarray(a[perm] if perm is not None else a))
+        else:
+            packed[canon] = Stored(load=(lambda n=canon: base.weights[n]))  # other types: gguf expands them
+    return CompactWeights(cfg, dense, packed, keep_layers=keep_layers, source=str(path))
+
+
+# -- ONNX (edgelora's fused graph) -------------------------------------------------------------
+
+def from_onnx_fused(path: str | os.PathLike, config: LlamaConfig, *, keep_layers: int = 2) -> CompactWeights:
+    """The fused ONNX graph's weights, read from its initializers in their MatMulNBits encoding."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("edgelora.graph") != "fused":
+        raise UnsupportedFormatError(f"{path}: training reads edgelora's fused ONNX graph or a GGUF file; this graph "
+                                     "is an optimum export: export the bundle again (the default ONNX graph is fused)")
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    del model
+    c = config
+    dense: dict[str, np.ndarray] = {}
+    packed: dict[str, BlockQuant | Stored] = {}
+    for i in range(c.num_layers):
+        p = f"layers.{i}"
+        dense[f"{p}.attn_norm"], dense[f"{p}.mlp_norm"] = inits[f"{p}.attn_norm"], inits[f"{p}.mlp_norm"]
+        qkv = _onnx_linear(inits, f"{p}.qkv", (c.q_dim + 2 * c.kv_dim, c.hidden_size))
+        for kind, (a, b) in (("q", (0, c.q_dim)), ("k", (c.q_dim, c.q_dim + c.kv_dim)),
+                             ("v", (c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim))):
+            packed[f"{p}.{kind}"] = _slice_rows(qkv, a, b)
+        for kind in ("o", "gate", "up", "down"):
+            n, k = c.shapes()[f"{p}.{kind}"]
+            packed[f"{p}.{kind}"] = _onnx_linear(inits, f"{p}.{kind}", (n, k))
+    dense["norm"] = inits["norm"]
+    vocab, d = c.vocab_size, c.hidden_size
+    if "embed" in inits:
+        dense["embed"] = inits["embed"]
+    else:
+        q = inits["embed.q8"].reshape(vocab, d // BLK, BLK)
+        s = inits["embed.scales"].reshape(vocab, d // BLK)
+        zp = inits["embed.zp"].reshape(vocab, d // BLK) if "embed.zp" in inits else 128.0
+        dense["embed"] = BlockQuant((vocab, d), q, 8, s, zp).expand()
+    if not c.tie_word_embeddings:
+        if "lm_head_T" in inits:
+            dense["lm_head"] = np.ascontiguousarray(inits["lm_head_T"].T)
+        else:
+            dense["lm_head"] = BlockQuant((vocab, d), inits["lm_head.q8"].reshape(vocab, d // BLK, BLK), 8,
+                                          inits["lm_head.scales"].reshape(vocab, d // BLK),
+                                          inits["lm_head.zp"].reshape(vocab, d // BLK)).expand()
+    dense = {k: np.ascontiguousarray(v, np.float32) for k, v in dense.items()}
+    return CompactWeights(c, dense, packed, keep_layers=keep_layers, source=str(path))
+
+
+def _onnx_linear(inits: dict[str, np.ndarray], name: str, shape: tuple[int, int]) -> BlockQuant | Stored:
+    n, k = shape
+    if f"{name}.weight_T" in inits:
+        return Stored(np.ascontiguousarray(inits[f"{name}.weight_T"].T))
+    nb = k // BLK
+    for bits in (4, 8):
+        q = inits.get(f"{name}.q{bits}")
+        if q is None:
+            continue
+        q = q.reshape(n, nb, BLK * bits // 8)
+        scale = inits[f"{name}.scales"].reshape(n, nb).astype(np.float32)
+        if f"{name}.q4_1_offset_T" in inits:  # exact Q4_1: (q - 8) * d + (m + 8d)
+            return BlockQuant(shape, q, bits, scale, 8.0, np.ascontiguousarray(inits[f"{name}.q4_1_offset_T"].T))
+        zp = inits.get(f"{name}.zp")
+        if zp is None:
+            return BlockQuant(shape, q, bits, scale, float(2 ** (bits - 1)))
+        if bits == 4:  # two zero points per byte, rows padded to a whole byte
+            zp = zp.reshape(n, -1)
+            zp = np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :nb]
+        return BlockQuant(shape, q, bits, scale, np.ascontiguousarray(zp.reshape(n, nb)).astype(np.float32))
+    raise UnsupportedFormatError(f"the fused ONNX graph has no weights for {name}; export the bundle again")
+
+
+def _slice_rows(w: BlockQuant | Stored, a: int, b: int) -> BlockQuant | Stored:
+    if isinstance(w, Stored):
+        return Stored(np.ascontiguousarray(w.array[a:b]))
+    cut = lambda x: np.ascontiguousarray(x[a:b]) if isinstance(x, np.ndarray) and x.ndim else x  # noqa: E731
+    return BlockQuant((b - a, w.shape[1]), cut(w.q), w.bits, cut(w.scale), cut(w.zero), cut(w.offset))
+
+
+def for_bundle(bundle, backend: str | None = None, *, keep_layers: int = 2) -> tuple[CompactWeights, str]:
+    """The compact weights of a bundle's artifact (GGUF preferred) and the backend they came from."""
+    arts = {a.backend: a for a in bundle.artifacts}
+    backend = backend or ("gguf" if "gguf" in arts else "onnx" if "onnx" in arts else None)
+    if backend not in arts:
+        raise UnsupportedFormatError(f"{bundle.root} has no {backend or 'GGUF or ONNX'} artifact to train against "
+                                     f"(it has {', '.join(arts)})")
+    art = arts[backend]
+    if art.quant == "qdq":
+        raise UnsupportedFormatError(f"{bundle.root}: NPU (QDQ) graphs cannot be trained against; export a CPU bundle")
+    path = bundle.path(art.main)
+    if backend == "gguf":
+        return from_gguf(path, keep_layers=keep_layers), backend
+    return from_onnx_fused(Path(path), bundle.config, keep_layers=keep_layers), backend
