@@ -2,6 +2,10 @@
 sequence length, rank, targets, data and thread count, each side in its own process (so peak
 resident memory is its own). Prints tokens/s and peak memory as ratios, and both loss curves.
 
+edgelora trains as a device does, against the Raspberry Pi 5 bundle's own Q8_0 weights held in
+their blocks: once with the layers kept expanded that the profile's memory budget allows (the
+default) and once with only two (the smallest footprint); PEFT trains the float checkpoint.
+
     python bench/train.py [--steps 12] [--seq 256] [--rank 8] [--threads 1,2]
 
 Writes bench/out/train.json and bench/out/train.png (the loss curves).
@@ -21,7 +25,7 @@ import common  # noqa: E402
 
 WORKER = r"""
 import json, os, resource, sys, time
-side, threads, steps, seq, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+side, threads, steps, seq, rank, bundle_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 import numpy as np
 import edgelora
 from edgelora.train.data import load
@@ -33,11 +37,17 @@ ex = load(data, base.tokenizer, 4096)
 stream = np.concatenate([e.tokens for e in ex])
 batches = [stream[i * seq:(i + 1) * seq] for i in range(steps)]
 losses, times = [], []
-if side == "numpy":
+if side.startswith("numpy"):
     from threadpoolctl import threadpool_limits
     threadpool_limits(threads)
+    from edgelora.train import TrainConfig, base_weights, plan_memory
     from edgelora.train.model import AdamW, LoraParams, LoraSpec, Workspace, loss_and_grads
-    w = {n: np.ascontiguousarray(base.weights[n]) for n in base.weights}
+    del base
+    bundle = edgelora.open_bundle(bundle_dir, verify=False)
+    config, w, _ = base_weights(bundle)
+    cfg = TrainConfig(seq_len=seq, memory_mb=bundle.profile.memory_budget_mb, expanded_layers=2 if side == "numpy-compact" else None)
+    w.keep_layers = plan_memory(w, cfg, config)
+    base = type("B", (), {"config": config})
     lora = LoraParams(base.config, LoraSpec(rank, 2.0 * rank)).init_random(np.random.default_rng(0))
     opt, ws = AdamW(lr=1e-3), Workspace()
     for b in batches:
@@ -63,13 +73,14 @@ else:
         times.append(time.perf_counter() - t); losses.append(float(loss))
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
-print(json.dumps({"side": side, "threads": threads, "tokens_per_s": seq / steady, "peak_rss_mb": rss, "losses": losses}))
+print(json.dumps({"side": side, "threads": threads, "tokens_per_s": seq / steady, "peak_rss_mb": rss, "losses": losses,
+                  "expanded_layers": getattr(w, "keep_layers", None) if side.startswith("numpy") else None}))
 """
 
 
-def run(side: str, threads: int, steps: int, seq: int, rank: int) -> dict:
+def run(side: str, threads: int, steps: int, seq: int, rank: int, bundle_dir: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-c", WORKER, side, str(threads), str(steps), str(seq), str(rank)],
+    out = subprocess.run([sys.executable, "-c", WORKER, side, str(threads), str(steps), str(seq), str(rank), bundle_dir],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -81,16 +92,20 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
+    bundle_dir = str(common.bundle("raspberry-pi-5", "gguf", "q8_0").root)
     results, rows = [], []
     for threads in [int(t) for t in args.threads.split(",")]:
-        pair = {side: run(side, threads, args.steps, args.seq, args.rank) for side in ("numpy", "torch")}
-        results.append(pair)
-        n, t = pair["numpy"], pair["torch"]
-        rows.append((threads, f"{n['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}", f"{n['tokens_per_s'] / t['tokens_per_s']:.2f}x",
-                     f"{n['peak_rss_mb']:.0f}", f"{t['peak_rss_mb']:.0f}", f"{n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x",
-                     f"{n['losses'][-1]:.3f} / {t['losses'][-1]:.3f}"))
-    print(common.table(("threads", "edgelora tok/s", "PEFT+torch tok/s", "speed", "edgelora MB", "PEFT MB", "memory",
-                        "final loss (ours / PEFT)"), rows))
+        trio = {side: run(side, threads, args.steps, args.seq, args.rank, bundle_dir)
+                for side in ("numpy", "numpy-compact", "torch")}
+        results.append(trio)
+        t = trio["torch"]
+        for side, label in (("numpy", "edgelora (profile budget)"), ("numpy-compact", "edgelora (2 layers expanded)")):
+            n = trio[side]
+            rows.append((threads, label, n["expanded_layers"], f"{n['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}",
+                         f"{n['tokens_per_s'] / t['tokens_per_s']:.2f}x", f"{n['peak_rss_mb']:.0f}", f"{t['peak_rss_mb']:.0f}",
+                         f"{n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x", f"{n['losses'][-1]:.3f} / {t['losses'][-1]:.3f}"))
+    print(common.table(("threads", "edgelora", "expanded layers", "edgelora tok/s", "PEFT+torch tok/s", "speed",
+                        "edgelora MB", "PEFT MB", "memory", "final loss (ours Q8_0 / PEFT float)"), rows))
     print(f"SmolLM2-135M, LoRA r={args.rank} on all 7 targets x 30 layers, sequence {args.seq}, {args.steps} steps, "
           "median step time; peak = ru_maxrss of each process. Targets: speed >= 1.00x, memory <= 0.50x.")
     print(f"wrote {common.write_json('train', {'args': vars(args), 'machine': common.machine(), 'results': results})}")
@@ -101,9 +116,9 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        for pair in results:
+        for trio in results:
             for side, style in (("numpy", "-"), ("torch", "--")):
-                ax.plot(pair[side]["losses"], style, label=f"{'edgelora' if side == 'numpy' else 'PEFT+torch'}, {pair[side]['threads']} thr")
+                ax.plot(trio[side]["losses"], style, label=f"{'edgelora (Q8_0 bundle)' if side == 'numpy' else 'PEFT+torch (float)'}, {trio[side]['threads']} thr")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend()

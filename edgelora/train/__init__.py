@@ -50,6 +50,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     backend: str | None = None  # which bundle artifact to train against: "gguf" or "onnx" (default: gguf if present)
+    memory_mb: float | None = None  # the trainer's memory cap (default: the device profile's memory budget)
+    expanded_layers: int | None = None  # float32 layers kept expanded (default: as many as memory_mb allows, >= 2)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.grad_accum < 1 or self.seq_len < 2:
@@ -81,22 +83,43 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
-def base_weights(source, backend: str | None = None) -> tuple[object, Mapping[str, np.ndarray], str]:
+def base_weights(source, backend: str | None = None, *, keep_layers: int = 2) -> tuple[object, Mapping[str, np.ndarray], str]:
     """(config, weights, fingerprint) of what the device runs: a bundle's artifact (GGUF preferred,
-    else the fused ONNX graph) held compact and expanded a layer at a time, or a BaseModel's
-    weights as float32."""
+    else the fused ONNX graph) held compact, `keep_layers` layers expanded at a time, or a
+    BaseModel's weights as float32."""
     from edgelora.base import BaseModel
     from edgelora.bundle import Bundle
 
     if isinstance(source, Bundle):
         from .weights import for_bundle
 
-        weights, _ = for_bundle(source, backend)
+        weights, _ = for_bundle(source, backend, keep_layers=keep_layers)
         return source.config, weights, source.fingerprint
     if isinstance(source, BaseModel):
         weights = {name: np.ascontiguousarray(source.weights[name], np.float32) for name in source.weights}
         return source.config, weights, source.fingerprint
     raise TrainerError("train against a Bundle or a BaseModel")
+
+
+def activation_mb(config, seq_len: int, layers: int | None = None) -> float:
+    """An estimate of what one step keeps for the backward pass (the matmul outputs of each trained
+    layer) plus one layer's recomputed attention probabilities and the LM head's working set."""
+    c, t = config, seq_len
+    per_layer = t * (3 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 3 * c.intermediate_size)
+    work = c.num_heads * t * t + 256 * t * 2 + t * c.vocab_size // 8
+    return 4 * (per_layer * (layers or c.num_layers) + work) / 2**20
+
+
+def plan_memory(weights, cfg: "TrainConfig", config) -> int:
+    """How many float32 layers to keep expanded within `cfg.memory_mb` (at least 2)."""
+    if cfg.expanded_layers:
+        return max(1, min(cfg.expanded_layers, config.num_layers))
+    if not cfg.memory_mb or not hasattr(weights, "nbytes"):
+        return 2
+    layer_mb = 4 * sum(np.prod(s) for n, s in config.shapes().items() if n.startswith("layers.0.")
+                       and n.rsplit(".", 1)[1] in ("q", "k", "v", "o", "gate", "up", "down")) / 2**20
+    spare = cfg.memory_mb - weights.nbytes / 2**20 - activation_mb(config, cfg.seq_len, cfg.last_layers) - 200  # interpreter, tokenizer, optimizer
+    return int(max(2, min(config.num_layers, spare // layer_mb)))
 
 
 def to_adapter(lora: LoraParams, cfg: TrainConfig, fingerprint: str, name: str, provenance: dict) -> LoraAdapter:
@@ -134,7 +157,11 @@ def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, co
             threadpool_limits(cfg.threads)
         except ImportError:
             pass
+    if isinstance(source, Bundle) and cfg.memory_mb is None:
+        cfg.memory_mb = float(source.profile.memory_budget_mb)
     model_config, weights, fingerprint = base_weights(source, cfg.backend)
+    if hasattr(weights, "keep_layers"):
+        weights.keep_layers = plan_memory(weights, cfg, model_config)
     tokenizer = source.tokenizer() if isinstance(source, Bundle) else source.tokenizer
     examples = _data.load(data, tokenizer, cfg.seq_len)
     rng = np.random.default_rng(cfg.seed)

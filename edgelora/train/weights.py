@@ -42,17 +42,20 @@ class BlockQuant:
     zero: np.ndarray | float = 0.0  # (N, nb) or a constant
     offset: np.ndarray | None = None  # float32 (N, nb)
 
-    def expand(self) -> np.ndarray:
+    def expand(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The float32 weight, written into `out` (N, K) when given (reused buffers: no page faults)."""
         q = self.q
         if self.bits == 4:
             u = np.empty((*q.shape[:-1], 2 * q.shape[-1]), np.uint8)
             u[..., 0::2], u[..., 1::2] = q & 0x0F, q >> 4
             q = u
-        v = q.astype(np.float32)
+        v = (np.empty(self.shape, np.float32) if out is None else out).reshape(q.shape)
         z = self.zero
         if np.ndim(z) or z:
-            v -= z[..., None] if np.ndim(z) else np.float32(z)
-        v *= self.scale[..., None]
+            np.subtract(q, z[..., None] if np.ndim(z) else np.float32(z), out=v, dtype=np.float32)
+            v *= self.scale[..., None]
+        else:  # one pass: int8 * float32 -> float32
+            np.multiply(q, self.scale[..., None], out=v, dtype=np.float32)
         if self.offset is not None:
             v += self.offset[..., None]
         return v.reshape(self.shape)
@@ -72,10 +75,12 @@ class Stored:
     array: np.ndarray | None = None
     load: Callable[[], np.ndarray] | None = None
 
-    def expand(self) -> np.ndarray:
-        if self.array is not None:
-            return self.array.astype(np.float32)
-        return np.ascontiguousarray(self.load(), np.float32)
+    def expand(self, out: np.ndarray | None = None) -> np.ndarray:
+        w = self.array if self.array is not None else self.load()
+        if out is None:
+            return np.array(w, np.float32)
+        np.copyto(out, w)
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +88,10 @@ class Stored:
 
 
 class CompactWeights(Mapping):
-    """Canonical name -> float32 array; per-layer linears expanded on demand, `keep_layers` kept."""
+    """Canonical name -> float32 array; per-layer linears expanded on demand, `keep_layers` kept.
+
+    Expanded layers live in reused buffers: an array of layer i stays valid until `keep_layers`
+    other layers have been asked for (the trainer works one layer at a time). `expanded()` copies."""
 
     def __init__(self, config: LlamaConfig, dense: dict[str, np.ndarray], packed: dict[str, BlockQuant | Stored],
                  *, keep_layers: int = 2, source: str = ""):
@@ -99,13 +107,23 @@ class CompactWeights(Mapping):
         layer = int(name.split(".")[1])
         hit = self._cache.get(layer)
         if hit is None:
-            hit = {n: self.packed[n].expand() for n in (f"layers.{layer}.{k}" for k in LINEARS) if n in self.packed}
+            free = {}
+            while len(self._cache) >= self.keep_layers:  # the least recently used layer's buffers are reused
+                free = self._cache.popitem(last=False)[1]
+            hit = {}
+            for kind in LINEARS:
+                n = f"layers.{layer}.{kind}"
+                if n in self.packed:
+                    buf = free.get(kind)
+                    hit[kind] = self.packed[n].expand(buf if buf is not None and buf.shape == self._shape(n) else None)
             self._cache[layer] = hit
-            while len(self._cache) > self.keep_layers:
-                self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(layer)
-        return hit[name]
+        return hit[name.rsplit(".", 1)[1]]
+
+    def _shape(self, name: str) -> tuple[int, int]:
+        p = self.packed[name]
+        return p.shape if isinstance(p, BlockQuant) else p.array.shape if p.array is not None else self.config.shapes()[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -122,7 +140,7 @@ class CompactWeights(Mapping):
         return sum(p.nbytes for p in self.packed.values()) + sum(a.nbytes for a in self.dense.values())
 
     def expanded(self) -> dict[str, np.ndarray]:
-        return {n: np.ascontiguousarray(self[n]) for n in self}
+        return {n: np.array(self[n], copy=True) for n in self}
 
 
 # -- GGUF --------------------------------------------------------------------------------------
