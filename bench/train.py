@@ -47,6 +47,8 @@ if side.startswith("numpy"):
     config, w, _ = base_weights(bundle)
     cfg = TrainConfig(seq_len=seq, memory_mb=bundle.profile.memory_budget_mb, expanded_layers=2 if side == "numpy-compact" else None)
     w.keep_layers = plan_memory(w, cfg, config)
+    if w.keep_layers >= config.num_layers:
+        w.materialize()
     base = type("B", (), {"config": config})
     lora = LoraParams(base.config, LoraSpec(rank, 2.0 * rank)).init_random(np.random.default_rng(0))
     opt, ws = AdamW(lr=1e-3), Workspace()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -69,6 +70,10 @@ class OnnxEngine(Engine):
             self._kv = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, c.num_kv_heads, n_ctx, c.head_dim), np.float32))
                         for name in self.past_names}
             self._step_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, c.vocab_size), np.float32))
+            self._step_ids = np.zeros((1, 1), np.int64)
+            self._ones = np.ones((1, n_ctx), np.int64)
+        self._decode_io = None  # the reused decode binding (rebuilt when adapters or the session change)
+        self.runtime_seconds = 0.0  # time spent inside onnxruntime (the loop's overhead is the rest)
         self._bound_params: dict[str, object] = {}  # slot name -> OrtValue of the active adapter(s)
         self._keep: list[object] = []  # what the bound OrtValues view into
         self._param_cache: dict[str, tuple[object, dict]] = {}
@@ -96,13 +101,11 @@ class OnnxEngine(Engine):
             feed["position_ids"] = np.arange(past_len, past_len + n, dtype=np.int64)[None]
         return self.session.run(["logits", *self.present_names], feed, self._run_options)
 
-    def _run_shared(self, ids: Sequence[int]) -> np.ndarray:
-        """One step of the fused graph with the KV cache kept in place; returns logits [n, vocab]."""
-        n = len(ids)
+    def _binding(self, decode: bool):
+        """An IO binding with the KV cache (in place), the adapter's slot parameters and, for decode,
+        the fixed logits buffer bound; decode steps reuse one and rebind only ids and mask."""
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, self.n_past + n), np.int64))
-        if n == 1:
+        if decode:
             io.bind_ortvalue_output("logits", self._step_logits)
         else:
             io.bind_output("logits")
@@ -111,9 +114,27 @@ class OnnxEngine(Engine):
             io.bind_ortvalue_output(present, self._kv[past])
         for name, value in self._bound_params.items():
             io.bind_ortvalue_input(name, value)
+        return io
+
+    def _run_shared(self, ids: Sequence[int]) -> np.ndarray:
+        """One step of the fused graph with the KV cache kept in place; returns logits [n, vocab]."""
+        n = len(ids)
+        decode = n == 1
+        if decode:
+            if self._decode_io is None:
+                self._decode_io = self._binding(True)
+            io = self._decode_io
+            self._step_ids[0, 0] = ids[0]
+            io.bind_cpu_input("input_ids", self._step_ids)
+        else:
+            io = self._binding(False)
+            io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        io.bind_cpu_input("attention_mask", self._ones[:, :self.n_past + n])
+        t = time.perf_counter()
         self.session.run_with_iobinding(io)
+        self.runtime_seconds += time.perf_counter() - t
         self.n_past += n
-        logits = self._step_logits if n == 1 else io.get_outputs()[0]
+        logits = self._step_logits if decode else io.get_outputs()[0]
         return logits.numpy()[0]
 
     def _feed(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -225,10 +246,12 @@ class OnnxEngine(Engine):
 
     def _unmerge(self) -> None:
         self.session = self._base_session
+        self._decode_io = None
 
     def _reset(self) -> None:
         self.past = self._empty_past() if not getattr(self, "shared_kv", False) else {}
         self.n_past = 0
+        self._decode_io = None
 
     def close(self) -> None:
         self.session = None

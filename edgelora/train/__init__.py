@@ -162,6 +162,8 @@ def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, co
     model_config, weights, fingerprint = base_weights(source, cfg.backend)
     if hasattr(weights, "keep_layers"):
         weights.keep_layers = plan_memory(weights, cfg, model_config)
+        if weights.keep_layers >= model_config.num_layers:
+            weights.materialize()
     tokenizer = source.tokenizer() if isinstance(source, Bundle) else source.tokenizer
     examples = _data.load(data, tokenizer, cfg.seq_len)
     rng = np.random.default_rng(cfg.seed)

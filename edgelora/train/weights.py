@@ -139,6 +139,14 @@ class CompactWeights(Mapping):
         """Bytes held: the compact linears plus the expanded norms and embedding (not the cache)."""
         return sum(p.nbytes for p in self.packed.values()) + sum(a.nbytes for a in self.dense.values())
 
+    def materialize(self) -> None:
+        """Expands every layer for good, freeing each compact tensor as it goes (when the memory cap
+        allows every layer expanded, holding both forms would only cost memory)."""
+        self._cache.clear()
+        for name in list(self.packed):
+            self.dense[name] = self.packed.pop(name).expand()
+        self.keep_layers = self.config.num_layers
+
     def expanded(self) -> dict[str, np.ndarray]:
         return {n: np.array(self[n], copy=True) for n in self}
 
