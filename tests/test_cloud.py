@@ -205,6 +205,21 @@ def test_composition_from_a_description_picks_the_matching_adapter(world):
         np.testing.assert_allclose(got.delta(t), want.delta(t), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "peft"])
+def test_every_format_the_device_asks_for_is_served_signed_and_lossless(world, fmt):
+    c, bundle = world["client"], world["bundle"]
+    adapter_id = next(a["id"] for a in c.library() if a["name"] == "pirate")
+    envelope = c._json("GET", f"/v1/adapters/{adapter_id}/manifest?format={fmt}")
+    files = set(c.verify(envelope, adapter_id=adapter_id, fmt=fmt)["files"])
+    assert files == ({"adapter.onnx_adapter", "adapter.onnx_adapter.json"} if fmt == "onnx"
+                     else {"adapter_config.json", "adapter_model.safetensors"})
+    m = c.pull(adapter_id, f"pirate-{fmt}", fmt=fmt)
+    assert m["provenance"]["cloud"]["format"] == fmt
+    got = load_adapter(bundle.store.path(f"pirate-{fmt}", "gguf"), bundle.config)
+    for t, want in world["lib"]["pirate"].tensors.items():
+        np.testing.assert_allclose(got.delta(t), world["lib"]["pirate"].delta(t), rtol=1e-6, atol=1e-8)
+
+
 def test_composition_from_examples_searches_weights_that_lower_the_loss(world):
     c = world["client"]
     job = c.request(name="mixed", description="", examples=chats(4), kind="compose", budget=16)

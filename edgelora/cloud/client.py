@@ -245,7 +245,7 @@ class CloudClient:
         name = name or manifest["name"]
         files = self._download_all(adapter_id, fmt, manifest["files"])
         try:
-            path = files[0] if fmt != "peft" else files[0].parent
+            path = files[0].parent if fmt == "peft" else next(p for p in files if p.suffix in (".gguf", ".onnx_adapter"))
             adapter = load_adapter(path, bundle.config)
             if adapter.base_fingerprint not in (None, manifest["base_fingerprint"]):
                 raise AdapterBaseMismatchError(f"adapter file names base {adapter.base_fingerprint}, its signed manifest "

@@ -48,8 +48,7 @@ from .compose import ComposeError, ExampleLoss, compose, search_weights, similar
 KEY_FILE, PUB_FILE, TOKENS_FILE = "service_key.pem", "service_key.pub", "tokens.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ID = re.compile(r"^[0-9a-f]{16}$")
-FILE_NAMES = {"gguf": ["adapter.gguf"], "onnx": ["adapter.onnx_adapter"],
-              "peft": ["adapter_config.json", "adapter_model.safetensors"]}
+MAIN_FILE = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter"}  # PEFT: a directory of files
 
 
 class ServiceError(EdgeloraError):
@@ -200,7 +199,7 @@ class Library:
                     if fmt == "peft":
                         save_adapter(adapter, tmp, "peft", config)
                     else:
-                        save_adapter(adapter, tmp / FILE_NAMES[fmt][0], fmt, config)
+                        save_adapter(adapter, tmp / MAIN_FILE[fmt], fmt, config)
                     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
                              for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "files.json"}
                     (tmp / "files.json").write_text(json.dumps(files))
@@ -432,9 +431,11 @@ class Service:
 
     def file_path(self, adapter_id: str, fmt: str, name: str, who: str) -> Path:
         entry = self._entry_for(adapter_id, who)
-        if fmt not in FORMATS or name not in FILE_NAMES[fmt]:
+        if fmt not in FORMATS:
             raise SourceNotFoundError(f"adapter {adapter_id} has no file {fmt}/{name}")
-        out, _ = self.library.render(adapter_id, fmt, self.bases[entry["base_fingerprint"]].config)
+        out, files = self.library.render(adapter_id, fmt, self.bases[entry["base_fingerprint"]].config)
+        if name not in files:  # only the files its manifest lists
+            raise SourceNotFoundError(f"adapter {adapter_id} has no file {fmt}/{name}")
         return out / name
 
     def _entry_for(self, adapter_id: str, who: str) -> dict[str, Any]:
