@@ -28,7 +28,8 @@ def measure_engine(engine, tokens: int) -> float:
     return common.best_of(lambda: common.decode_rate(engine, tokens))
 
 
-def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: list[int], reference) -> dict | None:
+def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: list[int], reference,
+               builder_python: str) -> dict | None:
     """onnxruntime-genai's own int4 CPU build of the same float weights, run by its own generator."""
     try:
         import onnxruntime_genai as og
@@ -40,8 +41,18 @@ def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: lis
     from edgelora import quality
 
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-                    "-p", "int4", "-e", "cpu"], check=True, capture_output=True)
+    built = subprocess.run([builder_python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                            "-p", "int4", "-e", "cpu"], capture_output=True, text=True)
+    if built.returncode:
+        print(f"onnxruntime-genai's builder failed ({(built.stderr.strip().splitlines() or ['?'])[-1]}); its builder "
+              "needs transformers 5: pass --genai-python with a Python that has it. Skipping its row.", file=sys.stderr)
+        return None
+    cfg_path = out / "genai_config.json"  # run with the same thread count as everything else
+    import json
+
+    gcfg = json.loads(cfg_path.read_text())
+    gcfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(gcfg, indent=2))
     export_s = time.perf_counter() - t
     cfg = og.Config(str(out))
     cfg.clear_providers()
@@ -86,6 +97,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for perplexity (default: all)")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--no-genai", action="store_true")
+    ap.add_argument("--genai-python", default=sys.executable,
+                    help="a Python whose onnxruntime_genai.models.builder runs (it needs transformers 5)")
     args = ap.parse_args()
 
     import edgelora
@@ -121,7 +134,8 @@ def main() -> None:
                          tok_s=measure_engine(engine, args.tokens)))
         engine.close()
         if not args.no_genai:
-            g = genai_int4(ws.hf_dir(), Path(tmp) / "genai", args.threads, args.tokens, eval_ids, reference)
+            g = genai_int4(ws.hf_dir(), Path(tmp) / "genai", args.threads, args.tokens, eval_ids, reference,
+                           args.genai_python)
             if g:
                 rows.append(g)
     table = [(r["name"], f"{r['size'] / 1e6:.0f} MB", f"{r['export_s']:.0f}s", f"{r['ppl']:.3f}", f"{r['change']:+.2%}",

@@ -206,6 +206,23 @@ def test_training_lowers_loss_and_installs_an_adapter_both_engines_use(gguf_bund
         e.close()
 
 
+def test_memory_cap_decides_how_much_is_expanded_and_never_the_result(tiny_llama, tmp_path):
+    from edgelora.train import base_weights, plan_memory
+
+    b = edgelora.export(tiny_llama, "x86-64", tmp_path / "b", backend="gguf", quant="q8_0", force=True, progress=False)
+    config, w, _ = base_weights(b)
+    assert plan_memory(w, TrainConfig(memory_mb=1.0), config) == 2  # tight: two layers expanded at a time
+    assert plan_memory(w, TrainConfig(memory_mb=4096.0), config) == config.num_layers
+    assert plan_memory(w, TrainConfig(memory_mb=4096.0, expanded_layers=1), config) == 1
+    data = _chats(tmp_path / "d.jsonl")
+    # the tiny model has two layers: one expanded at a time is the compact path
+    tight = train_adapter(b, data, "tight", steps=8, lr=1e-2, rank=4, seq_len=128, seed=2, expanded_layers=1, install=False)
+    roomy = train_adapter(b, data, "roomy", steps=8, lr=1e-2, rank=4, seq_len=128, seed=2, memory_mb=4096.0, install=False)
+    assert tight.losses == roomy.losses
+    for t in tight.adapter.tensors:
+        np.testing.assert_array_equal(tight.adapter.tensors[t].B, roomy.adapter.tensors[t].B)
+
+
 def test_training_against_an_onnx_int4_bundle(tiny_llama, tmp_path):
     b = edgelora.export(tiny_llama, "x86-64", tmp_path / "b", backend="onnx", quant="int4", force=True, progress=False)
     r = train_adapter(b, _chats(tmp_path / "d.jsonl"), "pepper", steps=60, lr=2e-2, rank=4, seq_len=128, seed=1)
