@@ -75,9 +75,11 @@ def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: lis
         prompt = tok.encode(common.PROMPT[0]["content"])
         gen.append_tokens(prompt)
         t0 = time.perf_counter()
-        for _ in range(tokens):
+        n = 0
+        while n < tokens and not gen.is_done():  # count only tokens really generated (not calls after EOS)
             gen.generate_next_token()
-        return tokens / (time.perf_counter() - t0)
+            n += 1
+        return n / (time.perf_counter() - t0)
 
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return dict(name="onnxruntime-genai int4", size=size, export_s=export_s, ppl=report.perplexity,
