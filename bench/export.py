@@ -83,7 +83,21 @@ def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: lis
 
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return dict(name="onnxruntime-genai int4", size=size, export_s=export_s, ppl=report.perplexity,
-                change=report.perplexity_change, top1=report.top1_agreement, tok_s=common.best_of(rate))
+                change=report.perplexity_change, top1=report.top1_agreement, tok_s=common.best_of(rate),
+                rate=rate)
+
+
+def head_to_head(engine, genai_rate, tokens: int, rounds: int = 6) -> dict:
+    """edgelora's ONNX engine and onnxruntime-genai decoding in turn, `rounds` times: the median
+    rates and their ratio (robust to a machine whose load changes during the run)."""
+    import statistics
+
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(common.decode_rate(engine, tokens))
+        theirs.append(genai_rate())
+    return {"edgelora": statistics.median(ours), "genai": statistics.median(theirs),
+            "ratio": statistics.median(ours) / statistics.median(theirs)}
 
 
 def quality_window() -> int:
@@ -109,7 +123,7 @@ def main() -> None:
 
     base = edgelora.load_base(edgelora.DEFAULT_MODEL)
     eval_ids = B._eval_tokens(base, args.eval_tokens)
-    rows = []
+    rows, h2h = [], None
     with tempfile.TemporaryDirectory() as tmp:
         ws = B._Workspace(base, Path(tmp), progress=True)
         reference = B.float_scores(ws, eval_ids, args.threads, progress=True)
@@ -139,13 +153,22 @@ def main() -> None:
             g = genai_int4(ws.hf_dir(), Path(tmp) / "genai", args.threads, args.tokens, eval_ids, reference,
                            args.genai_python)
             if g:
+                rate = g.pop("rate")
                 rows.append(g)
+                if any(r["name"] == "edgelora onnx int4" for r in rows):
+                    b = edgelora.open_bundle(Path(tmp) / "onnx-int4", verify=False)
+                    engine = b.engine("onnx", threads=args.threads, n_ctx=1024)
+                    h2h = head_to_head(engine, rate, args.tokens)
+                    engine.close()
     table = [(r["name"], f"{r['size'] / 1e6:.0f} MB", f"{r['export_s']:.0f}s", f"{r['ppl']:.3f}", f"{r['change']:+.2%}",
               f"{r['top1']:.1%}", f"{r['tok_s']:.1f}") for r in rows]
     print(common.table(("format", "file", "export", "perplexity", "vs float", "top-1", f"decode tok/s ({args.threads} thr)"), table))
     print(f"float perplexity {reference.perplexity:.3f} on {len(eval_ids)} held-out tokens (windows of {quality_window()})")
+    if h2h:
+        print(f"head to head, interleaved: edgelora onnx int4 {h2h['edgelora']:.1f} tok/s, onnxruntime-genai int4 "
+              f"{h2h['genai']:.1f} tok/s: {h2h['ratio']:.2f}x (target >= 1.00x at perplexity change <= +1.3%)")
     path = common.write_json("export", {"threads": args.threads, "float_perplexity": reference.perplexity,
-                                        "machine": common.machine(), "rows": rows})
+                                        "machine": common.machine(), "rows": rows, "head_to_head": h2h})
     plot(rows, common.OUT / "export.png", args.threads)
     print(f"wrote {path} and {common.OUT / 'export.png'}")
 
