@@ -355,7 +355,7 @@ def _train_progress(quiet: bool):
 
 @app.command()
 def train(
-    bundle: Path = typer.Argument(..., help="The bundle to personalize (trains against its GGUF weights)."),
+    bundle: Path = typer.Argument(..., help="The bundle to personalize (trains against its own weights: GGUF, else ONNX)."),
     data: Path = typer.Option(..., "--data", help="JSONL of chats ({\"messages\": [...]}) or prompt/completion pairs."),
     name: str = typer.Option(..., "--name", help="The adapter's name in the bundle's store."),
     rank: int = typer.Option(8, "--rank"),
@@ -368,6 +368,10 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Default: the device profile's."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Train against the bundle's gguf or onnx weights."),
+    memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="Memory cap (default: the profile's budget)."),
+    expanded_layers: Optional[int] = typer.Option(None, "--expanded-layers",
+                                                  help="Layers kept expanded to float32 (default: as the memory cap allows)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Default: BUNDLE/.train/NAME."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -379,7 +383,7 @@ def train(
     b = open_bundle(bundle, verify=False)
     cfg = TrainConfig(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
                       steps=steps, lr=lr, seq_len=seq_len, last_layers=last_layers, grad_accum=grad_accum, seed=seed,
-                      threads=threads or b.threads)
+                      threads=threads or b.threads, backend=backend, memory_mb=memory_mb, expanded_layers=expanded_layers)
     r = train_adapter(b, data, name, config=cfg, checkpoint_dir=checkpoint_dir or bundle / ".train" / name,
                       resume=resume, progress=_train_progress(quiet))
     val = f", validation loss {r.val_losses[0][1]:.3f} -> {r.val_losses[-1][1]:.3f}" if r.val_losses else ""

@@ -274,3 +274,15 @@ def test_bad_data_names_the_line(content, text, gguf_bundle, tmp_path):
     with pytest.raises(DataError) as info:
         train_adapter(gguf_bundle, path, "x", steps=1, seq_len=64, install=False)
     assert text in str(info.value)
+
+
+def test_cli_train_installs_and_reports_bad_data(gguf_bundle, tmp_path, run_cli):
+    data = _chats(tmp_path / "d.jsonl")
+    r = run_cli("train", str(gguf_bundle.root), "--data", str(data), "--name", "from-cli", "--steps", "5",
+                "--seq-len", "128", "--rank", "2", "--backend", "onnx", "--expanded-layers", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "installed from-cli" in r.stdout and "from-cli" in gguf_bundle.store.names()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text().splitlines()[0] + "\n{not json\n")
+    r = run_cli("train", str(gguf_bundle.root), "--data", str(bad), "--name", "bad", "--steps", "2", "-q")
+    assert r.returncode == 2 and f"{bad}:2: invalid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
