@@ -40,15 +40,11 @@ losses, times = [], []
 if side.startswith("numpy"):
     from threadpoolctl import threadpool_limits
     threadpool_limits(threads)
-    from edgelora.train import TrainConfig, base_weights, plan_memory
+    from edgelora.train import TrainConfig, base_weights
     from edgelora.train.model import AdamW, LoraParams, LoraSpec, Workspace, loss_and_grads
     del base
     bundle = edgelora.open_bundle(bundle_dir, verify=False)
-    config, w, _ = base_weights(bundle)
-    cfg = TrainConfig(seq_len=seq, memory_mb=bundle.profile.memory_budget_mb, expanded_layers=2 if side == "numpy-compact" else None)
-    w.keep_layers = plan_memory(w, cfg, config)
-    if w.keep_layers >= config.num_layers:
-        w.materialize()
+    config, w, _ = base_weights(bundle, TrainConfig(seq_len=seq, expanded_layers=2 if side == "numpy-compact" else None))
     base = type("B", (), {"config": config})
     lora = LoraParams(base.config, LoraSpec(rank, 2.0 * rank)).init_random(np.random.default_rng(0))
     opt, ws = AdamW(lr=1e-3), Workspace()

@@ -106,9 +106,10 @@ def _loader(t: Any, canon: str, config: LlamaConfig) -> Callable[[], np.ndarray]
     return load
 
 
-def read(path: str | os.PathLike) -> BaseModel:
+def read(path: str | os.PathLike, *, reader: Any = None) -> BaseModel:
+    """A base model from a GGUF file (`reader`: one already opened on it by `open_reader`)."""
     path = Path(path)
-    reader = open_reader(path)
+    reader = open_reader(path) if reader is None else reader
     fields = fields_of(reader)
     kind = fields.get("general.type", "model")
     if kind != "model":

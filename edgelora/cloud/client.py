@@ -14,7 +14,6 @@ working. Jobs requested from this bundle are remembered in ``cloud.json`` so `sy
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -27,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from edgelora._io import write_bytes_atomic
+from edgelora._io import sha256_file, write_bytes_atomic
 from edgelora.adapters import AdapterBaseMismatchError, load_adapter
 from edgelora.errors import EdgeloraError, SourceNotFoundError
 
@@ -120,8 +119,10 @@ class CloudClient:
             return
         state = self._state()
         rec = state.setdefault("jobs", {}).setdefault(job["id"], {})
-        rec.update({k: job.get(k) for k in ("id", "kind", "name", "status", "adapter_id", "error", "created")}, **extra)
-        self._save_state(state)
+        new = {**rec, **{k: job.get(k) for k in ("id", "kind", "name", "status", "adapter_id", "error", "created")}, **extra}
+        if new != rec:  # `wait` polls status: write only what changed
+            rec.update(new)
+            self._save_state(state)
 
     # -- HTTP -------------------------------------------------------------------------------------
 
@@ -258,7 +259,7 @@ class CloudClient:
             installed = bundle.store.install(adapter, name, replace=replace)
         finally:
             shutil.rmtree(files[0].parent, ignore_errors=True)
-        for jid, rec in state.get("jobs", {}).items():
+        for jid, rec in self.remembered_jobs().items():  # as `status` above left them
             if rec.get("adapter_id") == adapter_id:
                 self._remember({**rec, "id": jid}, installed_as=name)
         return installed
@@ -315,7 +316,7 @@ class CloudClient:
             for fname, info in files.items():
                 p = partial / fname
                 self._download(f"/v1/adapters/{adapter_id}/files/{fmt}/{fname}", p, info["size"])
-                if _sha256(p) != info["sha256"]:
+                if sha256_file(p) != info["sha256"]:
                     p.unlink()
                     raise TamperedError(f"{fname} does not match the sha256 its signed manifest gives; "
                                         "refusing it (the download was altered or corrupted)")
@@ -358,14 +359,6 @@ class CloudClient:
                 return
             last = f"the connection closed after {got} of {size} bytes"
         raise _unreachable(self.url, f"download of {dest.name} did not finish: {last}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _detail(e: urllib.error.HTTPError) -> str:

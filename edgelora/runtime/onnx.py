@@ -73,8 +73,7 @@ class OnnxEngine(Engine):
             self._step_ids = np.zeros((1, 1), np.int64)
             self._ones = np.ones((1, n_ctx), np.int64)
         self._decode_io = None  # the reused decode binding (rebuilt when adapters or the session change)
-        self.runtime_seconds = 0.0  # time spent inside onnxruntime (the loop's overhead is the rest)
-        self.runtime_decode_seconds = 0.0  # the same, for one-token decode steps only
+        self.runtime_decode_seconds = 0.0  # time inside onnxruntime in one-token steps (the loop's cost is the rest)
         self._bound_params: dict[str, object] = {}  # slot name -> OrtValue of the active adapter(s)
         self._keep: list[object] = []  # what the bound OrtValues view into
         self._param_cache: dict[str, tuple[object, dict]] = {}
@@ -133,9 +132,8 @@ class OnnxEngine(Engine):
         io.bind_cpu_input("attention_mask", self._ones[:, :self.n_past + n])
         t = time.perf_counter()
         self.session.run_with_iobinding(io)
-        t = time.perf_counter() - t
-        self.runtime_seconds += t
-        self.runtime_decode_seconds += t if decode else 0.0
+        if decode:
+            self.runtime_decode_seconds += time.perf_counter() - t
         self.n_past += n
         logits = self._step_logits if decode else io.get_outputs()[0]
         return logits.numpy()[0]

@@ -22,7 +22,6 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgelora.adapters import LoraAdapter, LoraTensor
-from edgelora.errors import EdgeloraError
 
 from . import data as _data
 from .model import AdamW, LoraParams, LoraSpec, TrainerError, Workspace, loss_and_grads
@@ -83,17 +82,26 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
-def base_weights(source, backend: str | None = None, *, keep_layers: int = 2) -> tuple[object, Mapping[str, np.ndarray], str]:
-    """(config, weights, fingerprint) of what the device runs: a bundle's artifact (GGUF preferred,
-    else the fused ONNX graph) held compact, `keep_layers` layers expanded at a time, or a
-    BaseModel's weights as float32."""
+def base_weights(source, cfg: "TrainConfig | None" = None) -> tuple[object, Mapping[str, np.ndarray], str]:
+    """(config, weights, fingerprint) of what the device runs: a bundle's artifact (`cfg.backend`;
+    GGUF preferred, else the fused ONNX graph) held compact with as many layers expanded as the
+    memory cap allows (`cfg.memory_mb`, by default the profile's budget; all of them: expanded once
+    for good), or a BaseModel's weights as float32."""
+    from dataclasses import replace
+
     from edgelora.base import BaseModel
     from edgelora.bundle import Bundle
 
     if isinstance(source, Bundle):
         from .weights import for_bundle
 
-        weights, _ = for_bundle(source, backend, keep_layers=keep_layers)
+        cfg = cfg or TrainConfig()
+        if cfg.memory_mb is None:
+            cfg = replace(cfg, memory_mb=float(source.profile.memory_budget_mb))
+        weights, _ = for_bundle(source, cfg.backend)
+        weights.keep_layers = plan_memory(weights, cfg, source.config)
+        if weights.keep_layers >= source.config.num_layers:
+            weights.materialize()
         return source.config, weights, source.fingerprint
     if isinstance(source, BaseModel):
         weights = {name: np.ascontiguousarray(source.weights[name], np.float32) for name in source.weights}
@@ -157,13 +165,7 @@ def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, co
             threadpool_limits(cfg.threads)
         except ImportError:
             pass
-    if isinstance(source, Bundle) and cfg.memory_mb is None:
-        cfg.memory_mb = float(source.profile.memory_budget_mb)
-    model_config, weights, fingerprint = base_weights(source, cfg.backend)
-    if hasattr(weights, "keep_layers"):
-        weights.keep_layers = plan_memory(weights, cfg, model_config)
-        if weights.keep_layers >= model_config.num_layers:
-            weights.materialize()
+    model_config, weights, fingerprint = base_weights(source, cfg)
     tokenizer = source.tokenizer() if isinstance(source, Bundle) else source.tokenizer
     examples = _data.load(data, tokenizer, cfg.seq_len)
     rng = np.random.default_rng(cfg.seed)

@@ -176,18 +176,18 @@ def _gguf_blocks(t: Any, shape: tuple[int, int]) -> BlockQuant | None:
 
 def _to_pairs(qs: np.ndarray) -> np.ndarray:
     """GGUF's 4-bit layout (first half low nibbles, second half high) -> element 2j low, 2j+1 high."""
-    lo, hi = qs & 0x0F, qs >> 4
-    u = np.concatenate([lo, hi], -1)  # (.., 32) in element order
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    from edgelora.converters.onnx_fused import pack4
+
+    return pack4(np.concatenate([qs & 0x0F, qs >> 4], -1))  # (.., 32) in element order, repacked
 
 
 def from_gguf(path: str | os.PathLike, *, keep_layers: int = 2) -> CompactWeights:
     """A base-model GGUF's weights, linears kept in their quantized blocks (F16 as half)."""
     from edgelora.converters import gguf_model
 
-    base = gguf_model.read(path)  # validates the file and gives the config
-    cfg = base.config
     reader = gguf_model.open_reader(path)
+    base = gguf_model.read(path, reader=reader)  # validates the file and gives the config
+    cfg = base.config
     dense, packed = {}, {}
     for t in reader.tensors:
         canon = naming.from_gguf(t.name)
