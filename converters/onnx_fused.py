@@ -8,9 +8,13 @@ onnx.helper (no torch, no exporter), with ONNX Runtime's fused kernels:
     quantized table when tied)
 
 Accuracy-aware weight encoding. A model whose weights are exactly dequantized Q4_1 (like the
-default model, which ships as Q4_1) is encoded exactly: w = d*q + m per block of 32 becomes
-MatMulNBits(q, scale d, implicit zero point 8) plus blocksum(x) @ (m + 8d)^T, which equals x @ W in
-real arithmetic. Other weights are quantized round-to-nearest, asymmetric, block 32. A tied
+default model, which ships as Q4_1) keeps its codes and scales: w = d*q + m per block of 32 is
+d*(q - z) + r with z the zero point nearest -m/d and r = m + z*d (|r| <= d/2). One MatMulNBits
+computes both terms: its input is x followed by x's block sums, its weight is the codes followed by
+extra blocks holding r (4-bit, own scale), so only r's rounding separates it from x @ W.
+(Requantizing to a plain int4 grid instead costs +19% perplexity on the default model; r kept as a
+separate float MatMul is exact but costs more nodes per token.) Other weights are quantized
+round-to-nearest, asymmetric, block 32. A tied
 embedding that is exactly Q8_0 is kept as Q8_0. Every target linear gets a LoRA slot (float
 MatMuls on overridable initializers with zero-rank defaults), as in `onnx_model`.
 """
@@ -134,36 +138,51 @@ class FusedBuilder:
             raise FusedExportError(f"fused ONNX quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
         self.base, self.c, self.quant, self.acc, self.max_len, self.lora = base, base.config, quant, accuracy_level, max_len, lora
         self.g = _Graph()
-        self._blocksum: dict[str, str] = {}
+        self._with_sums: dict[str, str] = {}
         self.encodings: dict[str, int] = {}
 
     # linear layers: list of output terms to add
-    def _blocksum_of(self, x: str, k: int) -> str:
-        if x not in self._blocksum:
-            e = np.kron(np.eye(k // BLK, dtype=np.float32), np.ones((BLK, 1), np.float32))  # [K, K/32]
-            self._blocksum[x] = self.g.node("MatMul", [x, self.g.const(e, f"blocksum_{k}")], f"{x}/blocksum")
-        return self._blocksum[x]
-
     def linear(self, x: str, w: np.ndarray, name: str) -> list[str]:
         g, (n, k) = self.g, w.shape
         if self.quant == "f32" or k % BLK:
             self.encodings["f32"] = self.encodings.get("f32", 0) + 1
             return [g.node("MatMul", [x, g.init(f"{name}.weight_T", np.ascontiguousarray(w.T))], f"/{name}/MatMul")]
-        attrs = dict(K=k, N=n, block_size=BLK, accuracy_level=self.acc, domain=MS)
         exact = q41_decompose(w) if self.quant == "int4" else None
-        if exact is not None:  # exact Q4_1: (q - 8) * d + (m + 8d)
-            self.encodings["q4_1 exact"] = self.encodings.get("q4_1 exact", 0) + 1
-            q, d, m = exact
-            y = g.node("MatMulNBits", [x, g.init(f"{name}.q4", pack4(q)), g.init(f"{name}.scales", d)],
-                       f"/{name}/MatMulNBits", bits=4, **attrs)
-            offset = g.init(f"{name}.q4_1_offset_T", np.ascontiguousarray((m + 8 * d).T))
-            return [y, g.node("MatMul", [self._blocksum_of(x, k), offset], f"/{name}/offset")]
+        if exact is not None:
+            self.encodings["q4_1 folded"] = self.encodings.get("q4_1 folded", 0) + 1
+            return [self._folded_q41(x, *exact, name)]
         bits = 4 if self.quant == "int4" else 8
         self.encodings[f"int{bits} rtn"] = self.encodings.get(f"int{bits} rtn", 0) + 1
         u, s, zp = rtn(w, bits)
         ins = [x, g.init(f"{name}.q{bits}", pack4(u) if bits == 4 else u), g.init(f"{name}.scales", s),
                g.init(f"{name}.zp", pack_zp4(zp) if bits == 4 else zp.reshape(-1))]
-        return [g.node("MatMulNBits", ins, f"/{name}/MatMulNBits", bits=bits, **attrs)]
+        return [g.node("MatMulNBits", ins, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits, block_size=BLK,
+                       accuracy_level=self.acc)]
+
+    def _x_with_blocksums(self, x: str, k: int) -> str:
+        """[..., K] -> [..., K + K/32 (padded to a block)]: x followed by its block sums."""
+        if x not in self._with_sums:
+            g, nb = self.g, k // BLK
+            e = np.kron(np.eye(nb, nb + -nb % BLK, dtype=np.float32), np.ones((BLK, 1), np.float32))  # [K, nb padded]
+            s = g.node("MatMul", [x, g.const(e, f"blocksum_pad_{k}")], f"{x}/blocksum")
+            self._with_sums[x] = g.node("Concat", [x, s], f"{x}/with_blocksums", axis=-1)
+        return self._with_sums[x]
+
+    def _folded_q41(self, x: str, q, d, m, name: str) -> str:
+        """Q4_1 in one MatMulNBits: the codes with scale d and the zero point nearest -m/d, then extra
+        K blocks holding what is left of each block's offset (m + zp*d, within d/2), 4-bit, fed with
+        x's block sums."""
+        g, (n, nb, _) = self.g, q.shape
+        zp_main = np.clip(np.rint(-m / np.where(d > 0, d, 1)), 0, 15)
+        off = np.concatenate([m + zp_main * d, np.zeros((n, -nb % BLK), np.float32)], 1)
+        u, s, zp = rtn(off, 4)
+        codes = np.concatenate([q, u], 1)
+        scales = np.concatenate([d, s], 1)
+        zps = np.concatenate([zp_main.astype(np.uint8), zp], 1)
+        k2 = codes.shape[1] * BLK
+        return g.node("MatMulNBits", [self._x_with_blocksums(x, nb * BLK), g.init(f"{name}.q4", pack4(codes)),
+                                      g.init(f"{name}.scales", scales), g.init(f"{name}.zp", pack_zp4(zps))],
+                      f"/{name}/MatMulNBits", domain=MS, K=k2, N=n, bits=4, block_size=BLK, accuracy_level=self.acc)
 
     def lora_delta(self, x: str, target: str, d_in: int, d_out: int) -> str:
         from onnx import TensorProto
@@ -220,8 +239,7 @@ class FusedBuilder:
                            f"/{p}/attn_norm", axis=-1, epsilon=c.rms_norm_eps, stash_type=1)
                 resid = x
             else:
-                h, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [resid, mlp_out, g.init(f"{p}.attn_norm", W[f"{p}.attn_norm"])],
-                                        f"/{p}/attn_norm", n_out=4, domain=MS, epsilon=c.rms_norm_eps)
+                h, resid = self.skip_norm(resid, mlp_out, f"{p}.attn_norm")
             wq, wk, wv = W[f"{p}.q"], W[f"{p}.k"], W[f"{p}.v"]
             terms = self.linear(h, np.concatenate([wq, wk, wv], 0), f"{p}.qkv")
             if self.lora:
@@ -238,8 +256,7 @@ class FusedBuilder:
             if self.lora:
                 terms.append(self.lora_delta(attn, f"{p}.o", c.q_dim, d))
             o = self.add(terms, f"{p}/o")
-            h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [resid, o, g.init(f"{p}.mlp_norm", W[f"{p}.mlp_norm"])],
-                                     f"/{p}/mlp_norm", n_out=4, domain=MS, epsilon=c.rms_norm_eps)
+            h2, resid = self.skip_norm(resid, o, f"{p}.mlp_norm")
             outs = []
             for t in ("gate", "up"):
                 terms = self.linear(h2, W[f"{p}.{t}"], f"{p}.{t}")
@@ -253,10 +270,18 @@ class FusedBuilder:
             if self.lora:
                 terms.append(self.lora_delta(mid, f"{p}.down", c.intermediate_size, d))
             mlp_out = self.add(terms, f"{p}/down")
-        hn, _, _, _ = g.node("SkipSimplifiedLayerNormalization", [resid, mlp_out, g.init("norm", W["norm"])],
-                             "/norm", n_out=4, domain=MS, epsilon=c.rms_norm_eps)
+        hn, _ = self.skip_norm(resid, mlp_out, "norm", keep_sum=False)
         self.lm_head(hn)
         return g
+
+    def skip_norm(self, resid: str, x: str, name: str, keep_sum: bool = True) -> tuple[str, str | None]:
+        """RMSNorm(resid + x) and, if kept, the sum (the next residual); the statistics outputs are
+        left unnamed, which keeps ONNX Runtime on its fast path."""
+        out = f"/{name}/out"
+        total = f"/{name}/sum" if keep_sum else ""
+        self.g.node("SkipSimplifiedLayerNormalization", [resid, x, self.g.init(name, self.base.weights[name])], f"/{name}",
+                    domain=MS, outputs=[out, "", "", total] if keep_sum else [out], epsilon=self.c.rms_norm_eps)
+        return out, total or None
 
     def embedding(self, emb: np.ndarray) -> str:
         """The embedding lookup; with a tied head, the quantized table is shared with the LM head."""

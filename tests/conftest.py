@@ -38,8 +38,10 @@ def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
 
 
 def build_tiny_llama(out: Path, *, tied: bool = False, seed: int = 0, dtype: str = "float32",
-                     model_type: str = "llama", **overrides) -> Path:
-    """A 2-layer random Llama saved by transformers as safetensors, with its tokenizer."""
+                     model_type: str = "llama", as_q4_1: bool = False, **overrides) -> Path:
+    """A 2-layer random Llama saved by transformers as safetensors, with its tokenizer. With
+    `as_q4_1`, its linear weights are exactly dequantized Q4_1 and its embedding exactly Q8_0
+    (gguf's own quantizers), like the default model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -62,8 +64,17 @@ def build_tiny_llama(out: Path, *, tied: bool = False, seed: int = 0, dtype: str
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            elif as_q4_1 and p.ndim == 2:
+                p.copy_(torch.from_numpy(_gguf_roundtrip(p.numpy(), "Q8_0" if "embed" in name else "Q4_1")))
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def _gguf_roundtrip(w, kind: str):
+    import gguf
+
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    return gguf.quants.dequantize(gguf.quants.quantize(w, t), t).reshape(w.shape)
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +85,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_tied(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-tied", tied=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_q41(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-q41", tied=True, seed=2, as_q4_1=True)
 
 
 @pytest.fixture(scope="session")

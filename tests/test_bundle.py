@@ -124,3 +124,27 @@ def test_cli_export_and_devices(tiny_llama, tmp_path, run_cli):
     assert "q8_0" in r.stdout and "perplexity" in r.stdout
     again = run_cli("export", "--model", str(tiny_llama), "--device", "raspberry-pi-5", "--out", str(out), env=env)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_int4_graph_keeps_q4_1_weights(tiny_llama_q41, tmp_path, monkeypatch):
+    """Weights that are exactly Q4_1 (like the default model's) keep their codes and scales in the
+    fused int4 graph, with the block offsets folded into the same MatMulNBits: against
+    transformers on the float weights, the error (MatMulNBits computing in float) is a small
+    fraction of what requantizing to an int4 grid costs."""
+    from edgelora.converters import onnx_fused
+    from tests.ort_util import onnxruntime_logits
+    from tests.peft_util import base_logits
+
+    base = edgelora.load_base(tiny_llama_q41)
+    ids = base.tokenizer.encode("The quick brown fox jumps over the lazy dog. A Raspberry Pi has four cores.")
+    ref = base_logits(tiny_llama_q41, ids)
+    folded = onnx_fused.export(base, tmp_path / "folded", "int4", max_len=64)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(folded), load_external_data=False).metadata_props}
+    assert meta["edgelora.encodings"] == "{'q4_1 folded': 10}"  # qkv, o, gate, up, down in 2 layers
+    err_folded = np.abs(onnxruntime_logits(folded, ids, base.config, tmp_path) - ref).max()
+    monkeypatch.setattr(onnx_fused, "q41_decompose", lambda w: None)  # requantize instead
+    rtn = onnx_fused.export(base, tmp_path / "rtn", "int4", max_len=64)
+    err_rtn = np.abs(onnxruntime_logits(rtn, ids, base.config, tmp_path) - ref).max()
+    assert err_folded < err_rtn / 10, (err_folded, err_rtn)

@@ -13,6 +13,7 @@ import pytest
 
 import edgelora
 from edgelora.train import TrainConfig, train_adapter
+from tests.ort_util import onnxruntime_logits
 from edgelora.train.data import DataError
 from edgelora.train.model import LoraParams, LoraSpec, loss_and_grads
 from tests.peft_util import make_peft_adapter
@@ -136,31 +137,9 @@ def test_compact_gguf_weights_equal_the_gguf_packages_dequantization(quant, tiny
     assert len(compact._cache) <= compact.keep_layers
 
 
-def _onnxruntime_logits(model_path, ids, cfg, tmp_path):
-    """The bundle's own ONNX graph in ONNX Runtime, with MatMulNBits told to compute in float
-    (accuracy_level 0) so only the weights' encoding is compared, not int8 activations."""
-    import onnx
-    import onnxruntime as ort
-
-    m = onnx.load(str(model_path), load_external_data=True)
-    for node in m.graph.node:
-        for a in node.attribute:
-            if a.name == "accuracy_level":
-                a.i = 0
-    onnx.save_model(m, str(tmp_path / "float_acc.onnx"), save_as_external_data=True, location="w.data")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    s = ort.InferenceSession(str(tmp_path / "float_acc.onnx"), so, providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-    for i in range(cfg.num_layers):
-        for k in ("key", "value"):
-            feed[f"past_key_values.{i}.{k}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
-    return s.run(["logits"], feed)[0][0]
-
-
 @pytest.mark.parametrize("quant", ["int4", "int8", "f32"])
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
-def test_compact_onnx_weights_reproduce_onnxruntime_logits(quant, fixture, request, tmp_path):
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied", "tiny_llama_q41"])
+def test_compact_onnx_weights_reproduceonnxruntime_logits(quant, fixture, request, tmp_path):
     from edgelora.train.model import forward_logits
     from edgelora.train.weights import for_bundle
 
@@ -170,7 +149,7 @@ def test_compact_onnx_weights_reproduce_onnxruntime_logits(quant, fixture, reque
     assert backend == "onnx"
     ids = b.tokenizer().encode("The quick brown fox jumps over the lazy dog. Edge devices run small models.")
     ours = forward_logits(compact, None, np.array([ids]), b.config)[0]
-    ref = _onnxruntime_logits(b.path(b.artifact("onnx").main), ids, b.config, tmp_path)
+    ref = onnxruntime_logits(b.path(b.artifact("onnx").main), ids, b.config, tmp_path)
     np.testing.assert_allclose(ours, ref, atol=2e-6 * np.abs(ref).max(), rtol=0)
 
 

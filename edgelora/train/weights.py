@@ -267,17 +267,23 @@ def _onnx_linear(inits: dict[str, np.ndarray], name: str, shape: tuple[int, int]
         q = inits.get(f"{name}.q{bits}")
         if q is None:
             continue
-        q = q.reshape(n, nb, BLK * bits // 8)
-        scale = inits[f"{name}.scales"].reshape(n, nb).astype(np.float32)
-        if f"{name}.q4_1_offset_T" in inits:  # exact Q4_1: (q - 8) * d + (m + 8d)
+        blocks = q.size // (n * BLK * bits // 8)  # more than nb: Q4_1 with its offsets folded in as extra blocks
+        q = q.reshape(n, blocks, BLK * bits // 8)
+        scale = inits[f"{name}.scales"].reshape(n, blocks).astype(np.float32)
+        if f"{name}.q4_1_offset_T" in inits:  # exact Q4_1 (bundles before the folded encoding)
             return BlockQuant(shape, q, bits, scale, 8.0, np.ascontiguousarray(inits[f"{name}.q4_1_offset_T"].T))
         zp = inits.get(f"{name}.zp")
         if zp is None:
             return BlockQuant(shape, q, bits, scale, float(2 ** (bits - 1)))
         if bits == 4:  # two zero points per byte, rows padded to a whole byte
             zp = zp.reshape(n, -1)
-            zp = np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :nb]
-        return BlockQuant(shape, q, bits, scale, np.ascontiguousarray(zp.reshape(n, nb)).astype(np.float32))
+            zp = np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :blocks]
+        zp = np.ascontiguousarray(zp.reshape(n, blocks)).astype(np.float32)
+        if blocks == nb:
+            return BlockQuant(shape, q, bits, scale, zp)
+        extra = BlockQuant((n, (blocks - nb) * BLK), q[:, nb:], bits, scale[:, nb:], zp[:, nb:]).expand()
+        return BlockQuant(shape, np.ascontiguousarray(q[:, :nb]), bits, np.ascontiguousarray(scale[:, :nb]),
+                          np.ascontiguousarray(zp[:, :nb]), np.ascontiguousarray(extra[:, :nb]))
     raise UnsupportedFormatError(f"the fused ONNX graph has no weights for {name}; export the bundle again")
 
 
