@@ -3,9 +3,9 @@ onnx.helper (no torch, no exporter), with ONNX Runtime's fused kernels:
 
     embedding (GatherBlockQuantized) -> per layer: (Skip)SimplifiedLayerNormalization -> one qkv
     MatMulNBits -> GroupQueryAttention (rotary inside; past and present can share one buffer)
-    -> o MatMulNBits -> SkipSimplifiedLayerNormalization -> gate, up MatMulNBits -> SiLU * up
-    -> down MatMulNBits -> ... -> final norm -> LM head (MatMulNBits, sharing the embedding's
-    quantized table when tied)
+    -> o MatMulNBits -> SkipSimplifiedLayerNormalization -> one gate_up MatMulNBits -> Split ->
+    SiLU(gate) * up -> down MatMulNBits -> ... -> final norm -> LM head (MatMulNBits, sharing the
+    embedding's quantized table when tied)
 
 Accuracy-aware weight encoding. A model whose weights are exactly dequantized Q4_1 (like the
 default model, which ships as Q4_1) keeps its codes and scales: w = d*q + m per block of 32 is
@@ -14,9 +14,14 @@ computes both terms: its input is x followed by x's block sums, its weight is th
 extra blocks holding r (4-bit, own scale), so only r's rounding separates it from x @ W.
 (Requantizing to a plain int4 grid instead costs +19% perplexity on the default model; r kept as a
 separate float MatMul is exact but costs more nodes per token.) Other weights are quantized
-round-to-nearest, asymmetric, block 32. A tied
-embedding that is exactly Q8_0 is kept as Q8_0. Every target linear gets a LoRA slot (float
-MatMuls on overridable initializers with zero-rank defaults), as in `onnx_model`.
+round-to-nearest, asymmetric, block 32. A tied embedding that is exactly Q8_0 is kept as Q8_0.
+
+LoRA slots, one per projection (GROUPS: q|k|v, o, gate|up, down): float MatMuls on overridable
+initializers with zero-rank defaults, added to the projection's output. Modules sharing an input
+share a slot, so an active adapter costs 8 small MatMuls a layer instead of 14; `slot_parameters`
+lays an adapter out for them (A's side by side, B's block-diagonal). `.onnx_adapter` files keep
+one slot per module (as optimum graphs and ONNX Runtime's own multi-LoRA use them); the engine
+fills the grouped slots from them.
 """
 
 from __future__ import annotations
@@ -36,8 +41,50 @@ BLK = 32
 QUANTS = ("f32", "int8", "int4")
 
 
+# Projections of one layer: target modules sharing an input are one MatMulNBits and one LoRA slot.
+GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+
+
 class FusedExportError(EdgeloraError):
     exit_code = 1
+
+
+def module_slots(config) -> dict[str, list]:
+    """Per target module, the slot shapes an adapter's parameters must fit (rank symbolic)."""
+    slots = {}
+    for i in range(config.num_layers):
+        for m in (m for members in GROUPS.values() for m in members):
+            out, in_ = config.shapes()[f"layers.{i}.{m}"]
+            a, b = slot_names(f"layers.{i}.{m}")
+            slots[a], slots[b] = [in_, "r"], ["r", out]
+    return slots
+
+
+def slot_parameters(adapter, config) -> dict[str, np.ndarray]:
+    """The adapter in the fused graph's slots: per group, the members' A^T side by side
+    ([in, sum of ranks]) and their (scale * B)^T block-diagonal ([sum of ranks, sum of outs]); a
+    member the adapter lacks has rank 0 there (zero outputs), a group it lacks keeps its default."""
+    from .onnx_adapter import parameters
+
+    params, out, shapes = parameters(adapter), {}, config.shapes()
+    for i in range(config.num_layers):
+        outs = {m: shapes[f"layers.{i}.{m}"][0] for members in GROUPS.values() for m in members}
+        for group, members in GROUPS.items():
+            parts = [(m, params.get(slot_names(f"layers.{i}.{m}")[0]), params.get(slot_names(f"layers.{i}.{m}")[1]))
+                     for m in members]
+            if all(a is None for _, a, _ in parts):
+                continue
+            a_name, b_name = slot_names(f"layers.{i}.{group}")
+            out[a_name] = np.ascontiguousarray(np.concatenate([a for _, a, _ in parts if a is not None], 1))
+            b = np.zeros((out[a_name].shape[1], sum(outs[m] for m in members)), np.float32)
+            r0 = c0 = 0
+            for m, a, bm in parts:
+                if a is not None:
+                    b[r0:r0 + bm.shape[0], c0:c0 + bm.shape[1]] = bm
+                    r0 += bm.shape[0]
+                c0 += outs[m]
+            out[b_name] = b
+    return out
 
 
 # -- weight encodings --------------------------------------------------------------------------
@@ -143,6 +190,7 @@ class FusedBuilder:
 
     # linear layers: list of output terms to add
     def linear(self, x: str, w: np.ndarray, name: str) -> list[str]:
+        """x @ w.T in the export's encoding: float MatMul, Q4_1 folded or round-to-nearest MatMulNBits."""
         g, (n, k) = self.g, w.shape
         if self.quant == "f32" or k % BLK:
             self.encodings["f32"] = self.encodings.get("f32", 0) + 1
@@ -184,24 +232,27 @@ class FusedBuilder:
                                       g.init(f"{name}.scales", scales), g.init(f"{name}.zp", pack_zp4(zps))],
                       f"/{name}/MatMulNBits", domain=MS, K=k2, N=n, bits=4, block_size=BLK, accuracy_level=self.acc)
 
-    def lora_delta(self, x: str, target: str, d_in: int, d_out: int) -> str:
+    def lora_delta(self, x: str, slot: str, d_in: int, d_out: int) -> str:
         from onnx import TensorProto
 
         g = self.g
-        a, b = slot_names(target)
-        r = rank_dim(target)
+        a, b = slot_names(slot)
+        r = rank_dim(slot)
         g.init(a, np.zeros((d_in, 0), np.float32))
         g.init(b, np.zeros((0, d_out), np.float32))
         g.inputs += [g.helper.make_tensor_value_info(a, TensorProto.FLOAT, [d_in, r]),
                      g.helper.make_tensor_value_info(b, TensorProto.FLOAT, [r, d_out])]
-        xa = g.node("MatMul", [x, a], f"/lora/{target}/MatMul_A")
-        return g.node("MatMul", [xa, b], f"/lora/{target}/MatMul_B")
+        xa = g.node("MatMul", [x, a], f"/lora/{slot}/MatMul_A")
+        return g.node("MatMul", [xa, b], f"/lora/{slot}/MatMul_B")
 
-    def add(self, terms: list[str], name: str) -> str:
-        if len(terms) == 1:
-            return terms[0]
-        op = "Add" if len(terms) == 2 else "Sum"
-        return self.g.node(op, terms, f"/{name}/{op}")
+    def projection(self, x: str, slot: str) -> str:
+        """One projection (a group of target modules sharing the input x: their weights stacked by
+        rows) plus, with LoRA, the group's slot delta."""
+        w = np.concatenate([self.base.weights[f"{slot.rsplit('.', 1)[0]}.{m}"] for m in GROUPS[slot.rsplit(".", 1)[1]]], 0)
+        y = self.linear(x, w, slot)[0]
+        if not self.lora:
+            return y
+        return self.g.node("Add", [y, self.lora_delta(x, slot, w.shape[1], w.shape[0])], f"/{slot}/Add")
 
     def build(self):
         from onnx import TensorProto
@@ -240,36 +291,18 @@ class FusedBuilder:
                 resid = x
             else:
                 h, resid = self.skip_norm(resid, mlp_out, f"{p}.attn_norm")
-            wq, wk, wv = W[f"{p}.q"], W[f"{p}.k"], W[f"{p}.v"]
-            terms = self.linear(h, np.concatenate([wq, wk, wv], 0), f"{p}.qkv")
-            if self.lora:
-                deltas = [self.lora_delta(h, f"{p}.{t}", d, w.shape[0]) for t, w in (("q", wq), ("k", wk), ("v", wv))]
-                terms.append(g.node("Concat", deltas, f"/lora/{p}/qkv/Concat", axis=-1))
-            qkv = self.add(terms, f"{p}/qkv")
+            qkv = self.projection(h, f"{p}.qkv")
             attn, _, _ = g.node("GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                                         seqlens_k, total_len, cos, sin],
                                 f"/{p}/attn/GroupQueryAttention", domain=MS,
                                 outputs=[f"/{p}/attn/out", f"present.{i}.key", f"present.{i}.value"],
                                 num_heads=c.num_heads, kv_num_heads=kv, scale=float(hd ** -0.5),
                                 do_rotary=1, rotary_interleaved=0, local_window_size=-1)
-            terms = self.linear(attn, W[f"{p}.o"], f"{p}.o")
-            if self.lora:
-                terms.append(self.lora_delta(attn, f"{p}.o", c.q_dim, d))
-            o = self.add(terms, f"{p}/o")
-            h2, resid = self.skip_norm(resid, o, f"{p}.mlp_norm")
-            outs = []
-            for t in ("gate", "up"):
-                terms = self.linear(h2, W[f"{p}.{t}"], f"{p}.{t}")
-                if self.lora:
-                    terms.append(self.lora_delta(h2, f"{p}.{t}", d, c.intermediate_size))
-                outs.append(self.add(terms, f"{p}/{t}"))
-            gate, up = outs
+            h2, resid = self.skip_norm(resid, self.projection(attn, f"{p}.o"), f"{p}.mlp_norm")
+            gate, up = g.node("Split", [self.projection(h2, f"{p}.gate_up")], f"/{p}/mlp/Split", n_out=2, axis=-1,
+                              num_outputs=2)
             act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"/{p}/mlp/Sigmoid")], f"/{p}/mlp/SiLU")
-            mid = g.node("Mul", [act, up], f"/{p}/mlp/Mul")
-            terms = self.linear(mid, W[f"{p}.down"], f"{p}.down")
-            if self.lora:
-                terms.append(self.lora_delta(mid, f"{p}.down", c.intermediate_size, d))
-            mlp_out = self.add(terms, f"{p}/down")
+            mlp_out = self.projection(g.node("Mul", [act, up], f"/{p}/mlp/Mul"), f"{p}.down")
         hn, _ = self.skip_norm(resid, mlp_out, "norm", keep_sum=False)
         self.lm_head(hn)
         return g

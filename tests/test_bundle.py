@@ -142,7 +142,7 @@ def test_int4_graph_keeps_q4_1_weights(tiny_llama_q41, tmp_path, monkeypatch):
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(folded), load_external_data=False).metadata_props}
-    assert meta["edgelora.encodings"] == "{'q4_1 folded': 10}"  # qkv, o, gate, up, down in 2 layers
+    assert meta["edgelora.encodings"] == "{'q4_1 folded': 8}"  # qkv, o, gate_up, down in 2 layers
     err_folded = np.abs(onnxruntime_logits(folded, ids, base.config, tmp_path) - ref).max()
     monkeypatch.setattr(onnx_fused, "q41_decompose", lambda w: None)  # requantize instead
     rtn = onnx_fused.export(base, tmp_path / "rtn", "int4", max_len=64)

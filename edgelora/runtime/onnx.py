@@ -62,6 +62,11 @@ class OnnxEngine(Engine):
         self.slots = {i.name: i.shape for i in self.session.get_overridable_initializers()}
         meta = self.session.get_modelmeta().custom_metadata_map
         self.shared_kv = meta.get("edgelora.graph") == "fused"
+        self.grouped = any(n.startswith("layers.0.qkv.lora") for n in self.slots)
+        if self.grouped:  # adapters are checked per module, then laid out in the graph's grouped slots
+            from edgelora.converters.onnx_fused import module_slots
+
+            self.slots = module_slots(config)
         if self.shared_kv:
             max_len = int(meta.get("edgelora.max_len", n_ctx))
             if n_ctx > max_len:
@@ -182,11 +187,27 @@ class OnnxEngine(Engine):
         self._mixes = {k: v for k, v in self._mixes.items() if name not in dict(k)}
         self._param_cache.pop(name, None)
 
+    def _slot_values(self, adapter: LoraAdapter) -> tuple[list, dict]:
+        """An adapter's parameters in this graph's slots, as (arrays kept alive, OrtValues over them)."""
+        if self.grouped:
+            from edgelora.converters.onnx_fused import slot_parameters
+
+            params = slot_parameters(adapter, self.config)
+        else:
+            from edgelora.converters.onnx_adapter import parameters
+
+            params = parameters(adapter)
+        return list(params.values()), {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()}
+
     def _adapter_params(self, name: str) -> dict:
-        """The slot parameters of a loaded adapter as OrtValues viewing its memory-mapped file."""
+        """The slot parameters of a loaded adapter as OrtValues: laid out once for grouped slots,
+        else viewing its memory-mapped file."""
         if name not in self._param_cache:
-            fmt = self._ort.AdapterFormat.read_adapter(str(self._adapters.paths[name]))
-            self._param_cache[name] = (fmt, fmt.get_parameters())
+            if self.grouped:
+                self._param_cache[name] = self._slot_values(self._adapters.values[name])
+            else:
+                fmt = self._ort.AdapterFormat.read_adapter(str(self._adapters.paths[name]))
+                self._param_cache[name] = (fmt, fmt.get_parameters())
         return self._param_cache[name][1]
 
     def _activate(self, weights: dict[str, float]) -> None:
@@ -197,11 +218,8 @@ class OnnxEngine(Engine):
             elif len(weights) == 1 and next(iter(weights.values())) == 1.0:
                 self._bound_params = dict(self._adapter_params(next(iter(weights))))
             else:
-                from edgelora.converters.onnx_adapter import parameters
-
-                mixed = parameters(LoraAdapter.mix([(self._adapters.values[n], w) for n, w in weights.items()]))
-                self._keep = list(mixed.values())
-                self._bound_params = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in mixed.items()}
+                mixed = LoraAdapter.mix([(self._adapters.values[n], w) for n, w in weights.items()])
+                self._keep, self._bound_params = self._slot_values(mixed)
             return
         ro = self._ort.RunOptions()
         if len(weights) == 1 and next(iter(weights.values())) == 1.0:
@@ -264,17 +282,19 @@ class OnnxEngine(Engine):
 
 def _float_weights(model, config: LlamaConfig) -> dict[str, tuple[str, int]]:
     """Target -> (initializer holding its transposed weight, first column) in an optimum graph
-    (one MatMul per target) or an edgelora fused graph (q, k and v share one qkv weight)."""
+    (one MatMul per target) or an edgelora fused graph (one weight per projection group)."""
     from edgelora.converters.onnx_model import linear_nodes
 
     found = {t: (n.input[1], 0) for t, n in linear_nodes(model).items()}
     if found:
         return found
-    names = {i.name for i in model.graph.initializer}
+    from edgelora.converters.onnx_fused import GROUPS
+
+    names, shapes = {i.name for i in model.graph.initializer}, config.shapes()
     for i in range(config.num_layers):
-        offsets = {"q": 0, "k": config.q_dim, "v": config.q_dim + config.kv_dim}
-        for t, col in offsets.items():
-            found[f"layers.{i}.{t}"] = (f"layers.{i}.qkv.weight_T", col)
-        for t in ("o", "gate", "up", "down"):
-            found[f"layers.{i}.{t}"] = (f"layers.{i}.{t}.weight_T", 0)
+        for group, members in GROUPS.items():
+            col = 0
+            for m in members:
+                found[f"layers.{i}.{m}"] = (f"layers.{i}.{group}.weight_T", col)
+                col += shapes[f"layers.{i}.{m}"][0]
     return {t: v for t, v in found.items() if v[0] in names}

@@ -235,7 +235,11 @@ def from_onnx_fused(path: str | os.PathLike, config: LlamaConfig, *, keep_layers
         for kind, (a, b) in (("q", (0, c.q_dim)), ("k", (c.q_dim, c.q_dim + c.kv_dim)),
                              ("v", (c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim))):
             packed[f"{p}.{kind}"] = _slice_rows(qkv, a, b)
-        for kind in ("o", "gate", "up", "down"):
+        if any(k.startswith(f"{p}.gate_up.") for k in inits):
+            gate_up = _onnx_linear(inits, f"{p}.gate_up", (2 * c.intermediate_size, c.hidden_size))
+            packed[f"{p}.gate"] = _slice_rows(gate_up, 0, c.intermediate_size)
+            packed[f"{p}.up"] = _slice_rows(gate_up, c.intermediate_size, 2 * c.intermediate_size)
+        for kind in ("o", "down") if f"{p}.gate" in packed else ("o", "gate", "up", "down"):
             n, k = c.shapes()[f"{p}.{kind}"]
             packed[f"{p}.{kind}"] = _onnx_linear(inits, f"{p}.{kind}", (n, k))
     dense["norm"] = inits["norm"]
