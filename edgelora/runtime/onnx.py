@@ -74,8 +74,9 @@ class OnnxEngine(Engine):
             c = self.config
             self._kv = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, c.num_kv_heads, n_ctx, c.head_dim), np.float32))
                         for name in self.past_names}
-            self._step_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, c.vocab_size), np.float32))
-            self._step_ids = np.zeros((1, 1), np.int64)
+            self._logits_buf = np.zeros((1, 1, c.vocab_size), np.float32)  # onnxruntime writes into it
+            self._step_logits = ort.OrtValue.ortvalue_from_numpy(self._logits_buf)
+            self._step_ids = np.zeros((1, 1), np.int64)  # bound by address: a step writes the token in place
             self._ones = np.ones((1, n_ctx), np.int64)
         self._decode_io = None  # the reused decode binding (rebuilt when adapters or the session change)
         self.runtime_decode_seconds = 0.0  # time inside onnxruntime in one-token steps (the loop's cost is the rest)
@@ -112,6 +113,7 @@ class OnnxEngine(Engine):
         io = self.session.io_binding()
         if decode:
             io.bind_ortvalue_output("logits", self._step_logits)
+            io.bind_input("input_ids", "cpu", 0, np.int64, [1, 1], self._step_ids.ctypes.data)
         else:
             io.bind_output("logits")
         for past, present in zip(self.past_names, self.present_names):
@@ -130,18 +132,16 @@ class OnnxEngine(Engine):
                 self._decode_io = self._binding(True)
             io = self._decode_io
             self._step_ids[0, 0] = ids[0]
-            io.bind_cpu_input("input_ids", self._step_ids)
         else:
             io = self._binding(False)
             io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
-        io.bind_cpu_input("attention_mask", self._ones[:, :self.n_past + n])
+        io.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.n_past + n], self._ones.ctypes.data)
         t = time.perf_counter()
         self.session.run_with_iobinding(io)
         if decode:
             self.runtime_decode_seconds += time.perf_counter() - t
         self.n_past += n
-        logits = self._step_logits if decode else io.get_outputs()[0]
-        return logits.numpy()[0]
+        return self._logits_buf[0] if decode else io.get_outputs()[0].numpy()[0]
 
     def _feed(self, token_ids: Sequence[int]) -> np.ndarray:
         if self.n_past + len(token_ids) > self.n_ctx:
