@@ -259,7 +259,7 @@ class FusedBuilder:
 
         g, c, W = self.g, self.c, self.base.weights
         mk = g.helper.make_tensor_value_info
-        L, kv, hd, d = c.num_layers, c.num_kv_heads, c.head_dim, c.hidden_size
+        L, kv, hd = c.num_layers, c.num_kv_heads, c.head_dim
         g.inputs += [mk("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
                      mk("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
         for kind in ("key", "value"):

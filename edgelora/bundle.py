@@ -260,8 +260,6 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
 
     `onnx_graph`: "fused" (edgelora's graph built from the weights with ONNX Runtime's fused
     kernels; the default) or "optimum" (optimum's export plus LoRA slots)."""
-    from . import __version__
-
     profile = get_profile(device)
     plan = resolve_plan(profile, backend, quant)
     onnx_graph = onnx_graph or profile.backends.onnx_graph
@@ -278,60 +276,73 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
         ws = _Workspace(base, Path(work), progress, profile, onnx_graph)
         reference = float_scores(ws, tokens, threads, progress)
         for b, q in plan:
-            t0 = time.monotonic()
-            paths = BUILDERS[b](ws, q, tmp, threads)
-            art = Artifact(b, q, [p.relative_to(tmp).as_posix() for p in paths],
-                           graph=onnx_graph if b == "onnx" else "")
-            art.memory = estimate_memory(base, profile, b, q, sum(p.stat().st_size for p in paths))
-            if art.memory["total"] > profile.memory_budget_mb:
-                m = art.memory
-                raise MemoryBudgetError(
-                    f"{b} {q} needs ~{m['total']:.0f} MB on {profile.name} (weights {m['weights']:.0f} + KV cache "
-                    f"{m['kv_cache']:.0f} at context {m['context_length']} + activations {m['activations']:.0f} + runtime "
-                    f"{m['runtime']:.0f}), over its budget of {profile.memory_budget_mb} MB; choose a smaller quantization")
-            art.export_seconds = time.monotonic() - t0
-            engine = _engine_for(b, paths[0], threads, EVAL_WINDOW, base, provider="cpu")
-            window, ref = EVAL_WINDOW, reference
-            if q == "qdq":  # the NPU window is the profile's context, after the fixed prefix token
-                window = engine.n_ctx
-                ref = npu_reference(ws, tokens, window, engine.prefix, threads, progress)
-            try:
-                scores = _quality.score(engine.logits, tokens, window, progress=bar(f"{b} {q} perplexity", progress))
-            finally:
-                engine.close()
-            report = _quality.compare(scores, ref, window)
-            art.quality = report.to_dict()
-            qb = profile.quality
-            art.quality["within_budget"] = report.within(qb.max_perplexity_increase, qb.min_top1_agreement)
-            if not art.quality["within_budget"] and not force:
-                raise QualityBudgetError(
-                    f"{b} {q} on {profile.name}: perplexity {report.perplexity:.3f} vs float {report.float_perplexity:.3f} "
-                    f"({report.perplexity_change:+.1%}, budget +{qb.max_perplexity_increase:.0%}), top-1 agreement "
-                    f"{report.top1_agreement:.1%} (budget {qb.min_top1_agreement:.0%}); choose another --quant or pass --force")
-            artifacts.append(art)
+            artifacts.append(_build_artifact(ws, b, q, tmp, threads, tokens, reference, force))
         from .converters import hf
 
         (tmp / "tokenizer").mkdir()
         hf.write_tokenizer(base.tokenizer, tmp / "tokenizer")
         (tmp / "adapters").mkdir()
-        files = {}
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file() and not p.relative_to(tmp).parts[0] == "adapters":  # the store keeps its own hashes
-                files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest = {
-            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "edgelora": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "base": {"name": base.name, "fingerprint": base.fingerprint, "parameters": base.num_parameters,
-                     "source_format": base.source_format, "source_dtype": base.source_dtype,
-                     "architecture": json.loads(base.config.to_json())},
-            "device": profile.to_dict(),
-            "artifacts": [a.to_dict() for a in artifacts],
-            "evaluation": {"text": f"edgelora/data/{_quality.HELDOUT}", "tokens": len(tokens), "window": EVAL_WINDOW,
-                           "reference": "float32 model (F32 GGUF, llama.cpp, F32 KV cache)"},
-            "files": files,
-        }
-        write_bytes_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        write_bytes_atomic(tmp / MANIFEST, json.dumps(_manifest(tmp, base, profile, artifacts, tokens), indent=2).encode())
     return open_bundle(out)
+
+
+def _build_artifact(ws: _Workspace, b: str, q: str, tmp: Path, threads: int, tokens: list[int],
+                    reference: _quality.Scores, force: bool) -> Artifact:
+    """Builds one backend's files into the bundle being written, then checks them against the
+    profile: memory (always refused over budget) and quality (refused over budget unless forced)."""
+    base, profile, progress = ws.base, ws.profile, ws.progress
+    t0 = time.monotonic()
+    paths = BUILDERS[b](ws, q, tmp, threads)
+    art = Artifact(b, q, [p.relative_to(tmp).as_posix() for p in paths], graph=ws.onnx_graph if b == "onnx" else "")
+    art.memory = estimate_memory(base, profile, b, q, sum(p.stat().st_size for p in paths))
+    if art.memory["total"] > profile.memory_budget_mb:
+        m = art.memory
+        raise MemoryBudgetError(
+            f"{b} {q} needs ~{m['total']:.0f} MB on {profile.name} (weights {m['weights']:.0f} + KV cache "
+            f"{m['kv_cache']:.0f} at context {m['context_length']} + activations {m['activations']:.0f} + runtime "
+            f"{m['runtime']:.0f}), over its budget of {profile.memory_budget_mb} MB; choose a smaller quantization")
+    art.export_seconds = time.monotonic() - t0
+    engine = _engine_for(b, paths[0], threads, EVAL_WINDOW, base, provider="cpu")
+    window, ref = EVAL_WINDOW, reference
+    if q == "qdq":  # the NPU window is the profile's context, after the fixed prefix token
+        window = engine.n_ctx
+        ref = npu_reference(ws, tokens, window, engine.prefix, threads, progress)
+    try:
+        scores = _quality.score(engine.logits, tokens, window, progress=bar(f"{b} {q} perplexity", progress))
+    finally:
+        engine.close()
+    report = _quality.compare(scores, ref, window)
+    art.quality = report.to_dict()
+    qb = profile.quality
+    art.quality["within_budget"] = report.within(qb.max_perplexity_increase, qb.min_top1_agreement)
+    if not art.quality["within_budget"] and not force:
+        raise QualityBudgetError(
+            f"{b} {q} on {profile.name}: perplexity {report.perplexity:.3f} vs float {report.float_perplexity:.3f} "
+            f"({report.perplexity_change:+.1%}, budget +{qb.max_perplexity_increase:.0%}), top-1 agreement "
+            f"{report.top1_agreement:.1%} (budget {qb.min_top1_agreement:.0%}); choose another --quant or pass --force")
+    return art
+
+
+def _manifest(tmp: Path, base: BaseModel, profile: DeviceProfile, artifacts: list[Artifact], tokens: list[int]) -> dict:
+    """bundle.json: the base, the profile, each artifact and every file's size and sha256."""
+    from . import __version__
+
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file() and not p.relative_to(tmp).parts[0] == "adapters":  # the store keeps its own hashes
+            files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return {
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "edgelora": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": {"name": base.name, "fingerprint": base.fingerprint, "parameters": base.num_parameters,
+                 "source_format": base.source_format, "source_dtype": base.source_dtype,
+                 "architecture": json.loads(base.config.to_json())},
+        "device": profile.to_dict(),
+        "artifacts": [a.to_dict() for a in artifacts],
+        "evaluation": {"text": f"edgelora/data/{_quality.HELDOUT}", "tokens": len(tokens), "window": EVAL_WINDOW,
+                       "reference": "float32 model (F32 GGUF, llama.cpp, F32 KV cache)"},
+        "files": files,
+    }
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -406,6 +417,15 @@ class Bundle:
         store = self.store
         engine.resolver = lambda name: store.path(name, art.backend)
         return engine
+
+
+def open_source(source: str | os.PathLike, *, verify: bool = True, progress: bool = False) -> "Bundle | BaseModel":
+    """A bundle directory as its Bundle, any other model source as its BaseModel (both have
+    `config` and `fingerprint`)."""
+    path = Path(source).expanduser()
+    if (path / MANIFEST).exists():
+        return open_bundle(path, verify=verify)
+    return load_base(source, progress=progress)
 
 
 def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:

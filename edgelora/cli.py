@@ -150,15 +150,10 @@ app.add_typer(adapter_app, name="adapter")
 
 def _base_of(source: str):
     """(config, fingerprint) of a bundle directory or any base-model source."""
-    if (Path(source) / "bundle.json").exists():
-        from .bundle import open_bundle
+    from .bundle import open_source
 
-        b = open_bundle(source, verify=False)
-        return b.config, b.fingerprint
-    from .base import load_base
-
-    base = load_base(source)
-    return base.config, base.fingerprint
+    src = open_source(source, verify=False, progress=True)
+    return src.config, src.fingerprint
 
 
 class AdapterFormatOpt(str, Enum):

@@ -15,7 +15,7 @@ import edgelora
 from edgelora.train import TrainConfig, train_adapter
 from tests.ort_util import onnxruntime_logits
 from edgelora.train.data import DataError
-from edgelora.train.model import LoraParams, LoraSpec, loss_and_grads
+from edgelora.train.model import LoraParams, LoraSpec, loss_and_grads, masked_loss
 from tests.peft_util import make_peft_adapter
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -66,6 +66,7 @@ def test_loss_and_gradients_equal_peft(fixture, request, tmp_path):
     loss, grad = loss_and_grads(weights, lora, tokens, mask, base.config)
     ref_loss, ref = _torch_reference(path, peft_dir, tokens, mask)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert masked_loss(weights, lora, tokens, mask, base.config, vocab_rows=7) == pytest.approx(loss, rel=1e-6)
     views = lora.views_of(grad)
     assert set(views) == set(ref)
     for name, g in views.items():

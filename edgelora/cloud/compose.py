@@ -113,16 +113,14 @@ class ExampleLoss:
         self.ws = Workspace()
 
     def __call__(self, w: np.ndarray) -> float:
-        from edgelora.train.model import loss_and_grads
+        from edgelora.train.model import masked_loss
 
         for j, blocks in enumerate(self.blocks):
             for B, cols, sB in blocks:
                 B[:, cols] = w[j] * sB
         total = 0.0
         for ex in self.examples:
-            loss, _ = loss_and_grads(self.weights, self.lora, ex.tokens[None], ex.mask[None], self.config,
-                                     train_last=1, workspace=self.ws)
-            total += loss
+            total += masked_loss(self.weights, self.lora, ex.tokens[None], ex.mask[None], self.config, workspace=self.ws)
         return total / len(self.examples)
 
 

@@ -120,18 +120,11 @@ class _Base:
     """A base the service serves: what jobs train against (a bundle's GGUF or the float weights)."""
 
     def __init__(self, source: str):
-        from edgelora.base import load_base
-        from edgelora.bundle import open_bundle
+        from edgelora.bundle import Bundle, open_source
 
-        p = Path(source).expanduser()
-        if (p / "bundle.json").exists():
-            self.source = open_bundle(p)
-            self.fingerprint, self.config = self.source.fingerprint, self.source.config
-            self.tokenizer = self.source.tokenizer()
-        else:
-            self.source = load_base(source, progress=False)
-            self.fingerprint, self.config = self.source.fingerprint, self.source.config
-            self.tokenizer = self.source.tokenizer
+        self.source = open_source(source)
+        self.fingerprint, self.config = self.source.fingerprint, self.source.config
+        self.tokenizer = self.source.tokenizer() if isinstance(self.source, Bundle) else self.source.tokenizer
         self.label = str(source)
         self._weights = None
 

@@ -24,7 +24,7 @@ import numpy as np
 from edgelora.adapters import LoraAdapter, LoraTensor
 
 from . import data as _data
-from .model import AdamW, LoraParams, LoraSpec, TrainerError, Workspace, loss_and_grads
+from .model import AdamW, LoraParams, LoraSpec, TrainerError, Workspace, loss_and_grads, masked_loss
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -198,9 +198,7 @@ def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, co
             return float("nan")
         tot = 0.0
         for ex in val:
-            loss, _ = loss_and_grads(weights, lora, ex.tokens[None], ex.mask[None], model_config,
-                                     train_last=1, workspace=ws)
-            tot += loss
+            tot += masked_loss(weights, lora, ex.tokens[None], ex.mask[None], model_config, workspace=ws)
         return tot / len(val)
 
     t0 = time.monotonic()

@@ -513,14 +513,61 @@ def forward_logits(base, lora, tokens, config: LlamaConfig, *, attn_block: int =
     _check_inputs(base, tokens, None, config)
     B, T = tokens.shape
     dtype = base["embed"].dtype
-    G = config.num_heads // config.num_kv_heads
-    rope = rope_tables(T, config.head_dim, config.rope_theta, dtype)
-    causal = Causal.make(T, G, attn_block, dtype)
+    rope, causal = _position_tables(config, T, attn_block, dtype)
     x = embedding_forward(base["embed"], tokens).reshape(B * T, -1)          # (BT,C)
     for i in range(config.num_layers):
         x, _ = layer_forward(x, base, lora, i, config, rope, causal, B, T)
     xn, _ = rmsnorm_forward(x, base["norm"], config.rms_norm_eps)
     return (xn @ _head_weight(base, config).T).reshape(B, T, -1)             # (B,T,V)
+
+
+def _loss_targets(tokens, loss_mask) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (b*T + t) that predict a marked token, and those tokens."""
+    T = tokens.shape[1]
+    sel_b, sel_t = np.nonzero(np.asarray(loss_mask, bool)[:, 1:])            # targets at t+1
+    if len(sel_b) == 0:
+        raise TrainerError("loss_mask selects no target tokens (loss_mask[:, 1:] is all False)")
+    return sel_b * T + sel_t, tokens[sel_b, sel_t + 1]                       # (N,), (N,)
+
+
+def _position_tables(config: LlamaConfig, T: int, attn_block: int, dtype):
+    G = config.num_heads // config.num_kv_heads
+    return rope_tables(T, config.head_dim, config.rope_theta, dtype), Causal.make(T, G, attn_block, dtype)
+
+
+def _head_loss(x, base, config: LlamaConfig, rows, targets, vocab_rows: int, ws: "Workspace", backward: bool):
+    """Final norm and LM head at the loss rows only, in chunks of vocab_rows rows: the summed
+    cross-entropy and, with backward, d(mean loss)/d(normed rows) and the norm's cache."""
+    W = _head_weight(base, config)
+    N = len(rows)
+    hn, ncache = rmsnorm_forward(x[rows], base["norm"], config.rms_norm_eps)  # (N,C)
+    dhn = np.empty_like(hn) if backward else None                            # (N,C)
+    loss_sum = 0.0
+    chunk = ws.buffer("logits", (min(N, vocab_rows), W.shape[0]), x.dtype)   # (rows,V)
+    for s in range(0, N, vocab_rows):
+        e = min(N, s + vocab_rows)
+        ls, probs = lm_head_ce_forward(hn[s:e], W, targets[s:e], out=chunk[:e - s])  # probs is the chunk
+        loss_sum += ls
+        if backward:
+            dhn[s:e] = lm_head_ce_backward(probs, targets[s:e], W, 1.0 / N)
+    return loss_sum, dhn, ncache
+
+
+def masked_loss(base, lora: LoraParams | None, tokens, loss_mask, config: LlamaConfig, *, vocab_rows: int = 256,
+                attn_block: int = 64, workspace: Workspace | None = None) -> float:
+    """The loss of `loss_and_grads` without its backward pass (validation, scoring mixtures):
+    the forward keeps nothing and the LM head computes no gradient."""
+    _check_inputs(base, tokens, loss_mask, config)
+    B, T = tokens.shape
+    dtype = base["embed"].dtype
+    rows, targets = _loss_targets(tokens, loss_mask)
+    rope, causal = _position_tables(config, T, attn_block, dtype)
+    x = embedding_forward(base["embed"], tokens).reshape(B * T, -1)          # (BT,C)
+    for i in range(config.num_layers):
+        x, cache = layer_forward(x, base, lora, i, config, rope, causal, B, T)
+        del cache
+    ws = Workspace() if workspace is None else workspace
+    return _head_loss(x, base, config, rows, targets, vocab_rows, ws, backward=False)[0] / len(rows)
 
 
 def loss_and_grads(base, lora: LoraParams, tokens, loss_mask, config: LlamaConfig, *,
@@ -549,15 +596,9 @@ def loss_and_grads(base, lora: LoraParams, tokens, loss_mask, config: LlamaConfi
     B, T = tokens.shape
     C = config.hidden_size
     dtype = base["embed"].dtype
-    G = config.num_heads // config.num_kv_heads
-    sel_b, sel_t = np.nonzero(np.asarray(loss_mask, bool)[:, 1:])            # targets at t+1
-    N = len(sel_b)
-    if N == 0:
-        raise TrainerError("loss_mask selects no target tokens (loss_mask[:, 1:] is all False)")
-    rows = sel_b * T + sel_t                                                 # (N,) predicting rows
-    targets = tokens[sel_b, sel_t + 1]                                       # (N,)
-    rope = rope_tables(T, config.head_dim, config.rope_theta, dtype)
-    causal = Causal.make(T, G, attn_block, dtype)
+    rows, targets = _loss_targets(tokens, loss_mask)
+    N = len(rows)
+    rope, causal = _position_tables(config, T, attn_block, dtype)
     ws = Workspace() if workspace is None else workspace
 
     # forward: nothing kept below `first`; layer inputs (or whole caches) kept above
@@ -572,19 +613,7 @@ def loss_and_grads(base, lora: LoraParams, tokens, loss_mask, config: LlamaConfi
         x = out
 
     # head: final norm and LM head only at the N loss rows, in chunks of vocab_rows rows
-    W = _head_weight(base, config)
-    hsel = x[rows]                                                           # (N,C)
-    hn, ncache = rmsnorm_forward(hsel, base["norm"], config.rms_norm_eps)     # (N,C)
-    dhn = np.empty_like(hn)                                                  # (N,C)
-    loss_sum = 0.0
-    chunk = ws.buffer("logits", (min(N, vocab_rows), W.shape[0]), dtype)     # (rows,V)
-    for s in range(0, N, vocab_rows):
-        e = min(N, s + vocab_rows)
-        logits = chunk[:e - s]                                               # (n,V)
-        ls, probs = lm_head_ce_forward(hn[s:e], W, targets[s:e], out=logits)  # probs is logits
-        loss_sum += ls
-        dhn[s:e] = lm_head_ce_backward(probs, targets[s:e], W, 1.0 / N)
-        del probs, logits
+    loss_sum, dhn, ncache = _head_loss(x, base, config, rows, targets, vocab_rows, ws, backward=True)
     dsel = rmsnorm_backward(dhn, base["norm"], ncache)                       # (N,C)
     dx = np.zeros((B * T, C), dtype)                                         # (BT,C)
     dx[rows] = dsel                                                          # rows are distinct
