@@ -294,6 +294,8 @@ class Service:
             if not self.library.visible(base.fingerprint, who):
                 raise ServiceError(f"the library has no adapters for base {base.fingerprint[:23]}; "
                                    "send examples with kind \"examples\" instead")
+        if self.pending() >= L.queue_size:  # before writing and tokenizing anything (checked again when queued)
+            raise QueueFullError(f"the job queue is full ({L.queue_size} jobs); retry later")
         job_id = uuid.uuid4().hex[:16]
         jdir = self.jobs_dir / job_id
         jdir.mkdir()
