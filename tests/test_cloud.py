@@ -392,3 +392,21 @@ def test_cli_request_wait_and_pull(world, run_cli):
         world["client"].wait(job_id, timeout=60)
     r = run_cli("cloud", "pull", str(bundle.root), job_id)
     assert r.returncode == 2 and "shares a word" in r.stderr
+
+
+def test_full_queue_refuses_before_writing(world):
+    """A job on a full queue is refused (503 + Retry-After over HTTP) before its examples are
+    written or tokenized."""
+    from edgelora.cloud.service import Limits, QueueFullError, Service, ServiceConfig
+
+    root = world["tmp"] / "queue-service"
+    svc = Service(ServiceConfig(root, [str(world["tmp"] / "bundle")], Limits(queue_size=1)), log=lambda *a: None)
+    try:
+        fp = next(iter(svc.bases))
+        svc.submit({"kind": "examples", "base": fp, "examples": chats(4), "steps": 2000}, "phone")
+        bad = [{"messages": [{"role": "user", "content": "hi"}]}]  # would fail tokenizing: never reached
+        with pytest.raises(QueueFullError, match="queue is full"):
+            svc.submit({"kind": "examples", "base": fp, "examples": bad, "steps": 5}, "phone")
+        assert len(list((root / "jobs").iterdir())) == 1
+    finally:
+        svc.close()
