@@ -51,10 +51,10 @@ class FusedExportError(EdgeloraError):
 
 def module_slots(config) -> dict[str, list]:
     """Per target module, the slot shapes an adapter's parameters must fit (rank symbolic)."""
-    slots = {}
+    slots, shapes = {}, config.shapes()
     for i in range(config.num_layers):
         for m in (m for members in GROUPS.values() for m in members):
-            out, in_ = config.shapes()[f"layers.{i}.{m}"]
+            out, in_ = shapes[f"layers.{i}.{m}"]
             a, b = slot_names(f"layers.{i}.{m}")
             slots[a], slots[b] = [in_, "r"], ["r", out]
     return slots
@@ -68,22 +68,22 @@ def slot_parameters(adapter, config) -> dict[str, np.ndarray]:
 
     params, out, shapes = parameters(adapter), {}, config.shapes()
     for i in range(config.num_layers):
-        outs = {m: shapes[f"layers.{i}.{m}"][0] for members in GROUPS.values() for m in members}
         for group, members in GROUPS.items():
-            parts = [(m, params.get(slot_names(f"layers.{i}.{m}")[0]), params.get(slot_names(f"layers.{i}.{m}")[1]))
-                     for m in members]
-            if all(a is None for _, a, _ in parts):
+            names = [slot_names(f"layers.{i}.{m}") for m in members]
+            if not any(a in params for a, _ in names):
                 continue
-            a_name, b_name = slot_names(f"layers.{i}.{group}")
-            out[a_name] = np.ascontiguousarray(np.concatenate([a for _, a, _ in parts if a is not None], 1))
-            b = np.zeros((out[a_name].shape[1], sum(outs[m] for m in members)), np.float32)
+            widths = [shapes[f"layers.{i}.{m}"][0] for m in members]
+            a_group, b_group = slot_names(f"layers.{i}.{group}")
+            out[a_group] = np.ascontiguousarray(np.concatenate([params[a] for a, _ in names if a in params], 1))
+            b = np.zeros((out[a_group].shape[1], sum(widths)), np.float32)
             r0 = c0 = 0
-            for m, a, bm in parts:
-                if a is not None:
-                    b[r0:r0 + bm.shape[0], c0:c0 + bm.shape[1]] = bm
-                    r0 += bm.shape[0]
-                c0 += outs[m]
-            out[b_name] = b
+            for (a, b_name), width in zip(names, widths):
+                if a in params:
+                    r = params[a].shape[1]
+                    b[r0:r0 + r, c0:c0 + width] = params[b_name]
+                    r0 += r
+                c0 += width
+            out[b_group] = b
     return out
 
 
