@@ -188,24 +188,23 @@ class FusedBuilder:
         self._with_sums: dict[str, str] = {}
         self.encodings: dict[str, int] = {}
 
-    # linear layers: list of output terms to add
-    def linear(self, x: str, w: np.ndarray, name: str) -> list[str]:
+    def linear(self, x: str, w: np.ndarray, name: str) -> str:
         """x @ w.T in the export's encoding: float MatMul, Q4_1 folded or round-to-nearest MatMulNBits."""
         g, (n, k) = self.g, w.shape
         if self.quant == "f32" or k % BLK:
             self.encodings["f32"] = self.encodings.get("f32", 0) + 1
-            return [g.node("MatMul", [x, g.init(f"{name}.weight_T", np.ascontiguousarray(w.T))], f"/{name}/MatMul")]
+            return g.node("MatMul", [x, g.init(f"{name}.weight_T", np.ascontiguousarray(w.T))], f"/{name}/MatMul")
         exact = q41_decompose(w) if self.quant == "int4" else None
         if exact is not None:
             self.encodings["q4_1 folded"] = self.encodings.get("q4_1 folded", 0) + 1
-            return [self._folded_q41(x, *exact, name)]
+            return self._folded_q41(x, *exact, name)
         bits = 4 if self.quant == "int4" else 8
         self.encodings[f"int{bits} rtn"] = self.encodings.get(f"int{bits} rtn", 0) + 1
         u, s, zp = rtn(w, bits)
         ins = [x, g.init(f"{name}.q{bits}", pack4(u) if bits == 4 else u), g.init(f"{name}.scales", s),
                g.init(f"{name}.zp", pack_zp4(zp) if bits == 4 else zp.reshape(-1))]
-        return [g.node("MatMulNBits", ins, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits, block_size=BLK,
-                       accuracy_level=self.acc)]
+        return g.node("MatMulNBits", ins, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits, block_size=BLK,
+                      accuracy_level=self.acc)
 
     def _x_with_blocksums(self, x: str, k: int) -> str:
         """[..., K] -> [..., K + K/32 (padded to a block)]: x followed by its block sums."""
@@ -248,8 +247,9 @@ class FusedBuilder:
     def projection(self, x: str, slot: str) -> str:
         """One projection (a group of target modules sharing the input x: their weights stacked by
         rows) plus, with LoRA, the group's slot delta."""
-        w = np.concatenate([self.base.weights[f"{slot.rsplit('.', 1)[0]}.{m}"] for m in GROUPS[slot.rsplit(".", 1)[1]]], 0)
-        y = self.linear(x, w, slot)[0]
+        layer, group = slot.rsplit(".", 1)
+        w = np.concatenate([self.base.weights[f"{layer}.{m}"] for m in GROUPS[group]], 0)
+        y = self.linear(x, w, slot)
         if not self.lora:
             return y
         return self.g.node("Add", [y, self.lora_delta(x, slot, w.shape[1], w.shape[0])], f"/{slot}/Add")

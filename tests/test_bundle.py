@@ -131,6 +131,8 @@ def test_int4_graph_keeps_q4_1_weights(tiny_llama_q41, tmp_path, monkeypatch):
     fused int4 graph, with the block offsets folded into the same MatMulNBits: against
     transformers on the float weights, the error (MatMulNBits computing in float) is a small
     fraction of what requantizing to an int4 grid costs."""
+    import onnx
+
     from edgelora.converters import onnx_fused
     from tests.ort_util import onnxruntime_logits
     from tests.peft_util import base_logits
@@ -139,8 +141,6 @@ def test_int4_graph_keeps_q4_1_weights(tiny_llama_q41, tmp_path, monkeypatch):
     ids = base.tokenizer.encode("The quick brown fox jumps over the lazy dog. A Raspberry Pi has four cores.")
     ref = base_logits(tiny_llama_q41, ids)
     folded = onnx_fused.export(base, tmp_path / "folded", "int4", max_len=64)
-    import onnx
-
     meta = {p.key: p.value for p in onnx.load(str(folded), load_external_data=False).metadata_props}
     assert meta["edgelora.encodings"] == "{'q4_1 folded': 8}"  # qkv, o, gate_up, down in 2 layers
     err_folded = np.abs(onnxruntime_logits(folded, ids, base.config, tmp_path) - ref).max()

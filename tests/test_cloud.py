@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -395,8 +394,8 @@ def test_cli_request_wait_and_pull(world, run_cli):
 
 
 def test_full_queue_refuses_before_writing(world):
-    """A job on a full queue is refused (503 + Retry-After over HTTP) before its examples are
-    written or tokenized."""
+    """A job on a full queue is refused (the HTTP layer answers QueueFullError with 503 and
+    Retry-After) before its examples are written or tokenized."""
     from edgelora.cloud.service import Limits, QueueFullError, Service, ServiceConfig
 
     root = world["tmp"] / "queue-service"

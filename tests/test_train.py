@@ -13,9 +13,9 @@ import pytest
 
 import edgelora
 from edgelora.train import TrainConfig, train_adapter
-from tests.ort_util import onnxruntime_logits
 from edgelora.train.data import DataError
 from edgelora.train.model import LoraParams, LoraSpec, loss_and_grads, masked_loss
+from tests.ort_util import onnxruntime_logits
 from tests.peft_util import make_peft_adapter
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -140,7 +140,7 @@ def test_compact_gguf_weights_equal_the_gguf_packages_dequantization(quant, tiny
 
 @pytest.mark.parametrize("quant", ["int4", "int8", "f32"])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied", "tiny_llama_q41"])
-def test_compact_onnx_weights_reproduceonnxruntime_logits(quant, fixture, request, tmp_path):
+def test_compact_onnx_weights_reproduce_onnxruntime_logits(quant, fixture, request, tmp_path):
     from edgelora.train.model import forward_logits
     from edgelora.train.weights import for_bundle
 

@@ -508,16 +508,21 @@ def _head_weight(base, cfg):
     return base["embed"] if cfg.tie_word_embeddings else base["lm_head"]
 
 
+def _hidden(base, lora, tokens, config: LlamaConfig, attn_block: int):
+    """(B,T) tokens -> (BT,C) last layer's output, keeping nothing for a backward pass."""
+    B, T = tokens.shape
+    rope, causal = _position_tables(config, T, attn_block, base["embed"].dtype)
+    x = embedding_forward(base["embed"], tokens).reshape(B * T, -1)          # (BT,C)
+    for i in range(config.num_layers):
+        x, _ = layer_forward(x, base, lora, i, config, rope, causal, B, T)
+    return x
+
+
 def forward_logits(base, lora, tokens, config: LlamaConfig, *, attn_block: int = 64):
     """Inference check: (B,T) tokens -> (B,T,V) logits (lora may be None)."""
     _check_inputs(base, tokens, None, config)
     B, T = tokens.shape
-    dtype = base["embed"].dtype
-    rope, causal = _position_tables(config, T, attn_block, dtype)
-    x = embedding_forward(base["embed"], tokens).reshape(B * T, -1)          # (BT,C)
-    for i in range(config.num_layers):
-        x, _ = layer_forward(x, base, lora, i, config, rope, causal, B, T)
-    xn, _ = rmsnorm_forward(x, base["norm"], config.rms_norm_eps)
+    xn, _ = rmsnorm_forward(_hidden(base, lora, tokens, config, attn_block), base["norm"], config.rms_norm_eps)
     return (xn @ _head_weight(base, config).T).reshape(B, T, -1)             # (B,T,V)
 
 
@@ -558,14 +563,8 @@ def masked_loss(base, lora: LoraParams | None, tokens, loss_mask, config: LlamaC
     """The loss of `loss_and_grads` without its backward pass (validation, scoring mixtures):
     the forward keeps nothing and the LM head computes no gradient."""
     _check_inputs(base, tokens, loss_mask, config)
-    B, T = tokens.shape
-    dtype = base["embed"].dtype
     rows, targets = _loss_targets(tokens, loss_mask)
-    rope, causal = _position_tables(config, T, attn_block, dtype)
-    x = embedding_forward(base["embed"], tokens).reshape(B * T, -1)          # (BT,C)
-    for i in range(config.num_layers):
-        x, cache = layer_forward(x, base, lora, i, config, rope, causal, B, T)
-        del cache
+    x = _hidden(base, lora, tokens, config, attn_block)
     ws = Workspace() if workspace is None else workspace
     return _head_loss(x, base, config, rows, targets, vocab_rows, ws, backward=False)[0] / len(rows)
 

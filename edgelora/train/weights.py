@@ -225,23 +225,28 @@ def from_onnx_fused(path: str | os.PathLike, config: LlamaConfig, *, keep_layers
                                      "is an optimum export: export the bundle again (the default ONNX graph is fused)")
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     del model
-    c = config
+    from edgelora.converters.onnx_fused import GROUPS
+
+    c, shapes = config, config.shapes()
     dense: dict[str, np.ndarray] = {}
     packed: dict[str, BlockQuant | Stored] = {}
     for i in range(c.num_layers):
         p = f"layers.{i}"
         dense[f"{p}.attn_norm"], dense[f"{p}.mlp_norm"] = inits[f"{p}.attn_norm"], inits[f"{p}.mlp_norm"]
-        qkv = _onnx_linear(inits, f"{p}.qkv", (c.q_dim + 2 * c.kv_dim, c.hidden_size))
-        for kind, (a, b) in (("q", (0, c.q_dim)), ("k", (c.q_dim, c.q_dim + c.kv_dim)),
-                             ("v", (c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim))):
-            packed[f"{p}.{kind}"] = _slice_rows(qkv, a, b)
-        if any(k.startswith(f"{p}.gate_up.") for k in inits):
-            gate_up = _onnx_linear(inits, f"{p}.gate_up", (2 * c.intermediate_size, c.hidden_size))
-            packed[f"{p}.gate"] = _slice_rows(gate_up, 0, c.intermediate_size)
-            packed[f"{p}.up"] = _slice_rows(gate_up, c.intermediate_size, 2 * c.intermediate_size)
-        for kind in ("o", "down") if f"{p}.gate" in packed else ("o", "gate", "up", "down"):
-            n, k = c.shapes()[f"{p}.{kind}"]
-            packed[f"{p}.{kind}"] = _onnx_linear(inits, f"{p}.{kind}", (n, k))
+        for group, members in GROUPS.items():
+            if not _has_linear(inits, f"{p}.{group}"):  # bundles from before gate|up was one projection
+                for m in members:
+                    packed[f"{p}.{m}"] = _onnx_linear(inits, f"{p}.{m}", shapes[f"{p}.{m}"])
+                continue
+            widths = [shapes[f"{p}.{m}"][0] for m in members]
+            stacked = _onnx_linear(inits, f"{p}.{group}", (sum(widths), shapes[f"{p}.{members[0]}"][1]))
+            if len(members) == 1:
+                packed[f"{p}.{group}"] = stacked
+                continue
+            start = 0
+            for m, width in zip(members, widths):
+                packed[f"{p}.{m}"] = _slice_rows(stacked, start, start + width)
+                start += width
     dense["norm"] = inits["norm"]
     vocab, d = c.vocab_size, c.hidden_size
     if "embed" in inits:
@@ -260,6 +265,10 @@ def from_onnx_fused(path: str | os.PathLike, config: LlamaConfig, *, keep_layers
                                           inits["lm_head.zp"].reshape(vocab, d // BLK)).expand()
     dense = {k: np.ascontiguousarray(v, np.float32) for k, v in dense.items()}
     return CompactWeights(c, dense, packed, keep_layers=keep_layers, source=str(path))
+
+
+def _has_linear(inits: dict[str, np.ndarray], name: str) -> bool:
+    return any(f"{name}.{kind}" in inits for kind in ("weight_T", "q4", "q8"))
 
 
 def _onnx_linear(inits: dict[str, np.ndarray], name: str, shape: tuple[int, int]) -> BlockQuant | Stored:
