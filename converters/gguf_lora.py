@@ -18,8 +18,8 @@ import numpy as np
 
 from edgelora import naming
 from edgelora._io import atomic_file
-from edgelora.adapters import AdapterError, LoraAdapter, LoraTensor
-from edgelora.arch import LlamaConfig
+from edgelora.adapters import AdapterError, AdapterMismatchError, LoraAdapter, LoraTensor, fuse_members, split_fused
+from edgelora.arch import ModelConfig
 from edgelora.errors import CorruptFileError, UnsupportedArchitectureError, UnsupportedFormatError
 
 from . import gguf_model
@@ -32,26 +32,53 @@ KEY_HEADS = "edgelora.adapter.heads"  # [n_head, n_head_kv]: to undo the q/k per
 KEY_PROVENANCE = "edgelora.provenance"
 
 
-def _permute(target: str, B: np.ndarray, heads: tuple[int, int], inverse: bool = False) -> np.ndarray:
+KEY_FUSED = "edgelora.adapter.fused_ranks"  # JSON {fused tensor: {member: [r0, r1]}} when members had their own A
+
+
+def _permute(permutes: bool, target: str, B: np.ndarray, heads: tuple[int, int] | None,
+             inverse: bool = False) -> np.ndarray:
+    """llama.cpp's q/k row permutation of a B (only the `llama` architecture permutes)."""
     kind = target.rsplit(".", 1)[1]
-    if kind not in ("q", "k"):
+    if kind not in ("q", "k") or not permutes:
         return B
+    if heads is None:
+        raise AdapterError("undoing llama.cpp's q/k permutation needs the base model's config; "
+                           "pass config= (or load the adapter through a bundle)")
     n = heads[0] if kind == "q" else heads[1]
     return naming.rope_unpermute(B, n) if inverse else naming.rope_permute(B, n)
 
 
-def write(adapter: LoraAdapter, path: str | Path, config: LlamaConfig) -> Path:
+def _pairs(adapter: LoraAdapter, config: ModelConfig) -> tuple[dict[str, tuple[LoraTensor, float]], dict[str, dict]]:
+    """GGUF base tensor name -> (LoRA pair, the scale it must compute), with fused tensors
+    (Phi-3's attn_qkv) made from their members; and the rank ranges of fused pairs."""
+    pairs, ranges, shapes = {}, {}, config.shapes()
+    for ext, members in naming.lora_modules(config, naming.GGUF).items():
+        if len(members) == 1:
+            if members[0] in adapter.tensors:
+                pairs[ext] = (adapter.tensors[members[0]], adapter.scale(members[0]))
+            continue
+        fused = fuse_members(adapter, members, shapes)
+        if fused is not None:
+            t, r = fused
+            pairs[ext] = (t, t.alpha / (math.sqrt(t.rank) if adapter.use_rslora else t.rank))
+            if r:
+                ranges[ext] = r
+    return pairs, ranges
+
+
+def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig) -> Path:
     import gguf
 
     adapter.check_fits(config)
     path = Path(path)
     heads = (config.num_heads, config.num_kv_heads)
-    ranks = {t.rank for t in adapter.tensors.values()}
-    alphas = {t.alpha for t in adapter.tensors.values()}
-    simple = len(alphas) == 1 and len(ranks) == 1 and not adapter.use_rslora
-    file_alpha = alphas.pop() if simple else float(adapter.rank)
+    pairs, ranges = _pairs(adapter, config)
+    ranks = {t.rank for t, _ in pairs.values()}
+    alphas = {t.alpha for t, _ in pairs.values()}
+    simple = len(alphas) == 1 and len(ranks) == 1 and not adapter.use_rslora and not ranges
+    file_alpha = alphas.pop() if simple else float(max(ranks))
     with atomic_file(path) as tmp:
-        w = gguf.GGUFWriter(tmp, gguf_model.ARCH)
+        w = gguf.GGUFWriter(tmp, config.spec.gguf_arch)
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32(KEY_ALPHA, file_alpha)
@@ -62,12 +89,15 @@ def write(adapter: LoraAdapter, path: str | Path, config: LlamaConfig) -> Path:
         w.add_string(KEY_PROVENANCE, json.dumps(adapter.provenance, default=str))
         if not simple:
             w.add_string(KEY_ALPHAS, json.dumps({t: adapter.tensors[t].alpha for t in adapter.targets}))
-        for target in adapter.targets:
-            t = adapter.tensors[target]
-            B = t.B if simple else t.B * np.float32(adapter.scale(target) / (file_alpha / t.rank))
-            name = naming.to_gguf(target)
-            w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(t.A, np.float32))
-            w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(_permute(target, B, heads), np.float32))
+        if ranges:
+            w.add_string(KEY_FUSED, json.dumps(ranges))
+        for name, (t, scale) in pairs.items():
+            # llama.cpp computes scale = file alpha / rank of each pair: fold the rest into B
+            B = t.B if simple else t.B * np.float32(scale / (file_alpha / t.rank))
+            base = name[: -len(".weight")]
+            members = naming.members_of(name, naming.GGUF, config.family)
+            w.add_tensor(f"{base}.weight.lora_a", np.ascontiguousarray(t.A, np.float32))
+            w.add_tensor(f"{base}.weight.lora_b", np.ascontiguousarray(_permute(config.spec.gguf_rope_permute, members[0], B, heads), np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -75,9 +105,10 @@ def write(adapter: LoraAdapter, path: str | Path, config: LlamaConfig) -> Path:
     return path
 
 
-def read(path: str | Path, config: LlamaConfig | None = None) -> LoraAdapter:
+def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
     """Reads and fully validates a GGUF LoRA. `config` (the base's) is needed only for files from
-    other tools, to undo the q/k permutation; edgelora's own files carry the head counts."""
+    other tools, to undo the q/k permutation or split a fused tensor; edgelora's own files carry
+    the head counts."""
     import gguf
 
     path = Path(path)
@@ -85,9 +116,14 @@ def read(path: str | Path, config: LlamaConfig | None = None) -> LoraAdapter:
     fields = gguf_model.fields_of(reader)
     if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
         raise UnsupportedFormatError(f"{path}: not a GGUF LoRA adapter (general.type={fields.get('general.type')!r})")
-    if fields.get("general.architecture") != gguf_model.ARCH:
-        raise UnsupportedArchitectureError(f"{path}: adapter for architecture {fields.get('general.architecture')!r}; "
-                                           "edgelora supports the Llama family")
+    arch = fields.get("general.architecture")
+    family = gguf_model.ARCHES.get(arch)
+    if family is None:
+        raise UnsupportedArchitectureError(f"{path}: adapter for architecture {arch!r}; edgelora reads adapters for "
+                                           f"{', '.join(gguf_model.ARCHES)}")
+    if config is not None and config.spec.gguf_arch != arch:
+        raise AdapterMismatchError(f"{path}: adapter for a {arch} model, but the base is {config.family}; "
+                                   "use an adapter made for this base")
     if KEY_ALPHA not in fields:
         raise CorruptFileError(f"{path}: no {KEY_ALPHA} key")
     file_alpha = float(fields[KEY_ALPHA])
@@ -102,40 +138,56 @@ def read(path: str | Path, config: LlamaConfig | None = None) -> LoraAdapter:
         if not t.name.endswith((".lora_a", ".lora_b")):
             raise CorruptFileError(f"{path}: unexpected tensor {t.name} in a LoRA adapter")
         base_name, ab = t.name.rsplit(".", 1)
-        target = naming.from_gguf(base_name)
-        if target is None or target.rsplit(".", 1)[-1] not in naming.LORA_TARGETS:
+        members = naming.members_of(base_name, naming.GGUF, family.name)
+        if members is None or members[0].rsplit(".", 1)[-1] not in naming.LORA_TARGETS:
             raise UnsupportedFormatError(f"{path}: LoRA on {base_name} is not supported")
         if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             raise UnsupportedFormatError(f"{path}: {t.name} is {t.tensor_type.name}; edgelora reads F32/F16 LoRA tensors")
         data = np.asarray(t.data, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
-        pairs.setdefault(target, {})[ab] = data.copy()
+        pairs.setdefault(base_name, {})[ab] = data.copy()
     if not pairs:
         raise CorruptFileError(f"{path}: the adapter has no tensors")
     alphas = json.loads(fields[KEY_ALPHAS]) if KEY_ALPHAS in fields else None
+    fused_ranges = json.loads(fields[KEY_FUSED]) if KEY_FUSED in fields else {}
     rslora = bool(fields.get(KEY_RSLORA, False))
     tensors = {}
-    for target, ab in pairs.items():
+    for base_name, ab in pairs.items():
         if set(ab) != {"lora_a", "lora_b"}:
-            raise CorruptFileError(f"{path}: {target} has {''.join(ab)} without its partner")
+            raise CorruptFileError(f"{path}: {base_name} has {''.join(ab)} without its partner")
         A, B = ab["lora_a"], ab["lora_b"]
         if A.shape[0] != B.shape[1]:
-            raise CorruptFileError(f"{path}: {target} lora_a {A.shape} and lora_b {B.shape} have different ranks")
-        if target.rsplit(".", 1)[1] in ("q", "k"):
-            if heads is None:
-                raise AdapterError(f"{path}: undoing llama.cpp's q/k permutation needs the base model's config; "
-                                   "pass config= (or load the adapter through a bundle)")
-            B = _permute(target, B, heads, inverse=True)
+            raise CorruptFileError(f"{path}: {base_name} lora_a {A.shape} and lora_b {B.shape} have different ranks")
+        members = naming.members_of(base_name, naming.GGUF, family.name)
         r = A.shape[0]
-        if alphas is None:
-            alpha = file_alpha
-        else:
-            alpha = float(alphas[target])
-            scale = alpha / (math.sqrt(r) if rslora else r)
-            B = B / np.float32(scale / (file_alpha / r))
-        tensors[target] = LoraTensor(A, B, alpha)
+        if len(members) > 1:
+            if config is None:
+                raise AdapterError(f"{path}: {base_name} is a fused tensor ({'+'.join(members)}); splitting its LoRA "
+                                   "needs the base model's config (load it through a bundle or pass config=)")
+            # the pair computes file_alpha / r; its members get that scale back
+            parts = split_fused(LoraTensor(A, B, file_alpha), members, config.shapes(), fused_ranges.get(base_name))
+            for m, part in parts.items():
+                tensors[m] = _unfold(m, part, alphas, rslora)
+            continue
+        target = members[0]
+        try:
+            B = _permute(family.gguf_rope_permute, target, B, heads, inverse=True)
+        except AdapterError as e:
+            raise AdapterError(f"{path}: {e}") from e
+        tensors[target] = _unfold(target, LoraTensor(A, B, file_alpha), alphas, rslora)
     try:
         return LoraAdapter(tensors, base_fingerprint=fields.get(KEY_FINGERPRINT) or None, use_rslora=rslora and alphas is not None,
                            name=fields.get("general.name") or path.stem,
                            provenance={"format": "gguf", "source": str(path), **json.loads(fields.get(KEY_PROVENANCE) or "{}")})
     except AdapterError as e:
         raise CorruptFileError(f"{path}: {e}") from e
+
+
+def _unfold(target: str, t: LoraTensor, alphas: dict | None, rslora: bool) -> LoraTensor:
+    """A pair as llama.cpp computes it (scale = alpha / rank) -> the adapter's own alpha, with the
+    scale folded into B taken back out (edgelora's files record the alphas when they folded)."""
+    if alphas is None:
+        return t
+    r = t.rank
+    alpha = float(alphas[target])
+    scale = alpha / (math.sqrt(r) if rslora else r)
+    return LoraTensor(t.A, t.B / np.float32(scale / (t.alpha / r)), alpha)

@@ -14,7 +14,7 @@ import numpy as np
 
 from edgelora import naming
 from edgelora._io import atomic_dir
-from edgelora.arch import LlamaConfig
+from edgelora.arch import ModelConfig
 from edgelora.base import BaseModel, Weights
 from edgelora.errors import CorruptFileError, UnsupportedArchitectureError, UnsupportedFormatError
 from edgelora.tokenizer import Tokenizer
@@ -75,47 +75,68 @@ def read(path: str | Path) -> BaseModel:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise UnsupportedFormatError(f"{path}: no config.json; pass a Hugging Face checkpoint directory or a .gguf file")
-    config = LlamaConfig.from_hf(_read_json(cfg_path))
+    config = ModelConfig.from_hf(_read_json(cfg_path))
 
     refs: dict[str, safetensors_io.TensorRef] = {}
     for f in _weight_files(path):
         refs.update(safetensors_io.read_index(f)[0])
 
     expected = config.shapes()
+    files = naming.layout(config, "hf")
+    if config.tie_word_embeddings:
+        files.setdefault(naming.GLOBAL_TENSORS["lm_head"][naming.HF], ())  # a tied head saved anyway: ignored
     loaders: dict[str, Callable[[], np.ndarray]] = {}
     unexpected: list[str] = []
     dtypes: dict[str, int] = {}
     for hf_name, ref in refs.items():
         if hf_name.endswith(IGNORED_TENSORS):
             continue
-        canon = naming.from_hf(hf_name)
-        if canon is None:
-            if hf_name.endswith(".bias"):
-                raise UnsupportedArchitectureError(
-                    f"unsupported architecture {config.model_type!r} with biases ({hf_name}): "
-                    "edgelora supports the Llama family without linear biases")
+        members = files.get(hf_name)
+        if members is None:
             unexpected.append(hf_name)
             continue
-        if canon == "lm_head" and config.tie_word_embeddings:
-            continue  # a tied head saved anyway: the embedding is the weight
-        if ref.shape != expected.get(canon):
-            raise CorruptFileError(
-                f"{path}: tensor {hf_name} has shape {list(ref.shape)} but config.json implies {list(expected.get(canon, ()))}")
-        loaders[canon] = ref.load
+        want = (sum(expected[m][0] for m in members), *expected[members[0]][1:]) if members else ref.shape
+        if tuple(ref.shape) != want:
+            raise CorruptFileError(f"{path}: tensor {hf_name} has shape {list(ref.shape)} but config.json implies {list(want)}")
+        if len(members) == 1:
+            loaders[members[0]] = _offset(ref.load, config) if _is_norm(members[0]) else ref.load
+        for m in members if len(members) > 1 else ():
+            loaders[m] = _row_slice(ref.load, members, m, expected)
         dtypes[ref.dtype] = dtypes.get(ref.dtype, 0) + 1
     if unexpected:
+        bias = [n for n in unexpected if n.endswith(".bias")]
+        what = f"with biases ({bias[0]})" if bias else f"with tensors a {config.family} model does not have"
         raise UnsupportedArchitectureError(
-            f"{path}: tensors a Llama-family model does not have: {', '.join(sorted(unexpected)[:5])}"
+            f"unsupported architecture {config.model_type!r} {what}: {', '.join(sorted(unexpected)[:5])}"
             f"{' ...' if len(unexpected) > 5 else ''}")
     missing = [n for n in expected if n not in loaders]
     if missing:
-        raise CorruptFileError(f"{path}: missing tensors {', '.join(naming.to_hf(n) for n in missing[:5])}"
+        raise CorruptFileError(f"{path}: missing tensors {', '.join(naming.to_hf(n, config.family) for n in missing[:5])}"
                                f"{' ...' if len(missing) > 5 else ''}: the checkpoint is incomplete")
     ordered = {n: loaders[n] for n in expected}
     return BaseModel(
         config=config, weights=Weights(ordered, expected), tokenizer=read_tokenizer(path),
         source=str(path), source_format="hf", source_dtype=max(dtypes, key=dtypes.get), name=path.name,
     )
+
+
+def _is_norm(canonical: str) -> bool:
+    return canonical.endswith("norm")
+
+
+def _offset(load: Callable[[], np.ndarray], config: ModelConfig, sign: int = 1) -> Callable[[], np.ndarray]:
+    """Gemma's norms multiply by (1 + w): edgelora keeps the multiplier itself (as llama.cpp does),
+    computed in float32 as transformers computes it."""
+    off = config.spec.norm_offset
+    if not off:
+        return load
+    return lambda: np.asarray(load(), np.float32) + np.float32(sign * off)
+
+
+def _row_slice(load: Callable[[], np.ndarray], members: tuple[str, ...], member: str,
+               shapes: dict[str, tuple[int, ...]]) -> Callable[[], np.ndarray]:
+    """A loader of one member of a fused tensor (Phi-3's qkv_proj, gate_up_proj)."""
+    return lambda: np.ascontiguousarray(naming.split_rows(load(), members, shapes)[member])
 
 
 def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
@@ -140,11 +161,13 @@ def write(base: BaseModel, out: str | Path, *, replace: bool = False, progress: 
         gen = {k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id)) if v is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
         tensors = {}
-        names = list(base.weights)
-        for i, name in enumerate(names):
-            tensors[naming.to_hf(name)] = base.weights[name]
+        files = naming.layout(config, "hf")
+        for i, (hf_name, members) in enumerate(files.items()):
+            parts = [_offset(lambda m=m: base.weights[m], config, -1)() if _is_norm(m) else base.weights[m]
+                     for m in members]
+            tensors[hf_name] = parts[0] if len(parts) == 1 else np.concatenate(parts, 0)
             if progress:
-                progress(i + 1, len(names))
+                progress(i + 1, len(files))
         safetensors_io.write(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
         write_tokenizer(tok, tmp)
     return out

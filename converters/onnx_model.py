@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from edgelora import naming
-from edgelora.arch import LlamaConfig
+from edgelora.arch import ModelConfig
 from edgelora.errors import EdgeloraError
 
 # optimum's node names for the linear modules: /model/layers.{i}/self_attn/q_proj/MatMul
@@ -72,7 +72,7 @@ def linear_nodes(model) -> dict[str, object]:
     return out
 
 
-def add_lora_slots(model, config: LlamaConfig, targets: Iterable[str] = naming.LORA_TARGETS):
+def add_lora_slots(model, config: ModelConfig, targets: Iterable[str] = naming.LORA_TARGETS):
     """Adds a zero-rank LoRA slot to every linear of the given kinds, in place; returns the model."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -141,7 +141,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *, bloc
     return dst
 
 
-def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, config: LlamaConfig, quant: str = "f32",
+def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, config: ModelConfig, quant: str = "f32",
            *, progress: Callable[[int, int], None] | None = None) -> Path:
     """optimum export -> LoRA slots -> optional quantization; writes ``out_dir/model.onnx``."""
     import onnx

@@ -15,7 +15,8 @@ import numpy as np
 
 from edgelora import naming
 from edgelora._io import atomic_dir
-from edgelora.adapters import AdapterError, LoraAdapter, LoraTensor, target_order
+from edgelora.adapters import AdapterError, LoraAdapter, LoraTensor, fuse_members, split_fused
+from edgelora.arch import FAMILIES, ModelConfig
 from edgelora.errors import CorruptFileError, UnsupportedFormatError
 
 from . import safetensors_io
@@ -25,11 +26,24 @@ WEIGHTS = "adapter_model.safetensors"
 PICKLE = ("adapter_model.bin", "adapter_model.pt")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
 FINGERPRINT_KEY = "edgelora_base_fingerprint"
+RANGES_KEY = "edgelora_fused_ranks"  # JSON {fused module: {member: [r0, r1]}} when members had their own A
 
 
-def _module(target: str) -> str:
-    """Canonical target -> PEFT module path (``model.layers.0.self_attn.q_proj``)."""
-    return naming.to_hf(target)[: -len(".weight")]
+def _module(target: str, family: str = "llama") -> str:
+    """Canonical target -> PEFT module path (``model.layers.0.self_attn.q_proj``; for a member of a
+    fused module, the fused module's path)."""
+    return naming.to_hf(target, family)[: -len(".weight")]
+
+
+def _targets_of(module: str, config: ModelConfig | None) -> tuple[str, ...] | None:
+    """The canonical targets a PEFT module holds, in the base's family (or any family without a
+    config: module names tell families apart)."""
+    families = [config.family] if config is not None else list(FAMILIES)
+    for fam in families:
+        members = naming.members_of(module + ".weight", naming.HF, fam)
+        if members and all(m.rsplit(".", 1)[-1] in naming.LORA_TARGETS for m in members):
+            return members
+    return None
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
@@ -40,7 +54,8 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def read(path: str | Path) -> LoraAdapter:
+def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
+    """`config` (the base's) is needed only to split a fused module's LoRA (Phi-3's qkv_proj)."""
     path = Path(path)
     try:
         cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
@@ -66,24 +81,38 @@ def read(path: str | Path) -> LoraAdapter:
                                          "edgelora refuses it: re-save the adapter with safe_serialization=True")
         raise CorruptFileError(f"{path}: no {WEIGHTS}")
     refs, metadata = safetensors_io.read_index(weights)
-    pairs: dict[str, dict[str, np.ndarray]] = {}
+    pairs: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+    modules: dict[tuple[str, ...], str] = {}
     for key, ref in refs.items():
         if "lora_magnitude_vector" in key:
             raise UnsupportedFormatError(f"{path}: DoRA weights ({key}) are not supported; train a plain LoRA")
         m = _KEY.match(key)
         if not m:
             raise UnsupportedFormatError(f"{path}: tensor {key} is not a LoRA A/B weight edgelora understands")
-        target = naming.from_hf(m.group("module") + ".weight")
-        if target is None or target.rsplit(".", 1)[-1] not in naming.LORA_TARGETS:
+        members = _targets_of(m.group("module"), config)
+        if members is None:
             raise UnsupportedFormatError(f"{path}: LoRA on {m.group('module')} is not supported "
-                                         f"(targets: {', '.join(naming.PEFT_MODULES.values())})")
-        pairs.setdefault(target, {})[m.group("ab")] = ref.load()
+                                         f"(targets: {', '.join(naming.PEFT_MODULES.values())}, Phi-3's qkv_proj, gate_up_proj)")
+        pairs.setdefault(members, {})[m.group("ab")] = ref.load()
+        modules[members] = m.group("module")
+    ranges = json.loads(metadata.get(RANGES_KEY, "{}"))
     tensors = {}
-    for target, ab in pairs.items():
+    for members, ab in pairs.items():
         if set(ab) != {"A", "B"}:
-            raise CorruptFileError(f"{path}: {target} has lora_{''.join(ab)} without its partner")
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, _module(target), cfg.get("lora_alpha", 8))
-        tensors[target] = LoraTensor(ab["A"], ab["B"], float(alpha))
+            raise CorruptFileError(f"{path}: {modules[members]} has lora_{''.join(ab)} without its partner")
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, modules[members], cfg.get("lora_alpha", 8))
+        pair = LoraTensor(ab["A"], ab["B"], float(alpha))
+        if len(members) == 1:
+            tensors[members[0]] = pair
+            continue
+        if config is None:
+            raise AdapterError(f"{path}: {modules[members]} is a fused module ({'+'.join(members)}); splitting its "
+                               "LoRA needs the base model's config (load it through a bundle or pass config=)")
+        try:
+            tensors.update(split_fused(pair, members, config.shapes(), ranges.get(modules[members]),
+                                       bool(cfg.get("use_rslora"))))
+        except AdapterError as e:
+            raise CorruptFileError(f"{path}: {e}") from e
     fingerprint = metadata.get(FINGERPRINT_KEY) or cfg.get(FINGERPRINT_KEY)
     try:
         return LoraAdapter(tensors, base_fingerprint=fingerprint, use_rslora=bool(cfg.get("use_rslora")),
@@ -93,33 +122,54 @@ def read(path: str | Path) -> LoraAdapter:
         raise CorruptFileError(f"{path}: {e}") from e
 
 
-def write(adapter: LoraAdapter, path: str | Path, base_model: str = "") -> Path:
+def _pairs(adapter: LoraAdapter, config: ModelConfig | None) -> tuple[dict[str, LoraTensor], dict[str, dict]]:
+    """PEFT module path -> its LoRA pair (fused modules from their members), and the rank ranges
+    of fused modules whose members had their own A."""
+    if config is None or not naming.FUSED_TENSORS.get(config.family):
+        family = config.family if config is not None else "llama"
+        return {_module(t, family): adapter.tensors[t] for t in adapter.targets}, {}
+    pairs, ranges, shapes = {}, {}, config.shapes()
+    for ext, members in naming.lora_modules(config, naming.HF).items():
+        fused = fuse_members(adapter, members, shapes)
+        if fused is not None:
+            module = ext[: -len(".weight")]
+            pairs[module] = fused[0]
+            if fused[1]:
+                ranges[module] = fused[1]
+    return pairs, ranges
+
+
+def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig | None = None, base_model: str = "") -> Path:
+    """Writes what ``PeftModel.from_pretrained`` loads, with the family's module names (`config`,
+    the base's; Llama names without it)."""
     path = Path(path)
-    ranks = adapter.ranks
-    alphas = {t: adapter.tensors[t].alpha for t in adapter.targets}
+    pairs, ranges = _pairs(adapter, config)
+    ranks = {m: t.rank for m, t in pairs.items()}
+    alphas = {m: t.alpha for m, t in pairs.items()}
     r = max(ranks.values(), key=list(ranks.values()).count)  # the commonest rank
     alpha = max(alphas.values(), key=list(alphas.values()).count)
+    modules = {m.rsplit(".", 1)[1] for m in pairs}
+    layers = {int(m.split(".")[2]) for m in pairs}
+    if len(pairs) != len(modules) * len(layers):
+        raise UnsupportedFormatError("PEFT needs the same target modules in every adapted layer")
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "use_rslora": adapter.use_rslora, "use_dora": False,
-        "target_modules": sorted({naming.PEFT_MODULES[k] for k in adapter.target_kinds}),
-        "layers_to_transform": sorted({int(t.split(".")[1]) for t in adapter.targets}),
-        "rank_pattern": {_module(t): v for t, v in ranks.items() if v != r},
-        "alpha_pattern": {_module(t): v for t, v in alphas.items() if v != alpha},
+        "target_modules": sorted(modules), "layers_to_transform": sorted(layers),
+        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "modules_to_save": None, "init_lora_weights": True,
         FINGERPRINT_KEY: adapter.base_fingerprint,
     }
-    kinds = {t.rsplit(".", 1)[1] for t in adapter.targets}
-    layers = {int(t.split(".")[1]) for t in adapter.targets}
-    if len(adapter.targets) != len(kinds) * len(layers):
-        raise UnsupportedFormatError("PEFT needs the same target modules in every adapted layer")
     tensors = {}
-    for t in sorted(adapter.targets, key=target_order):
-        tensors[f"base_model.model.{_module(t)}.lora_A.weight"] = adapter.tensors[t].A
-        tensors[f"base_model.model.{_module(t)}.lora_B.weight"] = adapter.tensors[t].B
+    for m, t in pairs.items():
+        tensors[f"base_model.model.{m}.lora_A.weight"] = t.A
+        tensors[f"base_model.model.{m}.lora_B.weight"] = t.B
     metadata = {"format": "pt", FINGERPRINT_KEY: adapter.base_fingerprint or "",
                 "edgelora_provenance": json.dumps(adapter.provenance, default=str)}
+    if ranges:
+        metadata[RANGES_KEY] = json.dumps(ranges)
     with atomic_dir(path, replace=True) as tmp:
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         safetensors_io.write(tmp / WEIGHTS, tensors, metadata)

@@ -5,7 +5,7 @@
     print(base.fingerprint)
 """
 
-from .arch import LlamaConfig
+from .arch import ModelConfig
 from .base import BaseModel, load_base
 from .errors import (
     CorruptFileError,
@@ -24,7 +24,7 @@ from .cloud import CloudClient
 __version__ = "0.1.0"
 
 __all__ = [
-    "BaseModel", "CorruptFileError", "DEFAULT_MODEL", "EdgeloraError", "LlamaConfig", "ModelFetchError",
+    "BaseModel", "CorruptFileError", "DEFAULT_MODEL", "EdgeloraError", "ModelConfig", "ModelFetchError",
     "REGISTRY", "SourceNotFoundError", "Tokenizer", "UnsupportedArchitectureError", "UnsupportedFormatError",
     "Bundle", "CloudClient", "bundle", "export", "load_base", "open_bundle", "pull",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .arch import LlamaConfig
+from .arch import ModelConfig
 from .errors import EdgeloraError, UnsupportedFormatError
 from .naming import LORA_TARGETS
 
@@ -109,7 +109,7 @@ class LoraAdapter:
 
     # -- checks ------------------------------------------------------------------------------
 
-    def check_fits(self, config: LlamaConfig, fingerprint: str | None = None) -> None:
+    def check_fits(self, config: ModelConfig, fingerprint: str | None = None) -> None:
         """Refuses an adapter made for another base, or whose names or shapes do not fit `config`,
         listing every mismatch in one error."""
         if fingerprint and self.base_fingerprint and self.base_fingerprint != fingerprint:
@@ -168,12 +168,60 @@ class LoraAdapter:
         }
 
 
+def fuse_members(adapter: LoraAdapter, members: tuple[str, ...],
+                 shapes: dict[str, tuple[int, ...]]) -> tuple[LoraTensor, dict[str, list[int]]] | None:
+    """One LoRA pair for a module a family stores fused (Phi-3's qkv_proj: q, k, v stacked by rows),
+    from the adapter's members, or None if it has none of them. Members with one A and one alpha
+    (PEFT's own layout for a fused module) keep that A, their B's stacked; otherwise the A's are
+    stacked and B is block-diagonal with each member's scale folded in (the pair's scale is 1), and
+    the second value names each member's rank range so `split_fused` gives them back exactly."""
+    present = [m for m in members if m in adapter.tensors]
+    if not present:
+        return None
+    ts = {m: adapter.tensors[m] for m in present}
+    first = ts[present[0]]
+    if len(present) == len(members) and all(np.array_equal(t.A, first.A) and t.alpha == first.alpha for t in ts.values()):
+        return LoraTensor(first.A, np.concatenate([ts[m].B for m in members], 0), first.alpha), {}
+    r = sum(t.rank for t in ts.values())
+    A = np.concatenate([t.A for t in ts.values()], 0)
+    B = np.zeros((sum(shapes[m][0] for m in members), r), np.float32)
+    ranges, row, col = {}, 0, 0
+    for m in members:
+        if m in ts:
+            t = ts[m]
+            B[row:row + shapes[m][0], col:col + t.rank] = t.B * np.float32(adapter.scale(m))
+            ranges[m] = [col, col + t.rank]
+            col += t.rank
+        row += shapes[m][0]
+    return LoraTensor(A, B, math.sqrt(r) if adapter.use_rslora else float(r)), ranges
+
+
+def split_fused(t: LoraTensor, members: tuple[str, ...], shapes: dict[str, tuple[int, ...]],
+                ranges: dict[str, list[int]] | None = None, rslora: bool = False) -> dict[str, LoraTensor]:
+    """The members of a fused module's LoRA pair (the inverse of `fuse_members`); without
+    `ranges` every member shares the pair's A."""
+    out, row = {}, 0
+    scale = t.alpha / (math.sqrt(t.rank) if rslora else t.rank)
+    for m in members:
+        rows = t.B[row:row + shapes[m][0]]
+        row += shapes[m][0]
+        if not ranges:
+            out[m] = LoraTensor(t.A.copy(), np.ascontiguousarray(rows), t.alpha)
+        elif m in ranges:
+            r0, r1 = ranges[m]
+            alpha = scale * (math.sqrt(r1 - r0) if rslora else r1 - r0)
+            out[m] = LoraTensor(t.A[r0:r1].copy(), np.ascontiguousarray(rows[:, r0:r1]), alpha)
+    if row != t.B.shape[0]:
+        raise AdapterError(f"a fused LoRA B has {t.B.shape[0]} rows, its modules {'+'.join(members)} have {row}")
+    return out
+
+
 def target_order(target: str) -> tuple[int, int]:
     layer, kind = target.split(".")[1:]
     return int(layer), LORA_TARGETS.index(kind)
 
 
-def random_adapter(config: LlamaConfig, *, rank: int = 8, alpha: float = 16.0, targets: Iterable[str] = LORA_TARGETS,
+def random_adapter(config: ModelConfig, *, rank: int = 8, alpha: float = 16.0, targets: Iterable[str] = LORA_TARGETS,
                    seed: int = 0, scale: float = 0.05, fingerprint: str | None = None, name: str = "random") -> LoraAdapter:
     """An adapter with random A and B (both non-zero): for tests and benchmarks."""
     rng = np.random.default_rng(seed)
@@ -215,14 +263,15 @@ def sniff(path: str | os.PathLike) -> str:
     raise UnsupportedFormatError(f"{p}: not an adapter edgelora reads (a PEFT dir, a GGUF LoRA or a .onnx_adapter)")
 
 
-def load_adapter(path: str | os.PathLike, config: LlamaConfig | None = None) -> LoraAdapter:
+def load_adapter(path: str | os.PathLike, config: ModelConfig | None = None) -> LoraAdapter:
     """Reads an adapter in any supported format (sniffed from the path). `config`, the base's, is
-    needed only for GGUF LoRA files made by other tools (to undo llama.cpp's q/k permutation)."""
+    needed only for GGUF LoRA files made by other tools (to undo llama.cpp's q/k permutation) and
+    for adapters on a family's fused modules (to split Phi-3's qkv_proj into q, k and v)."""
     kind = sniff(path)
     if kind == "peft":
         from .converters import peft
 
-        return peft.read(path)
+        return peft.read(path, config)
     if kind == "gguf":
         from .converters import gguf_lora
 
@@ -232,13 +281,13 @@ def load_adapter(path: str | os.PathLike, config: LlamaConfig | None = None) -> 
     return onnx_adapter.read(path)
 
 
-def save_adapter(adapter: LoraAdapter, path: str | os.PathLike, fmt: str, config: LlamaConfig) -> Path:
+def save_adapter(adapter: LoraAdapter, path: str | os.PathLike, fmt: str, config: ModelConfig) -> Path:
     """Writes `adapter` in format `fmt` ('peft', 'gguf' or 'onnx')."""
     adapter.check_fits(config)
     if fmt == "peft":
         from .converters import peft
 
-        return peft.write(adapter, path)
+        return peft.write(adapter, path, config)
     if fmt == "gguf":
         from .converters import gguf_lora
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .arch import LlamaConfig
+from .arch import ModelConfig
 from .errors import SourceNotFoundError, UnsupportedFormatError
 from .tokenizer import Tokenizer
 
@@ -46,7 +46,7 @@ class Weights(Mapping):
 
 @dataclass
 class BaseModel:
-    config: LlamaConfig
+    config: ModelConfig
     weights: Weights
     tokenizer: Tokenizer
     source: str
@@ -80,7 +80,7 @@ class BaseModel:
         }
 
 
-def compute_fingerprint(config: LlamaConfig, weights: Mapping[str, np.ndarray]) -> str:
+def compute_fingerprint(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     h.update(b"edgelora-fingerprint-v1\n")
     h.update(json.dumps(config.identity(), sort_keys=True).encode())

@@ -336,7 +336,7 @@ def _manifest(tmp: Path, base: BaseModel, profile: DeviceProfile, artifacts: lis
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base": {"name": base.name, "fingerprint": base.fingerprint, "parameters": base.num_parameters,
                  "source_format": base.source_format, "source_dtype": base.source_dtype,
-                 "architecture": json.loads(base.config.to_json())},
+                 "architecture": base.config.to_dict()},
         "device": profile.to_dict(),
         "artifacts": [a.to_dict() for a in artifacts],
         "evaluation": {"text": f"edgelora/data/{_quality.HELDOUT}", "tokens": len(tokens), "window": EVAL_WINDOW,
@@ -383,9 +383,9 @@ class Bundle:
 
     @property
     def config(self):
-        from .arch import LlamaConfig
+        from .arch import ModelConfig
 
-        return LlamaConfig(**self.manifest["base"]["architecture"])
+        return ModelConfig.from_dict(self.manifest["base"]["architecture"])
 
     @property
     def threads(self) -> int:

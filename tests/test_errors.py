@@ -75,8 +75,14 @@ CASES = {
     "garbage safetensors": (
         lambda d, t, g: _variant(d, t / "gs", lambda p: _write(p / "model.safetensors", b"\x10" + bytes(7) + b"not json at all!")),
         CorruptFileError, "header is not JSON"),
-    "qwen2": (lambda d, t, g: _edit_config(_copy(d, t / "q"), model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
-              UnsupportedArchitectureError, "unsupported architecture 'qwen2' (Qwen2ForCausalLM)"),
+    "gemma2": (lambda d, t, g: _edit_config(_copy(d, t / "g"), model_type="gemma2", architectures=["Gemma2ForCausalLM"]),
+               UnsupportedArchitectureError,
+               "unsupported architecture 'gemma2' (Gemma2ForCausalLM): attention and final-logit soft-capping"),
+    "moe": (lambda d, t, g: _edit_config(_copy(d, t / "m"), model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]),
+            UnsupportedArchitectureError, "unsupported architecture 'qwen2_moe' (Qwen2MoeForCausalLM): mixture-of-experts models are not supported"),
+    "qwen2 without its biases": (
+        lambda d, t, g: _edit_config(_copy(d, t / "q"), model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+        CorruptFileError, "missing tensors model.layers.0.self_attn.q_proj.bias"),
     "gpt2 config": (lambda d, t, g: _edit_config(_copy(d, t / "g2"), model_type="gpt2"),
                     UnsupportedArchitectureError, "unsupported architecture 'gpt2'"),
     "attention bias": (lambda d, t, g: _edit_config(_copy(d, t / "ab"), attention_bias=True),
@@ -102,7 +108,7 @@ def test_bad_input_gets_its_own_error(case, tiny_llama, tiny_gguf, tmp_path):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("case", ["missing path", "qwen2", "truncated gguf"])
+@pytest.mark.parametrize("case", ["missing path", "gemma2", "truncated gguf"])
 def test_cli_prints_one_line_and_exits_2(case, tiny_llama, tiny_gguf, tmp_path, run_cli):
     make, _, text = CASES[case]
     result = run_cli("inspect", str(make(tiny_llama, tmp_path, tiny_gguf)))

@@ -12,7 +12,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from edgelora.adapters import AdapterError, LoraAdapter
-from edgelora.arch import LlamaConfig
+from edgelora.arch import ModelConfig
 from edgelora.errors import EdgeloraError
 from edgelora.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ class _AdapterState:
 class Engine:
     backend = "?"
 
-    def __init__(self, config: LlamaConfig, tokenizer: Tokenizer | None, fingerprint: str | None, n_ctx: int):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None, fingerprint: str | None, n_ctx: int):
         self.config = config
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
@@ -229,3 +229,9 @@ class Engine:
 
     def close(self) -> None:
         pass
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

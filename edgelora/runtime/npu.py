@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from edgelora.adapters import AdapterError
-from edgelora.arch import LlamaConfig
+from edgelora.arch import ModelConfig
 from edgelora.tokenizer import Tokenizer
 
 from .engine import Engine, EngineError
@@ -141,7 +141,7 @@ class StaticRunner:
 class NpuEngine(Engine):
     backend = "onnx"
 
-    def __init__(self, root: str | Path, config: LlamaConfig, *, provider: str = "htp", threads: int = 1,
+    def __init__(self, root: str | Path, config: ModelConfig, *, provider: str = "htp", threads: int = 1,
                  tokenizer: Tokenizer | None = None, fingerprint: str | None = None, n_ctx: int | None = None):
         self.root = Path(root)
         self.runner = StaticRunner.open(self.root, provider, threads)

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from edgelora.adapters import AdapterError, AdapterMismatchError, LoraAdapter
-from edgelora.arch import LlamaConfig
+from edgelora.arch import ModelConfig
 from edgelora.tokenizer import Tokenizer
 
 from .engine import Engine, EngineError
@@ -38,7 +38,7 @@ class OnnxEngineError(EngineError):
 class OnnxEngine(Engine):
     backend = "onnx"
 
-    def __init__(self, path: str | os.PathLike, config: LlamaConfig, *, threads: int = 2,
+    def __init__(self, path: str | os.PathLike, config: ModelConfig, *, threads: int = 2,
                  providers: Sequence[str] = ("CPUExecutionProvider",), n_ctx: int = 2048,
                  tokenizer: Tokenizer | None = None, fingerprint: str | None = None):
         import onnxruntime as ort
@@ -280,7 +280,7 @@ class OnnxEngine(Engine):
         self._mix_dir.cleanup()
 
 
-def _float_weights(model, config: LlamaConfig) -> dict[str, tuple[str, int]]:
+def _float_weights(model, config: ModelConfig) -> dict[str, tuple[str, int]]:
     """Target -> (initializer holding its transposed weight, first column) in an optimum graph
     (one MatMul per target) or an edgelora fused graph (one weight per projection group)."""
     from edgelora.converters.onnx_model import linear_nodes

@@ -40,24 +40,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgelora.arch import LlamaConfig
+from edgelora.arch import ModelConfig
 from edgelora.errors import EdgeloraError
-from edgelora.naming import LAYER_TENSORS, LORA_TARGETS
+from edgelora.naming import LORA_TARGETS
+from edgelora.rope import layer_tables
 
 LORA_KINDS: tuple[str, ...] = LORA_TARGETS
-HF_LAYER_NAMES = LAYER_TENSORS  # only the keys (per-layer suffixes) are used here
 
 
 class TrainerError(EdgeloraError):
     """Bad input to the trainer."""
-
-
-def linear_shape(config: LlamaConfig, kind: str) -> tuple[int, int]:
-    """(out, in) of a layer's linear `kind`."""
-    c = config
-    return {"q": (c.q_dim, c.hidden_size), "k": (c.kv_dim, c.hidden_size), "v": (c.kv_dim, c.hidden_size),
-            "o": (c.hidden_size, c.q_dim), "gate": (c.intermediate_size, c.hidden_size),
-            "up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}[kind]
 
 
 @dataclass(frozen=True)
@@ -83,7 +75,7 @@ class LoraSpec:
 class LoraParams:
     """All LoRA parameters in one flat buffer with named views "layers.{i}.{kind}.A" / ".B"."""
 
-    def __init__(self, config: LlamaConfig, spec: LoraSpec, flat: np.ndarray | None = None,
+    def __init__(self, config: ModelConfig, spec: LoraSpec, flat: np.ndarray | None = None,
                  dtype=np.float32):
         self.config, self.spec = config, spec
         layers = range(config.num_layers) if spec.layers is None else spec.layers
@@ -93,7 +85,7 @@ class LoraParams:
             for kind in LORA_KINDS:  # canonical order, whatever order spec.kinds has
                 if kind not in spec.kinds:
                     continue
-                out_f, in_f = linear_shape(config, kind)
+                out_f, in_f = config.linear_shape(kind)
                 for suffix, shape in (("A", (spec.rank, in_f)), ("B", (out_f, spec.rank))):
                     self.layout.append((f"layers.{i}.{kind}.{suffix}", shape, off))
                     off += shape[0] * shape[1]
@@ -136,9 +128,12 @@ class LoraParams:
 # embedding: x = embed[tokens]. The embedding is frozen and the gradient stops at the first
 # trainable layer's input, so there is no embedding backward.
 
-def embedding_forward(embed, tokens):
-    # embed (V,C), tokens (B,T) int
-    return embed[tokens]  # (B,T,C)
+def embedding_forward(embed, tokens, scale=None):
+    # embed (V,C), tokens (B,T) int; Gemma multiplies by sqrt(C), rounded to the weights' dtype
+    x = embed[tokens]                                        # (B,T,C)
+    if scale is not None:
+        x *= x.dtype.type(scale)
+    return x
 
 
 def rmsnorm_forward(x, w, eps):
@@ -159,9 +154,12 @@ def rmsnorm_backward(dout, w, cache):
     return g                                                 # (N,C) dx
 
 
-def linear_forward(x, W, ab, scale):
-    # x (N,in), W (out,in), ab = (A (R,in), B (out,R)) or None; y = x W^T + scale (x A^T) B^T
+def linear_forward(x, W, ab, scale, bias=None):
+    # x (N,in), W (out,in), ab = (A (R,in), B (out,R)) or None, bias (out,) or None;
+    # y = x W^T + bias + scale (x A^T) B^T. The bias is frozen: nothing in the backward pass.
     y = x @ W.T                                              # (N,out)
+    if bias is not None:
+        y += bias
     if ab is None:
         return y, None
     A, Bm = ab
@@ -195,35 +193,42 @@ def linear_backward(dy, x, xa, W, ab, scale, grads, add_to=None, need_dx=True):
     return dx
 
 
-def rope_tables(T, D, theta, dtype=np.float32):
-    # transformers' default rope, inv_freq = 1 / theta^(2i/D), rounded as torch rounds it: the
-    # power correctly rounded to float32, then a float32 reciprocal (numpy's own float32 pow is
-    # 1 ulp off for some i, and at position p that error grows p-fold in the angle).
-    exponent = np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / np.float32(D)          # (D/2,)
-    inv_freq = np.float32(1.0) / (theta ** exponent.astype(np.float64)).astype(np.float32)    # (D/2,)
-    freqs = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]                       # (T,D/2) float32
-    emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)                           # (T,D)
-    return np.cos(emb).astype(np.float32).astype(dtype), np.sin(emb).astype(np.float32).astype(dtype)
-
-
 def rope_forward(x, cos, sin):
-    # x (B,T,h,D), cos/sin (T,D); y = x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]
-    h = x.shape[-1] // 2
-    c, s = cos[:, None, :], sin[:, None, :]                  # (T,1,D)
-    y = x * c                                                # (B,T,h,D)
-    y[..., :h] -= x[..., h:] * s[..., :h]
-    y[..., h:] += x[..., :h] * s[..., h:]
+    # x (B,T,h,D), cos/sin (T,Dr) with Dr <= D (Phi-4-mini rotates the first 3/4 of each head);
+    # on the first Dr dims y = x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]; the rest pass
+    dr = cos.shape[-1]
+    h = dr // 2
+    c, s = cos[:, None, :], sin[:, None, :]                  # (T,1,Dr)
+    y = x.copy() if dr < x.shape[-1] else np.empty_like(x)   # (B,T,h,D)
+    xr = x[..., :dr]
+    np.multiply(xr, c, out=y[..., :dr])
+    y[..., :h] -= xr[..., h:] * s[..., :h]
+    y[..., h:dr] += xr[..., :h] * s[..., h:]
     return y
 
 
 def rope_backward(dy, cos, sin):
     # the transpose of the rotation: dx = dy cos + rotate_half^T(dy sin), rotate_half^T(u) = [u2, -u1]
-    h = dy.shape[-1] // 2
+    dr = cos.shape[-1]
+    h = dr // 2
     c, s = cos[:, None, :], sin[:, None, :]
-    dx = dy * c                                              # (B,T,h,D)
-    dx[..., :h] += dy[..., h:] * s[..., h:]
-    dx[..., h:] -= dy[..., :h] * s[..., :h]
+    dx = dy.copy() if dr < dy.shape[-1] else np.empty_like(dy)  # (B,T,h,D)
+    dyr = dy[..., :dr]
+    np.multiply(dyr, c, out=dx[..., :dr])
+    dx[..., :h] += dyr[..., h:] * s[..., h:]
+    dx[..., h:dr] -= dyr[..., :h] * s[..., :h]
     return dx
+
+
+def head_norm_forward(x, w, eps):
+    # Qwen3 / Gemma 3 q and k norms: RMSNorm over each head. x (B,T,h,D), w (D,)
+    shape = x.shape
+    y, cache = rmsnorm_forward(x.reshape(-1, shape[-1]), w, eps)  # (BTh,D)
+    return y.reshape(shape), cache
+
+
+def head_norm_backward(dy, w, cache):
+    return rmsnorm_backward(dy.reshape(-1, dy.shape[-1]), w, cache).reshape(dy.shape)
 
 
 @dataclass(frozen=True)
@@ -238,13 +243,15 @@ class Causal:
     G: int
     block: int
     neg: np.ndarray  # (block*G, block) additive mask of a diagonal block: 0 or -inf
+    window: int | None = None  # sliding-window layers: a query sees at most `window` keys, itself included
+    scale: float | None = None  # scores scale (None: 1/sqrt(D); Gemma 3: query_pre_attn_scalar**-0.5)
 
     @classmethod
-    def make(cls, T, G, block, dtype):
+    def make(cls, T, G, block, dtype, window=None, scale=None):
         block = min(block, T)
         t_row = np.arange(block * G) // G                                         # (block*G,)
         neg = np.where(np.arange(block)[None, :] <= t_row[:, None], 0.0, -np.inf).astype(dtype)
-        return cls(T, G, block, neg)
+        return cls(T, G, block, neg, window if window and window < T else None, scale)
 
     def spans(self):
         # (t0, t1, r0, r1): time steps [t0,t1) are rows [r0,r1) and see keys [0,t1)
@@ -252,17 +259,24 @@ class Causal:
             t1 = min(self.T, t0 + self.block)
             yield t0, t1, t0 * self.G, t1 * self.G
 
+    def window_mask(self, t0, t1, dtype):
+        # (rows, t1) additive mask of the keys a sliding window hides from time steps [t0,t1)
+        t_row = t0 + np.arange((t1 - t0) * self.G) // self.G                      # (rows,)
+        return np.where(t_row[:, None] - np.arange(t1)[None, :] >= self.window, -np.inf, 0.0).astype(dtype)
+
 
 def attention_probs(q, k, causal: Causal):
     # Grouped-query causal attention. Query head h = kv*G + g uses KV head kv (transformers'
     # repeat_kv), so the G query heads of one KV head are stacked as T*G rows of one matrix.
     # q (B,KV,T*G,D), k (B,KV,T,D) -> list of probability blocks (B,KV,r1-r0,t1), float32 softmax
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = causal.scale or 1.0 / math.sqrt(q.shape[-1])
     blocks = []
     for t0, t1, r0, r1 in causal.spans():
         att = q[:, :, r0:r1] @ k[:, :, :t1].transpose(0, 1, 3, 2)  # (B,KV,n,t1)
         att *= scale
         att[..., t0:] += causal.neg[:r1 - r0, :t1 - t0]
+        if causal.window is not None:
+            att += causal.window_mask(t0, t1, att.dtype)
         att -= att.max(axis=-1, keepdims=True)
         np.exp(att, out=att)
         att /= att.sum(axis=-1, keepdims=True)
@@ -281,7 +295,7 @@ def attention_forward(q, k, v, causal: Causal):
 
 def attention_backward(dout, q, k, v, p, causal: Causal):
     # dout (B,KV,TG,D), p the probability blocks -> dq (B,KV,TG,D), dk, dv (B,KV,T,D)
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = causal.scale or 1.0 / math.sqrt(q.shape[-1])
     dq = np.empty_like(q)
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)
@@ -326,6 +340,46 @@ def swiglu_backward(da, g, u, s):
     return dg, du
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def geglu_forward(g, u):
+    # g, u (N,F); a = gelu_tanh(g) * u, gelu_tanh(g) = g (1 + t) / 2, t = tanh(c (g + 0.044715 g^3))
+    t = g * g
+    t *= 0.044715
+    t += 1.0
+    t *= g
+    t *= _GELU_C
+    np.tanh(t, out=t)                                        # (N,F)
+    a = t + 1.0
+    a *= g
+    a *= 0.5
+    a *= u                                                   # (N,F)
+    return a, t
+
+
+def geglu_backward(da, g, u, t):
+    # d gelu/dg = (1 + t) / 2 + g (1 - t^2) c (1 + 3 0.044715 g^2) / 2
+    du = t + 1.0
+    du *= g
+    du *= 0.5
+    du *= da                                                 # (N,F) da * gelu(g)
+    dg = g * g
+    dg *= 3 * 0.044715
+    dg += 1.0
+    dg *= _GELU_C
+    dg *= g
+    dg *= 1.0 - t * t
+    dg += 1.0 + t
+    dg *= 0.5
+    dg *= da
+    dg *= u                                                  # (N,F)
+    return dg, du
+
+
+ACTIVATIONS = {"silu": (swiglu_forward, swiglu_backward), "gelu_tanh": (geglu_forward, geglu_backward)}
+
+
 def lm_head_ce_forward(h, W, targets, out=None):
     # h (n,C) final-normed states at loss positions, W (V,C), targets (n,) int; out (n,V) or None
     logits = np.matmul(h, W.T, out=out)                      # (n,V)
@@ -350,26 +404,34 @@ def lm_head_ce_backward(probs, targets, W, inv_n):
 # ----------------------------------------------------------------------------------------------
 # one transformer layer
 
-def _layer_weights(base, i):
-    return {k: base[f"layers.{i}.{k}"] for k in HF_LAYER_NAMES}
+def _layer_weights(base, i, cfg: ModelConfig):
+    return {k: base[f"layers.{i}.{k}"] for k in cfg.spec.layer_tensors}
 
 
-def layer_forward(x, base, lora, i, cfg: LlamaConfig, rope, causal: Causal, B, T):
-    # x (BT,C) -> out (BT,C), cache for layer_backward
-    w = _layer_weights(base, i)
+def layer_forward(x, base, lora, i, cfg: ModelConfig, rope, causal: Causal, B, T):
+    # x (BT,C) -> out (BT,C), cache for layer_backward; rope = this layer's (cos, sin), causal its mask.
+    # The family decides the optional steps: q/k/v biases, q/k head norms, norms after attention
+    # and after the MLP (Gemma 3), the MLP's activation.
+    w = _layer_weights(base, i, cfg)
+    fam = cfg.spec
     H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // KV
+    eps = cfg.rms_norm_eps
     sc = lora.spec.scale if lora is not None else 1.0
     ab = (lambda kind: lora.pair(i, kind)) if lora is not None else (lambda kind: None)
     cos, sin = rope
     c = {}  # everything layer_backward needs
-    xn1, c["n1"] = rmsnorm_forward(x, w["attn_norm"], cfg.rms_norm_eps)  # (BT,C)
+    xn1, c["n1"] = rmsnorm_forward(x, w["attn_norm"], eps)     # (BT,C)
     c["xn1"] = xn1
-    q, c["q_xa"] = linear_forward(xn1, w["q"], ab("q"), sc)    # (BT,H*D)
-    k, c["k_xa"] = linear_forward(xn1, w["k"], ab("k"), sc)    # (BT,KV*D)
-    v, c["v_xa"] = linear_forward(xn1, w["v"], ab("v"), sc)    # (BT,KV*D)
-    q = rope_forward(q.reshape(B, T, H, D), cos, sin)          # (B,T,H,D)
-    k = rope_forward(k.reshape(B, T, KV, D), cos, sin)         # (B,T,KV,D)
+    q, c["q_xa"] = linear_forward(xn1, w["q"], ab("q"), sc, w.get("q_bias"))  # (BT,H*D)
+    k, c["k_xa"] = linear_forward(xn1, w["k"], ab("k"), sc, w.get("k_bias"))  # (BT,KV*D)
+    v, c["v_xa"] = linear_forward(xn1, w["v"], ab("v"), sc, w.get("v_bias"))  # (BT,KV*D)
+    q, k = q.reshape(B, T, H, D), k.reshape(B, T, KV, D)
+    if fam.qk_norm:
+        q, c["qn"] = head_norm_forward(q, w["q_norm"], eps)    # (B,T,H,D)
+        k, c["kn"] = head_norm_forward(k, w["k_norm"], eps)    # (B,T,KV,D)
+    q = rope_forward(q, cos, sin)                              # (B,T,H,D)
+    k = rope_forward(k, cos, sin)                              # (B,T,KV,D)
     qh = np.ascontiguousarray(q.reshape(B, T, KV, G, D).transpose(0, 2, 1, 3, 4)).reshape(B, KV, T * G, D)
     kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))                      # (B,KV,T,D)
     vh = np.ascontiguousarray(v.reshape(B, T, KV, D).transpose(0, 2, 1, 3))  # (B,KV,T,D)
@@ -378,22 +440,27 @@ def layer_forward(x, base, lora, i, cfg: LlamaConfig, rope, causal: Causal, B, T
     ao = np.ascontiguousarray(att.reshape(B, KV, T, G, D).transpose(0, 2, 1, 3, 4)).reshape(B * T, H * D)
     c["ao"] = ao
     o, c["o_xa"] = linear_forward(ao, w["o"], ab("o"), sc)     # (BT,C)
+    if fam.sandwich_norms:
+        o, c["pn1"] = rmsnorm_forward(o, w["post_attn_norm"], eps)  # (BT,C)
     o += x                                                      # (BT,C) residual 1
     c["h"] = h = o
-    xn2, c["n2"] = rmsnorm_forward(h, w["mlp_norm"], cfg.rms_norm_eps)  # (BT,C)
+    xn2, c["n2"] = rmsnorm_forward(h, w["mlp_norm"], eps)       # (BT,C)
     c["xn2"] = xn2
     c["g"], c["g_xa"] = linear_forward(xn2, w["gate"], ab("gate"), sc)  # (BT,F)
     c["u"], c["u_xa"] = linear_forward(xn2, w["up"], ab("up"), sc)      # (BT,F)
-    c["a"], c["s"] = swiglu_forward(c["g"], c["u"])                    # (BT,F)
+    c["a"], c["s"] = ACTIVATIONS[fam.activation][0](c["g"], c["u"])    # (BT,F)
     d, c["d_xa"] = linear_forward(c["a"], w["down"], ab("down"), sc)   # (BT,C)
+    if fam.sandwich_norms:
+        d, c["pn2"] = rmsnorm_forward(d, w["post_mlp_norm"], eps)       # (BT,C)
     d += h                                                              # (BT,C) residual 2
     return d, c
 
 
-def layer_backward(dout, c, base, lora, grads: dict, i, cfg: LlamaConfig, rope, causal: Causal, B, T,
+def layer_backward(dout, c, base, lora, grads: dict, i, cfg: ModelConfig, rope, causal: Causal, B, T,
                    need_dx=True):
     # dout (BT,C) gradient of the layer output -> dx (BT,C) (None if not need_dx); fills grads views
-    w = _layer_weights(base, i)
+    w = _layer_weights(base, i, cfg)
+    fam = cfg.spec
     H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // KV
     sc = lora.spec.scale
@@ -406,22 +473,29 @@ def layer_backward(dout, c, base, lora, grads: dict, i, cfg: LlamaConfig, rope, 
         a = grads.get(f"layers.{i}.{kind}.A")
         return None if a is None else (a, grads[f"layers.{i}.{kind}.B"])
 
-    # MLP: d = down(silu(gate(xn2)) * up(xn2)) + h
-    da = linear_backward(dout, c["a"], c["d_xa"], w["down"], ab("down"), sc, gr("down"))  # (BT,F)
-    dg, du = swiglu_backward(da, c["g"], c["u"], c["s"])                     # (BT,F) each
-    del da
+    # MLP: d = [post_mlp_norm](down(act(gate(xn2)) * up(xn2))) + h
+    dd = rmsnorm_backward(dout, w["post_mlp_norm"], c["pn2"]) if fam.sandwich_norms else dout  # (BT,C)
+    da = linear_backward(dd, c["a"], c["d_xa"], w["down"], ab("down"), sc, gr("down"))  # (BT,F)
+    dg, du = ACTIVATIONS[fam.activation][1](da, c["g"], c["u"], c["s"])      # (BT,F) each
+    del da, dd
     dxn2 = linear_backward(dg, c["xn2"], c["g_xa"], w["gate"], ab("gate"), sc, gr("gate"))  # (BT,C)
     linear_backward(du, c["xn2"], c["u_xa"], w["up"], ab("up"), sc, gr("up"), add_to=dxn2)
     del dg, du
     dh = rmsnorm_backward(dxn2, w["mlp_norm"], c["n2"])                     # (BT,C)
     dh += dout                                                               # residual 2
-    # attention: h = o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))) + x
-    dao = linear_backward(dh, c["ao"], c["o_xa"], w["o"], ab("o"), sc, gr("o"))  # (BT,H*D)
+    # attention: h = [post_attn_norm](o(attn(rope(qn(q(xn1))), rope(kn(k(xn1))), v(xn1)))) + x
+    do = rmsnorm_backward(dh, w["post_attn_norm"], c["pn1"]) if fam.sandwich_norms else dh  # (BT,C)
+    dao = linear_backward(do, c["ao"], c["o_xa"], w["o"], ab("o"), sc, gr("o"))  # (BT,H*D)
+    del do
     datt = np.ascontiguousarray(dao.reshape(B, T, KV, G, D).transpose(0, 2, 1, 3, 4)).reshape(B, KV, T * G, D)
     dqh, dkh, dvh = attention_backward(datt, c["qh"], c["kh"], c["vh"], c["p"], causal)
     dq = dqh.reshape(B, KV, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)      # (B,T,H,D)
-    dq = rope_backward(dq, cos, sin).reshape(B * T, H * D)
-    dk = rope_backward(dkh.transpose(0, 2, 1, 3), cos, sin).reshape(B * T, KV * D)
+    dq = rope_backward(dq, cos, sin)                                                     # (B,T,H,D)
+    dk = rope_backward(dkh.transpose(0, 2, 1, 3), cos, sin)                              # (B,T,KV,D)
+    if fam.qk_norm:
+        dq = head_norm_backward(dq, w["q_norm"], c["qn"])
+        dk = head_norm_backward(dk, w["k_norm"], c["kn"])
+    dq, dk = dq.reshape(B * T, H * D), dk.reshape(B * T, KV * D)
     dv = np.ascontiguousarray(dvh.transpose(0, 2, 1, 3)).reshape(B * T, KV * D)
     # the lowest trainable layer needs the LoRA gradients of q, k, v but no dx below them
     dxn1 = linear_backward(dq, c["xn1"], c["q_xa"], w["q"], ab("q"), sc, gr("q"), need_dx=need_dx)  # (BT,C)
@@ -483,13 +557,13 @@ def _compact(cache, x):
     return kept
 
 
-def _restore(kept, base, i, cfg: LlamaConfig, causal: Causal):
+def _restore(kept, base, i, cfg: ModelConfig, causal: Causal):
     # rebuild the cheap parts of a layer's cache from its kept matmul outputs
     c = dict(kept)
     c["xn1"], c["n1"] = rmsnorm_forward(kept["x"], base[f"layers.{i}.attn_norm"], cfg.rms_norm_eps)
     c["xn2"], c["n2"] = rmsnorm_forward(kept["h"], base[f"layers.{i}.mlp_norm"], cfg.rms_norm_eps)
     c["p"] = attention_probs(kept["qh"], kept["kh"], causal)
-    c["a"], c["s"] = swiglu_forward(kept["g"], kept["u"])
+    c["a"], c["s"] = ACTIVATIONS[cfg.spec.activation][0](kept["g"], kept["u"])
     return c
 
 
@@ -508,17 +582,17 @@ def _head_weight(base, cfg):
     return base["embed"] if cfg.tie_word_embeddings else base["lm_head"]
 
 
-def _hidden(base, lora, tokens, config: LlamaConfig, attn_block: int):
+def _hidden(base, lora, tokens, config: ModelConfig, attn_block: int):
     """(B,T) tokens -> (BT,C) last layer's output, keeping nothing for a backward pass."""
     B, T = tokens.shape
-    rope, causal = _position_tables(config, T, attn_block, base["embed"].dtype)
-    x = embedding_forward(base["embed"], tokens).reshape(B * T, -1)          # (BT,C)
+    ropes, causals = _position_tables(config, T, attn_block, base["embed"].dtype)
+    x = embedding_forward(base["embed"], tokens, _embed_scale(config)).reshape(B * T, -1)  # (BT,C)
     for i in range(config.num_layers):
-        x, _ = layer_forward(x, base, lora, i, config, rope, causal, B, T)
+        x, _ = layer_forward(x, base, lora, i, config, ropes[i], causals[i], B, T)
     return x
 
 
-def forward_logits(base, lora, tokens, config: LlamaConfig, *, attn_block: int = 64):
+def forward_logits(base, lora, tokens, config: ModelConfig, *, attn_block: int = 64):
     """Inference check: (B,T) tokens -> (B,T,V) logits (lora may be None)."""
     _check_inputs(base, tokens, None, config)
     B, T = tokens.shape
@@ -535,12 +609,20 @@ def _loss_targets(tokens, loss_mask) -> tuple[np.ndarray, np.ndarray]:
     return sel_b * T + sel_t, tokens[sel_b, sel_t + 1]                       # (N,), (N,)
 
 
-def _position_tables(config: LlamaConfig, T: int, attn_block: int, dtype):
+def _embed_scale(config: ModelConfig):
+    return math.sqrt(config.hidden_size) if config.spec.embed_scale else None
+
+
+def _position_tables(config: ModelConfig, T: int, attn_block: int, dtype):
+    """Per layer, its RoPE (cos, sin) and its attention mask (sliding-window layers their own)."""
     G = config.num_heads // config.num_kv_heads
-    return rope_tables(T, config.head_dim, config.rope_theta, dtype), Causal.make(T, G, attn_block, dtype)
+    scale = config.attn_scale if config.query_pre_attn_scalar is not None else None
+    masks = {w: Causal.make(T, G, attn_block, dtype, w, scale) for w in {config.sliding_window, None}}
+    causals = [masks[config.sliding_window if config.is_sliding(i) else None] for i in range(config.num_layers)]
+    return layer_tables(config, T, dtype), causals
 
 
-def _head_loss(x, base, config: LlamaConfig, rows, targets, vocab_rows: int, ws: "Workspace", backward: bool):
+def _head_loss(x, base, config: ModelConfig, rows, targets, vocab_rows: int, ws: "Workspace", backward: bool):
     """Final norm and LM head at the loss rows only, in chunks of vocab_rows rows: the summed
     cross-entropy and, with backward, d(mean loss)/d(normed rows) and the norm's cache."""
     W = _head_weight(base, config)
@@ -558,7 +640,7 @@ def _head_loss(x, base, config: LlamaConfig, rows, targets, vocab_rows: int, ws:
     return loss_sum, dhn, ncache
 
 
-def masked_loss(base, lora: LoraParams | None, tokens, loss_mask, config: LlamaConfig, *, vocab_rows: int = 256,
+def masked_loss(base, lora: LoraParams | None, tokens, loss_mask, config: ModelConfig, *, vocab_rows: int = 256,
                 attn_block: int = 64, workspace: Workspace | None = None) -> float:
     """The loss of `loss_and_grads` without its backward pass (validation, scoring mixtures):
     the forward keeps nothing and the LM head computes no gradient."""
@@ -569,7 +651,7 @@ def masked_loss(base, lora: LoraParams | None, tokens, loss_mask, config: LlamaC
     return _head_loss(x, base, config, rows, targets, vocab_rows, ws, backward=False)[0] / len(rows)
 
 
-def loss_and_grads(base, lora: LoraParams, tokens, loss_mask, config: LlamaConfig, *,
+def loss_and_grads(base, lora: LoraParams, tokens, loss_mask, config: ModelConfig, *,
                    train_last: int | None = None, keep: str = "matmuls", vocab_rows: int = 256,
                    attn_block: int = 64, workspace: Workspace | None = None):
     """Masked next-token cross-entropy and its gradient with respect to every LoRA parameter.
@@ -597,14 +679,14 @@ def loss_and_grads(base, lora: LoraParams, tokens, loss_mask, config: LlamaConfi
     dtype = base["embed"].dtype
     rows, targets = _loss_targets(tokens, loss_mask)
     N = len(rows)
-    rope, causal = _position_tables(config, T, attn_block, dtype)
+    ropes, causals = _position_tables(config, T, attn_block, dtype)
     ws = Workspace() if workspace is None else workspace
 
     # forward: nothing kept below `first`; layer inputs (or whole caches) kept above
-    x = embedding_forward(base["embed"], tokens).reshape(B * T, C)           # (BT,C)
+    x = embedding_forward(base["embed"], tokens, _embed_scale(config)).reshape(B * T, C)  # (BT,C)
     saved = []
     for i in range(L):
-        out, cache = layer_forward(x, base, lora, i, config, rope, causal, B, T)
+        out, cache = layer_forward(x, base, lora, i, config, ropes[i], causals[i], B, T)
         if i >= first:
             kept = x if keep == "input" else _compact(cache, x) if keep == "matmuls" else cache
             saved.append(ws.keep(("layer", i), kept))
@@ -623,12 +705,12 @@ def loss_and_grads(base, lora: LoraParams, tokens, loss_mask, config: LlamaConfi
     for i in range(L - 1, first - 1, -1):
         item = saved.pop()
         if keep == "input":
-            cache = layer_forward(item, base, lora, i, config, rope, causal, B, T)[1]
+            cache = layer_forward(item, base, lora, i, config, ropes[i], causals[i], B, T)[1]
         elif keep == "matmuls":
-            cache = _restore(item, base, i, config, causal)
+            cache = _restore(item, base, i, config, causals[i])
         else:
             cache = item
-        dx = layer_backward(dx, cache, base, lora, gviews, i, config, rope, causal, B, T, need_dx=i > first)
+        dx = layer_backward(dx, cache, base, lora, gviews, i, config, ropes[i], causals[i], B, T, need_dx=i > first)
         del cache, item
     return loss_sum / N, grad
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from edgelora import naming
-from edgelora.arch import LlamaConfig
+from edgelora.arch import ModelConfig
 from edgelora.errors import UnsupportedFormatError
 
 BLK = 32
@@ -61,8 +61,9 @@ class BlockQuant:
         return v.reshape(self.shape)
 
     def rows(self, perm: np.ndarray) -> "BlockQuant":
+        """These rows (a permutation, or a fused tensor's share) as their own weight."""
         take = lambda a: a[perm] if isinstance(a, np.ndarray) and a.ndim else a  # noqa: E731
-        return BlockQuant(self.shape, take(self.q), self.bits, take(self.scale), take(self.zero), take(self.offset))
+        return BlockQuant((len(perm), self.shape[1]), take(self.q), self.bits, take(self.scale), take(self.zero), take(self.offset))
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +94,7 @@ class CompactWeights(Mapping):
     Expanded layers live in reused buffers: an array of layer i stays valid until `keep_layers`
     other layers have been asked for (the trainer works one layer at a time). `expanded()` copies."""
 
-    def __init__(self, config: LlamaConfig, dense: dict[str, np.ndarray], packed: dict[str, BlockQuant | Stored],
+    def __init__(self, config: ModelConfig, dense: dict[str, np.ndarray], packed: dict[str, BlockQuant | Stored],
                  *, keep_layers: int = 2, source: str = ""):
         self.config, self.dense, self.packed, self.keep_layers, self.source = config, dense, packed, keep_layers, source
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
@@ -189,31 +190,37 @@ def from_gguf(path: str | os.PathLike, *, keep_layers: int = 2) -> CompactWeight
     base = gguf_model.read(path, reader=reader)  # validates the file and gives the config
     cfg = base.config
     dense, packed = {}, {}
+    files, shapes = naming.layout(cfg, "gguf"), cfg.shapes()
     for t in reader.tensors:
-        canon = naming.from_gguf(t.name)
-        if canon is None:
+        members = files.get(t.name)
+        if members is None:
             continue
-        kind = canon.rsplit(".", 1)[-1]
-        if not canon.startswith("layers.") or kind not in LINEARS:
-            dense[canon] = np.ascontiguousarray(base.weights[canon], np.float32)
+        kind = members[0].rsplit(".", 1)[-1]
+        if not members[0].startswith("layers.") or kind not in LINEARS:
+            dense[members[0]] = np.ascontiguousarray(base.weights[members[0]], np.float32)
             continue
         shape = tuple(int(s) for s in reversed(t.shape))
-        heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads}.get(kind)
-        perm = naming.rope_unpermute(np.arange(shape[0]), heads) if heads else None
         p = _gguf_blocks(t, shape) if shape[1] % BLK == 0 else None
-        if p is not None:
-            packed[canon] = p.rows(perm) if perm is not None else p
-        elif t.tensor_type.name in ("F16", "F32"):
-            a = np.asarray(t.data).reshape(shape)
-            packed[canon] = Stored(np.ascontiguousarray(a[perm] if perm is not None else a))
-        else:
-            packed[canon] = Stored(load=(lambda n=canon: base.weights[n]))  # other types: gguf expands them
+        r0 = 0
+        for canon in members:  # a fused tensor (Phi-3's attn_qkv) holds its members' rows in order
+            n = shapes[canon][0]
+            heads = naming.gguf_permutes(cfg, canon)
+            rows = r0 + (naming.rope_unpermute(np.arange(n), heads) if heads else np.arange(n))
+            whole = len(members) == 1 and heads is None
+            r0 += n
+            if p is not None:
+                packed[canon] = p if whole else p.rows(rows)
+            elif t.tensor_type.name in ("F16", "F32"):
+                a = np.asarray(t.data).reshape(shape)
+                packed[canon] = Stored(np.ascontiguousarray(a if whole else a[rows]))
+            else:
+                packed[canon] = Stored(load=(lambda n=canon: base.weights[n]))  # other types: gguf expands them
     return CompactWeights(cfg, dense, packed, keep_layers=keep_layers, source=str(path))
 
 
 # -- ONNX (edgelora's fused graph) -------------------------------------------------------------
 
-def from_onnx_fused(path: str | os.PathLike, config: LlamaConfig, *, keep_layers: int = 2) -> CompactWeights:
+def from_onnx_fused(path: str | os.PathLike, config: ModelConfig, *, keep_layers: int = 2) -> CompactWeights:
     """The fused ONNX graph's weights, read from its initializers in their MatMulNBits encoding."""
     import onnx
     from onnx import numpy_helper
