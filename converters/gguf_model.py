@@ -172,12 +172,14 @@ def llama3_factors(rope: dict, head_dim: int, theta: float) -> np.ndarray:
 
 def llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict:
     """Llama 3's rope parameters from llama.cpp's `rope_freqs` (only the factors are stored): the
-    parameters of Llama 3.0-3.3 checkpoints are tried, the factors must be reproduced exactly."""
+    factor is the largest; the low/high frequency factors of every Llama 3 release (1, 4) and the
+    original context among powers of two are tried, and must reproduce every factor (to float32
+    rounding: the converter's torch pow and numpy's may differ in the last bit)."""
     factor = float(factors.max())
-    for low, high, orig in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 2048)):
-        rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+    for orig in (8192, *(2 ** k for k in range(4, 21))):
+        rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": orig}
-        if np.array_equal(llama3_factors(rope, head_dim, theta), factors):
+        if np.allclose(llama3_factors(rope, head_dim, theta), factors, rtol=1e-5, atol=0):
             return rope
     raise UnsupportedArchitectureError(
         "unsupported llama GGUF: its rope_freqs do not match Llama 3 rope scaling with the usual parameters; "

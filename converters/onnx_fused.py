@@ -188,23 +188,26 @@ class FusedBuilder:
         self._with_sums: dict[str, str] = {}
         self.encodings: dict[str, int] = {}
 
-    def linear(self, x: str, w: np.ndarray, name: str) -> str:
-        """x @ w.T in the export's encoding: float MatMul, Q4_1 folded or round-to-nearest MatMulNBits."""
+    def linear(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+        """x @ w.T (+ bias) in the export's encoding: float MatMul, Q4_1 folded or round-to-nearest
+        MatMulNBits (a bias is MatMulNBits' own input)."""
         g, (n, k) = self.g, w.shape
+        extra = ["", g.init(f"{name}.bias", bias.astype(np.float32))] if bias is not None else []
         if self.quant == "f32" or k % BLK:
             self.encodings["f32"] = self.encodings.get("f32", 0) + 1
-            return g.node("MatMul", [x, g.init(f"{name}.weight_T", np.ascontiguousarray(w.T))], f"/{name}/MatMul")
+            y = g.node("MatMul", [x, g.init(f"{name}.weight_T", np.ascontiguousarray(w.T))], f"/{name}/MatMul")
+            return g.node("Add", [y, extra[1]], f"/{name}/Add_bias") if extra else y
         exact = q41_decompose(w) if self.quant == "int4" else None
         if exact is not None:
             self.encodings["q4_1 folded"] = self.encodings.get("q4_1 folded", 0) + 1
-            return self._folded_q41(x, *exact, name)
+            return self._folded_q41(x, *exact, name, extra)
         bits = 4 if self.quant == "int4" else 8
         self.encodings[f"int{bits} rtn"] = self.encodings.get(f"int{bits} rtn", 0) + 1
         u, s, zp = rtn(w, bits)
         ins = [x, g.init(f"{name}.q{bits}", pack4(u) if bits == 4 else u), g.init(f"{name}.scales", s),
                g.init(f"{name}.zp", pack_zp4(zp) if bits == 4 else zp.reshape(-1))]
-        return g.node("MatMulNBits", ins, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits, block_size=BLK,
-                      accuracy_level=self.acc)
+        return g.node("MatMulNBits", ins + extra, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits,
+                      block_size=BLK, accuracy_level=self.acc)
 
     def _x_with_blocksums(self, x: str, k: int) -> str:
         """[..., K] -> [..., K + K/32 (padded to a block)]: x followed by its block sums."""
@@ -215,7 +218,7 @@ class FusedBuilder:
             self._with_sums[x] = g.node("Concat", [x, s], f"{x}/with_blocksums", axis=-1)
         return self._with_sums[x]
 
-    def _folded_q41(self, x: str, q, d, m, name: str) -> str:
+    def _folded_q41(self, x: str, q, d, m, name: str, extra: list[str]) -> str:
         """Q4_1 in one MatMulNBits: the codes with scale d and the zero point nearest -m/d, then extra
         K blocks holding what is left of each block's offset (m + zp*d, within d/2), 4-bit, fed with
         x's block sums."""
@@ -228,7 +231,7 @@ class FusedBuilder:
         zps = np.concatenate([zp_main.astype(np.uint8), zp], 1)
         k2 = codes.shape[1] * BLK
         return g.node("MatMulNBits", [self._x_with_blocksums(x, nb * BLK), g.init(f"{name}.q4", pack4(codes)),
-                                      g.init(f"{name}.scales", scales), g.init(f"{name}.zp", pack_zp4(zps))],
+                                      g.init(f"{name}.scales", scales), g.init(f"{name}.zp", pack_zp4(zps))] + extra,
                       f"/{name}/MatMulNBits", domain=MS, K=k2, N=n, bits=4, block_size=BLK, accuracy_level=self.acc)
 
     def lora_delta(self, x: str, slot: str, d_in: int, d_out: int) -> str:
@@ -248,8 +251,11 @@ class FusedBuilder:
         """One projection (a group of target modules sharing the input x: their weights stacked by
         rows) plus, with LoRA, the group's slot delta."""
         layer, group = slot.rsplit(".", 1)
-        w = np.concatenate([self.base.weights[f"{layer}.{m}"] for m in GROUPS[group]], 0)
-        y = self.linear(x, w, slot)
+        W = self.base.weights
+        w = np.concatenate([W[f"{layer}.{m}"] for m in GROUPS[group]], 0)
+        biases = [f"{layer}.{m}_bias" for m in GROUPS[group]]
+        bias = np.concatenate([W[b] for b in biases], 0) if biases[0] in W else None
+        y = self.linear(x, w, slot, bias)
         if not self.lora:
             return y
         return self.g.node("Add", [y, self.lora_delta(x, slot, w.shape[1], w.shape[0])], f"/{slot}/Add")
@@ -277,11 +283,12 @@ class FusedBuilder:
         total = g.node("Gather", [g.node("Shape", ["attention_mask"], "/mask/Shape"), g.const(np.array(1, np.int64), "one")],
                        "/mask/Gather", axis=0)
         total_len = g.node("Cast", [total], "/mask/total_len", to=TensorProto.INT32)
-        inv = 1.0 / c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
-        f = np.outer(np.arange(self.max_len, dtype=np.float64), inv)
-        cos, sin = g.init("cos_cache", np.cos(f).astype(np.float32)), g.init("sin_cache", np.sin(f).astype(np.float32))
+        caches = self.rope_caches()
+        fam = c.spec
 
         x = self.embedding(W["embed"])
+        if fam.embed_scale:
+            x = g.node("Mul", [x, g.const(np.array(np.sqrt(c.hidden_size), np.float32), "embed_scale")], "/embed/scale")
         resid = mlp_out = None
         for i in range(L):
             p = f"layers.{i}"
@@ -291,21 +298,73 @@ class FusedBuilder:
                 resid = x
             else:
                 h, resid = self.skip_norm(resid, mlp_out, f"{p}.attn_norm")
-            qkv = self.projection(h, f"{p}.qkv")
-            attn, _, _ = g.node("GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+            qkv = [self.projection(h, f"{p}.qkv"), "", ""]
+            if fam.qk_norm:
+                qkv = self.qk_norms(qkv[0], p)
+            sliding = c.is_sliding(i)
+            cos, sin = caches[sliding and c.rope_local_theta is not None]
+            attn, _, _ = g.node("GroupQueryAttention", [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                                         seqlens_k, total_len, cos, sin],
                                 f"/{p}/attn/GroupQueryAttention", domain=MS,
                                 outputs=[f"/{p}/attn/out", f"present.{i}.key", f"present.{i}.value"],
-                                num_heads=c.num_heads, kv_num_heads=kv, scale=float(hd ** -0.5),
-                                do_rotary=1, rotary_interleaved=0, local_window_size=-1)
-            h2, resid = self.skip_norm(resid, self.projection(attn, f"{p}.o"), f"{p}.mlp_norm")
+                                num_heads=c.num_heads, kv_num_heads=kv, scale=float(c.attn_scale),
+                                do_rotary=1, rotary_interleaved=0,
+                                local_window_size=c.sliding_window if sliding else -1)
+            o = self.projection(attn, f"{p}.o")
+            if fam.sandwich_norms:
+                o = self.norm(o, f"{p}.post_attn_norm")
+            h2, resid = self.skip_norm(resid, o, f"{p}.mlp_norm")
             gate, up = g.node("Split", [self.projection(h2, f"{p}.gate_up")], f"/{p}/mlp/Split", n_out=2, axis=-1,
                               num_outputs=2)
-            act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"/{p}/mlp/Sigmoid")], f"/{p}/mlp/SiLU")
+            if fam.activation == "gelu_tanh":
+                act = g.node("Gelu", [gate], f"/{p}/mlp/Gelu", approximate="tanh")
+            else:
+                act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"/{p}/mlp/Sigmoid")], f"/{p}/mlp/SiLU")
             mlp_out = self.projection(g.node("Mul", [act, up], f"/{p}/mlp/Mul"), f"{p}.down")
+            if fam.sandwich_norms:
+                mlp_out = self.norm(mlp_out, f"{p}.post_mlp_norm")
         hn, _ = self.skip_norm(resid, mlp_out, "norm", keep_sum=False)
         self.lm_head(hn)
         return g
+
+    def rope_caches(self) -> dict[bool, tuple[str, str]]:
+        """cos/sin caches over max_len positions (GroupQueryAttention rotates the first 2*cols dims of a
+        head, as transformers' partial rotary does); Gemma 3's sliding layers have their own (True)."""
+        from edgelora.rope import cos_sin, inv_freq
+
+        c, g = self.c, self.g
+        if c.rot_dim % 16 or c.head_dim % 16:
+            raise FusedExportError(
+                f"ONNX Runtime's GroupQueryAttention needs head and rotary dims that are multiples of 16; this "
+                f"{c.family} model has head {c.head_dim}, rotary {c.rot_dim}: export GGUF instead")
+        out = {}
+        for local in ((False, True) if c.rope_local_theta is not None else (False,)):
+            inv, scaling = inv_freq(c, sliding=local)
+            cos, sin = cos_sin(np.arange(self.max_len), inv, scaling)
+            half = c.rot_dim // 2
+            suffix = "_local" if local else ""
+            out[local] = (g.init(f"cos_cache{suffix}", np.ascontiguousarray(cos[:, :half])),
+                          g.init(f"sin_cache{suffix}", np.ascontiguousarray(sin[:, :half])))
+        return out
+
+    def norm(self, x: str, name: str) -> str:
+        return self.g.node("SimplifiedLayerNormalization", [x, self.g.init(name, self.base.weights[name])], f"/{name}",
+                           axis=-1, epsilon=self.c.rms_norm_eps, stash_type=1)
+
+    def qk_norms(self, qkv: str, p: str) -> list[str]:
+        """Qwen3 / Gemma 3: RMSNorm over each head of q and k before the rotary (inside attention):
+        q, k and v go to GroupQueryAttention separately."""
+        g, c = self.g, self.c
+        q, k, v = g.node("Split", [qkv, g.const(np.array([c.q_dim, c.kv_dim, c.kv_dim], np.int64), "qkv_split")],
+                         f"/{p}/attn/Split", n_out=3, axis=-1)
+        heads = g.const(np.array([0, 0, -1, c.head_dim], np.int64), "to_heads")
+        flat = g.const(np.array([0, 0, -1], np.int64), "from_heads")
+        out = []
+        for x, which in ((q, "q_norm"), (k, "k_norm")):
+            x = g.node("Reshape", [x, heads], f"/{p}/attn/{which}/Reshape")
+            x = self.norm(x, f"{p}.{which}")
+            out.append(g.node("Reshape", [x, flat], f"/{p}/attn/{which}/Reshape_back"))
+        return [*out, v]
 
     def skip_norm(self, resid: str, x: str, name: str, keep_sum: bool = True) -> tuple[str, str | None]:
         """RMSNorm(resid + x) and, if kept, the sum (the next residual); the statistics outputs are

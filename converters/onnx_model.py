@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -24,7 +24,6 @@ from edgelora.errors import EdgeloraError
 
 # optimum's node names for the linear modules: /model/layers.{i}/self_attn/q_proj/MatMul
 _LINEAR_NODE = re.compile(r"^/model/layers\.(\d+)/(?:self_attn|mlp)/(\w+_proj)/MatMul$")
-_PEFT_TO_CANON = {v: k for k, v in naming.PEFT_MODULES.items()}
 QUANTS = ("f32", "int8", "int4")
 
 
@@ -62,23 +61,40 @@ def export_optimum(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ops
     return path
 
 
-def linear_nodes(model) -> dict[str, object]:
-    """Canonical target name (``layers.3.q``) -> the MatMul node of that linear module."""
+def _slot_of(members: tuple[str, ...]) -> str:
+    """A module's slot name: its canonical target, or for a fused module (Phi-3's qkv_proj) the
+    group name the fused graph uses too (``layers.3.qkv``), so the engine fills both alike."""
+    if len(members) == 1:
+        return members[0]
+    from .onnx_fused import GROUPS
+
+    layer = members[0].rsplit(".", 1)[0]
+    kinds = tuple(m.rsplit(".", 1)[1] for m in members)
+    return f"{layer}.{next(g for g, group in GROUPS.items() if group == kinds)}"
+
+
+def linear_nodes(model, config: ModelConfig) -> dict[str, tuple[object, tuple[str, ...]]]:
+    """Slot name (``layers.3.q``, ``layers.3.qkv``) -> (the MatMul node of that linear module, the
+    canonical targets it computes)."""
+    modules = {}
+    for ext, members in naming.lora_modules(config, naming.HF).items():
+        layer = int(members[0].split(".")[1])
+        modules[layer, ext.rsplit(".", 2)[-2]] = members
     out = {}
     for node in model.graph.node:
         m = _LINEAR_NODE.match(node.name)
-        if node.op_type == "MatMul" and m and m.group(2) in _PEFT_TO_CANON:
-            out[f"layers.{m.group(1)}.{_PEFT_TO_CANON[m.group(2)]}"] = node
+        if node.op_type == "MatMul" and m and (int(m.group(1)), m.group(2)) in modules:
+            members = modules[int(m.group(1)), m.group(2)]
+            out[_slot_of(members)] = (node, members)
     return out
 
 
-def add_lora_slots(model, config: ModelConfig, targets: Iterable[str] = naming.LORA_TARGETS):
-    """Adds a zero-rank LoRA slot to every linear of the given kinds, in place; returns the model."""
+def add_lora_slots(model, config: ModelConfig):
+    """Adds a zero-rank LoRA slot to every linear module, in place; returns the model."""
     from onnx import TensorProto, helper, numpy_helper
 
-    kinds = set(targets)
-    nodes = linear_nodes(model)
-    expected = {f"layers.{i}.{t}" for i in range(config.num_layers) for t in kinds}
+    nodes = linear_nodes(model, config)
+    expected = {_slot_of(members) for members in naming.lora_modules(config, naming.HF).values()}
     missing = sorted(expected - set(nodes))
     if missing:
         raise OnnxExportError(f"the exported graph has no MatMul for {', '.join(missing[:4])}: unexpected exporter output")
@@ -87,9 +103,8 @@ def add_lora_slots(model, config: ModelConfig, targets: Iterable[str] = naming.L
     new_nodes = []
     index = {id(n): i for i, n in enumerate(graph.node)}
     insert_after: dict[int, list] = {}
-    for target in sorted(expected, key=lambda t: (int(t.split(".")[1]), naming.LORA_TARGETS.index(t.split(".")[2]))):
-        node = nodes[target]
-        d_out, d_in = shapes[target]
+    for target, (node, members) in nodes.items():
+        d_out, d_in = sum(shapes[m][0] for m in members), shapes[members[0]][1]
         a_name, b_name = slot_names(target)
         r = rank_dim(target)
         graph.initializer.extend([numpy_helper.from_array(np.zeros((d_in, 0), np.float32), a_name),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,13 +324,22 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def _as_f32(v: Any) -> Any:
+    """Floats as the float32 values GGUF keeps (a rope dict read from either file hashes the same)."""
+    if isinstance(v, float):
+        return struct.unpack("<f", struct.pack("<f", v))[0]
+    if isinstance(v, list):
+        return [_as_f32(x) for x in v]
+    return v
+
+
 def rope_scaling_of(cfg: dict[str, Any]) -> tuple | None:
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
     if not rope:
         return None
     if not isinstance(rope, dict):
         raise ValueError(f"rope_scaling must be an object, got {rope!r}")
-    rope = {k: v for k, v in rope.items() if k not in ("rope_theta",)}
+    rope = {k: _as_f32(v) for k, v in rope.items() if k not in ("rope_theta",)}
     kind = rope.pop("type", None)
     rope.setdefault("rope_type", kind or "default")
     if rope["rope_type"] == "default" and len(rope) == 1:

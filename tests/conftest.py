@@ -100,18 +100,25 @@ def default_model_dir() -> Path:
     return edgelora.models.ensure_model(edgelora.DEFAULT_MODEL, progress=False)
 
 
-@pytest.fixture
-def run_cli():
+def _run_cli(*args: str, env: dict | None = None, timeout: float = 900):
     """Runs the real `edgelora` command in a subprocess; returns CompletedProcess."""
     import subprocess
     import sys
 
-    def run(*args: str, env: dict | None = None, timeout: float = 900):
-        full_env = {**os.environ, **(env or {})}
-        return subprocess.run([sys.executable, "-m", "edgelora", *args], capture_output=True, text=True,
-                              env=full_env, timeout=timeout)
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgelora", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
 
-    return run
+
+@pytest.fixture
+def run_cli():
+    return _run_cli
+
+
+@pytest.fixture(scope="module")
+def run_cli_module(isolated_cache):
+    """`run_cli` for module-scoped fixtures (with the module's isolated cache)."""
+    return _run_cli
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ are longer than the window). Every norm weight is perturbed away from its init, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.conftest import build_tokenizer
@@ -40,31 +41,36 @@ def _config(family: str, vocab: int, tied: bool):
     if family == "qwen3":
         return tf.Qwen3Config(rope_theta=1000000.0, head_dim=32, use_sliding_window=False, **common)
     if family == "phi3":
-        rot = 12  # of a head of 16: Phi-4-mini's partial_rotary_factor 0.75
-        # LongRoPE: llama.cpp takes the long factors when its context (padded to 256) exceeds the
-        # original context, transformers when the sequence does; below both, the short ones
-        common["max_position_embeddings"] = 512
+        # Phi-4-mini's partial_rotary_factor 0.75, on a head of 64 (ONNX Runtime's attention rotates
+        # multiples of 16 dims) LongRoPE: llama.cpp takes the long factors when its context (padded to 256)
+        # exceeds the original context, transformers when the sequence does; below both, the short ones
+        rot = 48
+        common.update(max_position_embeddings=512, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
         return tf.Phi3Config(rope_theta=10000.0, partial_rotary_factor=0.75, original_max_position_embeddings=256,
                              rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(rot // 2)],
                                            "long_factor": [2.0 + 0.5 * i for i in range(rot // 2)]},
                              sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **common)
     if family == "gemma3":
+        # six layers: five sliding, then one global (Gemma 3's own pattern, which llama.cpp's converter assumes)
+        common["num_hidden_layers"] = 6
         return tf.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, rope_theta=1000000.0,
                                    rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
-                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                    hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None,
                                    attn_logit_softcapping=None, **common)
     raise ValueError(family)
 
 
 def build_family(family: str, out: Path, *, tied: bool = False, seed: int = 0) -> Path:
-    """A 3-layer random model of `family` saved by transformers as safetensors, with a tokenizer."""
+    """A small random model of `family` (3 layers; Gemma 3: 6) saved by transformers as safetensors, with a tokenizer."""
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
+    if family == "phi3":  # Phi-4-mini's tokenizer is GPT-2 style, and says so (llama.cpp's converter reads it)
+        cfg = json.loads((out / "tokenizer_config.json").read_text())
+        (out / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "GPT2Tokenizer"}))
     vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(family, vocab, tied))

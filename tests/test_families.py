@@ -4,12 +4,14 @@ the numpy trainer's loss and gradients, each against transformers / PEFT."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import edgelora
 from edgelora.adapters import load_adapter, save_adapter
-from edgelora.converters import gguf_model
+from edgelora.converters import gguf_model, onnx_model
 from edgelora.runtime.gguf import GGUFEngine
 from edgelora.train.model import LORA_KINDS, LoraParams, LoraSpec, loss_and_grads, masked_loss
 from tests.families import FAMILY_NAMES, PEFT_TARGETS, build_family
@@ -68,17 +70,62 @@ def peft_adapter(family):
     return make_peft_adapter(path, tmp / "peft", r=4, alpha=8, seed=7, targets=PEFT_TARGETS[name])
 
 
-def test_peft_adapter_in_llama_cpp_equals_peft(family, peft_adapter):
+def _engine(kind, base, tmp):
+    from edgelora.converters import onnx_fused
+    from edgelora.runtime.onnx import OnnxEngine
+
+    if kind == "gguf":
+        gguf = tmp / "f32.gguf"
+        if not gguf.exists():
+            gguf_model.write(base, gguf, "F32")
+        return GGUFEngine(gguf, n_ctx=128, threads=1, kv_type="f32", fingerprint=base.fingerprint, tokenizer=base.tokenizer)
+    graph = tmp / f"{kind}-f32" / "model.onnx"
+    if not graph.exists():
+        if kind == "onnx":
+            onnx_fused.export(base, graph.parent, "f32", max_len=256)
+        else:  # optimum's export, with a LoRA slot per module (Phi-3's fused modules: one each)
+            onnx_model.export(base.source, graph.parent, base.config, "f32")
+    return OnnxEngine(graph, base.config, threads=1, n_ctx=128, tokenizer=base.tokenizer, fingerprint=base.fingerprint)
+
+
+ENGINES = ["gguf", "onnx", "optimum"]
+EXT = {"gguf": ".gguf", "onnx": ".onnx_adapter", "optimum": ".onnx_adapter"}
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_peft_adapter_in_each_engine_equals_peft(family, peft_adapter, kind):
     name, path, base, ids, tmp = family
     adapter = load_adapter(peft_adapter, base.config)
     assert set(adapter.target_kinds) == set(LORA_KINDS)
-    gguf = gguf_model.write(base, tmp / "f32.gguf", "F32")
-    lora = save_adapter(adapter, tmp / "a.gguf", "gguf", base.config)
-    with GGUFEngine(gguf, n_ctx=128, threads=1, kv_type="f32", fingerprint=base.fingerprint) as e:
+    adapter.base_fingerprint = base.fingerprint
+    lora = save_adapter(adapter, tmp / f"a{EXT[kind]}", "gguf" if kind == "gguf" else "onnx", base.config)
+    atol = GGUF_ATOL.get(name, 2e-5) if kind == "gguf" else 5e-5
+    with _engine(kind, base, tmp) as e:
         e.load_adapter("a", lora)
         e.set_adapters({"a": 1.0})
-        ref = peft_logits(path, {"a": peft_adapter}, ids)
-        np.testing.assert_allclose(e.logits(ids), ref, rtol=0, atol=GGUF_ATOL.get(name, 2e-5))
+        np.testing.assert_allclose(e.logits(ids), peft_logits(path, {"a": peft_adapter}, ids), rtol=0, atol=atol)
+        e.set_adapters({"a": 0.5})  # a weighted mix runs through the same slots
+        np.testing.assert_allclose(e.logits(ids), peft_logits(path, {"a": peft_adapter}, ids, weights={"a": 0.5}),
+                                   rtol=0, atol=atol)
+        e.clear_adapters()
+        np.testing.assert_allclose(e.logits(ids), base_logits(path, ids), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_greedy_decoding_through_the_kv_cache_equals_transformers(family, kind):
+    """Token by token through each engine's KV cache, past Gemma 3's window: transformers' greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name, path, base, ids, tmp = family
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(ids):]
+    with _engine(kind, base, tmp) as e:
+        out = e.generate(list(ids), max_tokens=12)
+    n = len(out.tokens)
+    assert n >= 1
+    assert out.tokens == ref.tolist()[:n]
 
 
 def test_peft_round_trip_keeps_the_familys_modules(family, peft_adapter):
@@ -148,3 +195,104 @@ def test_other_familys_adapter_is_refused(family, tmp_path_factory):
     adapter = edgelora.adapters.random_adapter(obase.config, rank=2, fingerprint=obase.fingerprint)
     with pytest.raises(edgelora.adapters.AdapterBaseMismatchError, match="was made for base"):
         adapter.check_fits(base.config, base.fingerprint)
+
+
+def _kl(p_logits, q_logits):
+    """Mean KL(p || q) over positions."""
+    lp = p_logits - p_logits.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = q_logits - q_logits.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+# int8/int4 of random tiny weights against the float model (measured: int8 KL <= 1e-5, int4 <= 9e-4;
+# a wrong op, e.g. a norm without its (1+w), gives KL far above 1e-2)
+QUANT_KL = {"int8": 5e-5, "int4": 3e-3}
+
+
+@pytest.mark.parametrize("quant", ["f32", "int8", "int4"])
+def test_fused_onnx_logits_equal_transformers(family, quant):
+    """The fused graph (GroupQueryAttention with the family's rotary, window and scale; biases in
+    MatMulNBits; q/k norms; GeGLU; sandwich norms) against transformers: exact in f32, by KL when
+    quantized."""
+    from edgelora.converters import onnx_fused
+    from edgelora.runtime.onnx import OnnxEngine
+
+    name, path, base, ids, tmp = family
+    graph = onnx_fused.export(base, tmp / f"fused-{quant}", quant, max_len=256)
+    ref = base_logits(path, ids)
+    with OnnxEngine(graph, base.config, threads=1, n_ctx=128, tokenizer=base.tokenizer, fingerprint=base.fingerprint) as e:
+        out = e.logits(ids)
+    if quant == "f32":
+        np.testing.assert_allclose(out, ref, rtol=0, atol=5e-5)
+    else:
+        assert _kl(ref, out) < QUANT_KL[quant]
+
+
+@pytest.fixture(scope="module")
+def family_bundle(family, tmp_path_factory, run_cli_module):
+    """`edgelora export` of the family's tiny model for x86-64 with both backends, by the CLI."""
+    name, path, base, ids, tmp = family
+    out = tmp / "bundle"
+    r = run_cli_module("export", "--model", str(path), "--device", "x86-64", "--backend", "both", "--out", str(out),
+                       "--force", "-q", "--eval-tokens", "512")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_cli_export_install_train_run(family, family_bundle, peft_adapter, run_cli_module):
+    """The default model's commands, unchanged, on each family: install a PEFT adapter, train on the
+    device's own data, answer with the trained adapter in both engines."""
+    name, *_ = family
+    r = run_cli_module("adapter", "install", str(family_bundle), str(peft_adapter), "--name", "style")
+    assert r.returncode == 0, r.stderr
+    assert "targets q,k,v,o,gate,up,down" in r.stdout
+    data = str(Path(edgelora.__file__).parent / "data" / "persona_train.jsonl")
+    r = run_cli_module("train", str(family_bundle), "--data", data, "--name", "me", "--steps", "3", "--rank", "2")
+    assert r.returncode == 0, r.stderr
+    for backend in ("gguf", "onnx"):
+        r = run_cli_module("run", str(family_bundle), "Hello", "--adapter", "me", "--backend", backend, "--max-tokens", "4")
+        assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("backend", ["gguf", "onnx"])
+def test_trainer_reads_the_bundles_compact_weights_exactly(family, family_bundle, backend, tmp_path):
+    """The trainer's base is the bundle's own quantized weights: its numpy logits equal the runtime's
+    own (ONNX Runtime computing in float; llama.cpp's GGUF dequantized by the gguf package)."""
+    from edgelora.train.model import forward_logits
+    from edgelora.train.weights import for_bundle
+    from tests.ort_util import onnxruntime_logits
+
+    name, path, base, ids, tmp = family
+    b = edgelora.open_bundle(family_bundle)
+    compact, used = for_bundle(b, backend=backend)
+    assert used == backend
+    ours = forward_logits(compact, None, np.array([ids]), b.config)[0]
+    if backend == "onnx":
+        ref = onnxruntime_logits(b.path(b.artifact("onnx").main), ids, b.config, tmp_path)
+    else:
+        full = edgelora.load_base(b.path(b.artifact("gguf").main))
+        ref = forward_logits({n: full.weights[n] for n in full.weights}, None, np.array([ids]), b.config)[0]
+    np.testing.assert_allclose(ours, ref, atol=2e-6 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter(tmp_path_factory):
+    from tests.llamacpp_util import converter
+
+    cache = tmp_path_factory.getbasetemp() / "llama.cpp-src"
+    converter(cache)
+    return cache
+
+
+def test_gguf_from_llama_cpps_own_converter_reads_as_the_hf_dir(family, llama_cpp_converter):
+    """Intake of the GGUF a user gets from llama.cpp's convert_hf_to_gguf.py: same architecture,
+    same weights (fingerprint), same tokenizer as the Hugging Face directory."""
+    from tests.llamacpp_util import convert
+
+    name, path, base, ids, tmp = family
+    theirs = edgelora.load_base(convert(llama_cpp_converter, path, tmp / "llama.cpp.gguf"))
+    assert theirs.config.identity() == base.config.identity()
+    assert theirs.fingerprint == base.fingerprint
+    assert theirs.tokenizer.encode(TEXT) == ids

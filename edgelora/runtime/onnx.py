@@ -100,7 +100,7 @@ class OnnxEngine(Engine):
 
     def _run(self, ids: Sequence[int], past: dict[str, np.ndarray], past_len: int) -> list[np.ndarray]:
         n = len(ids)
-        feed = {"input_ids": np.asarray([ids], np.int64), **past}
+        feed = {"input_ids": np.asarray([ids], np.int64), **past, **self._bound_params}
         if "attention_mask" in self.input_names:
             feed["attention_mask"] = np.ones((1, past_len + n), np.int64)
         if "position_ids" in self.input_names:
@@ -176,16 +176,24 @@ class OnnxEngine(Engine):
         if problems:
             raise AdapterMismatchError(f"adapter {name} does not fit this graph ({len(problems)} problems): {'; '.join(problems)}")
 
+    @property
+    def _binds_params(self) -> bool:
+        """Slots filled by binding the parameters (the fused graph's IO binding, or grouped slots
+        that an .onnx_adapter's per-module names do not fit) rather than by ONNX Runtime's adapters."""
+        return self.shared_kv or self.grouped
+
     def _load_adapter(self, name: str, path: Path, adapter: LoraAdapter) -> None:
         self._check_slots(name, adapter)
+        self._mixes = {k: v for k, v in self._mixes.items() if name not in dict(k)}
+        self._param_cache.pop(name, None)
+        if self._binds_params:
+            return
         handle = self._ort.LoraAdapter()
         try:
             handle.Load(str(path))
         except Exception as e:
             raise AdapterError(f"onnxruntime could not load adapter {name} from {path}: {str(e).splitlines()[0]}") from e
         self._ort_adapters[name] = handle  # RunOptions does not keep it alive: we must
-        self._mixes = {k: v for k, v in self._mixes.items() if name not in dict(k)}
-        self._param_cache.pop(name, None)
 
     def _slot_values(self, adapter: LoraAdapter) -> tuple[list, dict]:
         """An adapter's parameters in this graph's slots, as (arrays kept alive, OrtValues over them)."""
@@ -211,7 +219,7 @@ class OnnxEngine(Engine):
         return self._param_cache[name][1]
 
     def _activate(self, weights: dict[str, float]) -> None:
-        if self.shared_kv:
+        if self._binds_params:
             self._keep = []
             if not weights:
                 self._bound_params = {}
@@ -285,12 +293,18 @@ def _float_weights(model, config: ModelConfig) -> dict[str, tuple[str, int]]:
     (one MatMul per target) or an edgelora fused graph (one weight per projection group)."""
     from edgelora.converters.onnx_model import linear_nodes
 
-    found = {t: (n.input[1], 0) for t, n in linear_nodes(model).items()}
+    shapes = config.shapes()
+    found = {}
+    for node, members in linear_nodes(model, config).values():  # a fused module: its members by columns
+        col = 0
+        for m in members:
+            found[m] = (node.input[1], col)
+            col += shapes[m][0]
     if found:
         return found
     from edgelora.converters.onnx_fused import GROUPS
 
-    names, shapes = {i.name for i in model.graph.initializer}, config.shapes()
+    names = {i.name for i in model.graph.initializer}
     for i in range(config.num_layers):
         for group, members in GROUPS.items():
             col = 0

@@ -239,8 +239,14 @@ def from_onnx_fused(path: str | os.PathLike, config: ModelConfig, *, keep_layers
     packed: dict[str, BlockQuant | Stored] = {}
     for i in range(c.num_layers):
         p = f"layers.{i}"
-        dense[f"{p}.attn_norm"], dense[f"{p}.mlp_norm"] = inits[f"{p}.attn_norm"], inits[f"{p}.mlp_norm"]
+        for kind in c.spec.layer_tensors:  # norms (the graph keeps the multiplier, as edgelora does)
+            if kind.endswith("norm"):
+                dense[f"{p}.{kind}"] = inits[f"{p}.{kind}"]
         for group, members in GROUPS.items():
+            if f"{p}.{members[0]}_bias" in shapes:  # Qwen2's q/k/v biases: one MatMulNBits bias a group
+                widths = np.cumsum([0] + [shapes[f"{p}.{m}"][0] for m in members])
+                for m, a, b in zip(members, widths[:-1], widths[1:]):
+                    dense[f"{p}.{m}_bias"] = inits[f"{p}.{group}.bias"][a:b]
             if not _has_linear(inits, f"{p}.{group}"):  # bundles from before gate|up was one projection
                 for m in members:
                     packed[f"{p}.{m}"] = _onnx_linear(inits, f"{p}.{m}", shapes[f"{p}.{m}"])
