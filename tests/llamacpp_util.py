@@ -15,13 +15,15 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 _ROOT = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
-_WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+_WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/",
+           # SentencePiece vocabularies with llama.cpp's own tokenization test vectors
+           "models/ggml-vocab-llama-spm.gguf", "models/ggml-vocab-phi-3.gguf")
 
 
 def converter(cache: Path) -> Path:
     """The unpacked vendor/llama.cpp directory holding convert_hf_to_gguf.py."""
     root = cache / _ROOT
-    if (root / "convert_hf_to_gguf.py").exists():
+    if (root / "models" / "ggml-vocab-phi-3.gguf.out").exists():
         return root
     cache.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
