@@ -48,9 +48,16 @@ def _torch_modules():
     return torch, nn
 
 
-def static_llama(hf_model, max_positions: int):
-    """The torch module that is exported (see the module docstring)."""
+def static_decoder(base, max_positions: int):
+    """The torch module that is exported (see the module docstring), built from the base's canonical
+    weights, so every family's ops come from its `Family` entry: q/k/v biases, q/k head norms,
+    sandwich norms, GeGLU, embedding scale, partial rotary and the family's RoPE tables (edgelora.rope),
+    the query scale, and a second (sliding-window) mask for the layers that attend within a window."""
     torch, nn = _torch_modules()
+    from edgelora.rope import cos_sin, inv_freq
+
+    c = base.config
+    fam = c.spec
 
     class FusedRMSNorm(torch.autograd.Function):
         @staticmethod
@@ -61,59 +68,99 @@ def static_llama(hf_model, max_positions: int):
         def symbolic(g, x, weight, eps: float):
             return g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
 
-    class StaticLlama(nn.Module):
+    def tables(local: bool):
+        inv, scaling = inv_freq(c, sliding=local)
+        cos, sin = cos_sin(np.arange(max_positions), inv, scaling)
+        return torch.from_numpy(cos), torch.from_numpy(sin)
+
+    class StaticDecoder(nn.Module):
         def __init__(self):
             super().__init__()
-            cfg = hf_model.config
-            self.model, self.lm_head = hf_model.model, hf_model.lm_head
-            self.n_layers, self.hidden = cfg.num_hidden_layers, cfg.hidden_size
-            self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-            self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            with torch.no_grad():
-                cos, sin = self.model.rotary_emb(torch.zeros(1), torch.arange(max_positions)[None])
-            self.register_buffer("cos_table", cos[0].contiguous(), persistent=False)  # [positions, D]
-            self.register_buffer("sin_table", sin[0].contiguous(), persistent=False)
+            self.n_layers, self.hidden = c.num_layers, c.hidden_size
+            self.n_heads, self.n_kv, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+            self.window = c.sliding_window if c.sliding_layers else None
+            for n in base.weights:  # parameters, so the export makes them initializers (the QDQ pass quantizes those)
+                self.register_parameter(n.replace(".", "__"), nn.Parameter(
+                    torch.from_numpy(np.array(base.weights[n], np.float32)), requires_grad=False))
+            locals_ = (False, True) if c.rope_local_theta is not None else (False,)
+            for local in locals_:
+                cos, sin = tables(local)
+                self.register_buffer(f"cos_{int(local)}", cos, persistent=False)  # [positions, rot]
+                self.register_buffer(f"sin_{int(local)}", sin, persistent=False)
 
-        def rms(self, norm, x):
-            return FusedRMSNorm.apply(x, norm.weight, float(norm.variance_epsilon))
+        def w(self, name):
+            return getattr(self, name.replace(".", "__"))
+
+        def rms(self, name, x):
+            return FusedRMSNorm.apply(x, self.w(name), float(c.rms_norm_eps))
+
+        def linear(self, x, name, bias=None):
+            y = torch.matmul(x, self.w(name).t())
+            return y + self.w(bias) if bias else y
 
         @staticmethod
         def rope(x, cos, sin):
-            half = x.shape[-1] // 2
-            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+            rot = cos.shape[-1]
+            xr = x if rot == x.shape[-1] else x[..., :rot]
+            half = rot // 2
+            y = xr * cos + torch.cat((-xr[..., half:], xr[..., :half]), dim=-1) * sin
+            return y if rot == x.shape[-1] else torch.cat((y, x[..., rot:]), dim=-1)
 
-        def forward(self, input_ids, position_ids, attn_mask, *past):
+        def forward(self, input_ids, position_ids, attn_mask, *rest):
+            mask_local, past = (rest[0], rest[1:]) if self.window else (None, rest)
             b, t = int(input_ids.shape[0]), int(input_ids.shape[1])
             H, KV, D = self.n_heads, self.n_kv, self.head_dim
             rep = H // KV
-            cos = self.cos_table[position_ids].unsqueeze(1)  # [1,1,t,D]
-            sin = self.sin_table[position_ids].unsqueeze(1)
-            mask = torch.cat([attn_mask] * rep, dim=2) if rep > 1 else attn_mask  # [1,1,rep*t,C+t]
-            h = self.model.embed_tokens(input_ids)
+            ropes = {}
+            for local in (False, True):
+                if hasattr(self, f"cos_{int(local)}"):
+                    ropes[local] = (getattr(self, f"cos_{int(local)}")[position_ids].unsqueeze(1),  # [1,1,t,rot]
+                                    getattr(self, f"sin_{int(local)}")[position_ids].unsqueeze(1))
+            masks = {False: attn_mask, True: mask_local}
+            masks = {k: torch.cat([m] * rep, dim=2) if rep > 1 and m is not None else m for k, m in masks.items()}
+            h = torch.nn.functional.embedding(input_ids, self.w("embed"))
+            if fam.embed_scale:
+                h = h * float(np.float32(np.sqrt(c.hidden_size)))
             presents = []
-            for i, layer in enumerate(self.model.layers):
-                att = layer.self_attn
-                x = self.rms(layer.input_layernorm, h)
-                q = self.rope(att.q_proj(x).view(b, t, H, D).transpose(1, 2), cos, sin)
-                k = self.rope(att.k_proj(x).view(b, t, KV, D).transpose(1, 2), cos, sin)
-                v = att.v_proj(x).view(b, t, KV, D).transpose(1, 2)
+            for i in range(self.n_layers):
+                p = f"layers.{i}"
+                sliding = c.is_sliding(i)
+                cos, sin = ropes[sliding and c.rope_local_theta is not None]
+                x = self.rms(f"{p}.attn_norm", h)
+                bias = (lambda m: f"{p}.{m}_bias") if fam.qkv_bias else (lambda m: None)
+                q = self.linear(x, f"{p}.q", bias("q")).view(b, t, H, D).transpose(1, 2)
+                k = self.linear(x, f"{p}.k", bias("k")).view(b, t, KV, D).transpose(1, 2)
+                v = self.linear(x, f"{p}.v", bias("v")).view(b, t, KV, D).transpose(1, 2)
+                if fam.qk_norm:
+                    q, k = self.rms(f"{p}.q_norm", q), self.rms(f"{p}.k_norm", k)
+                q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
                 presents += [k, v]
                 if past:
                     k = torch.cat((past[2 * i], k), dim=2)
                     v = torch.cat((past[2 * i + 1], v), dim=2)
                 qg = q.reshape(b, KV, rep * t, D)  # the query heads sharing a KV head, stacked: no Expand
-                probs = torch.softmax(torch.matmul(qg, k.transpose(2, 3)) * D ** -0.5 + mask, dim=-1)
-                o = torch.matmul(probs, v).reshape(b, H, t, D).transpose(1, 2).reshape(b, t, H * D)
-                h = h + att.o_proj(o)
-                x = self.rms(layer.post_attention_layernorm, h)
-                h = h + layer.mlp.down_proj(nn.functional.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x))
-            return (self.lm_head(self.rms(self.model.norm, h)), *presents)
+                scores = torch.matmul(qg, k.transpose(2, 3)) * float(c.attn_scale) + masks[sliding]
+                o = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(b, H, t, D).transpose(1, 2).reshape(b, t, H * D)
+                o = self.linear(o, f"{p}.o")
+                if fam.sandwich_norms:
+                    o = self.rms(f"{p}.post_attn_norm", o)
+                h = h + o
+                x = self.rms(f"{p}.mlp_norm", h)
+                gate, up = self.linear(x, f"{p}.gate"), self.linear(x, f"{p}.up")
+                act = (torch.nn.functional.gelu(gate, approximate="tanh") if fam.activation == "gelu_tanh"
+                       else torch.nn.functional.silu(gate))
+                d = self.linear(act * up, f"{p}.down")
+                if fam.sandwich_norms:
+                    d = self.rms(f"{p}.post_mlp_norm", d)
+                h = h + d
+            head = self.w("embed" if c.tie_word_embeddings else "lm_head")
+            return (torch.matmul(self.rms("norm", h), head.t()), *presents)
 
-    return StaticLlama().eval()
+    return StaticDecoder().eval()
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    ins, outs = ["input_ids", "position_ids", "attn_mask"], ["logits"]
+def io_names(n_layers: int, windowed: bool = False) -> tuple[list[str], list[str]]:
+    ins, outs = ["input_ids", "position_ids", "attn_mask"] + (["attn_mask_local"] if windowed else []), ["logits"]
     for i in range(n_layers):
         ins += [f"past_k_{i}", f"past_v_{i}"]
         outs += [f"present_k_{i}", f"present_v_{i}"]
@@ -125,10 +172,12 @@ def export_float(wrapper, out_dir: Path, prefill_len: int, ctx: int) -> dict[str
 
     torch, _ = _torch_modules()
     n, kv, d = wrapper.n_layers, wrapper.n_kv, wrapper.head_dim
-    ins, outs = io_names(n)
+    windowed = wrapper.window is not None
+    ins, outs = io_names(n, windowed)
     paths = {}
     for name, t in (("prefill", prefill_len), ("decode", 1)):
-        args = (torch.zeros(1, t, dtype=torch.int64), torch.arange(t)[None], torch.zeros(1, 1, t, ctx + t),
+        masks = [torch.zeros(1, 1, t, ctx + t)] * (2 if windowed else 1)
+        args = (torch.zeros(1, t, dtype=torch.int64), torch.arange(t)[None], *masks,
                 *[torch.zeros(1, kv, ctx, d) for _ in range(2 * n)])
         path = out_dir / f"{name}_fp32.onnx"
         import warnings
@@ -141,13 +190,29 @@ def export_float(wrapper, out_dir: Path, prefill_len: int, ctx: int) -> dict[str
         for imp in m.opset_import:  # 16-bit Q/DQ needs opset 21; the ops used here only gained types
             if imp.domain in ("", "ai.onnx"):
                 imp.version = 21
-        for nd in m.graph.node:  # onnx shape inference does not know this contrib op: declare its output
-            if nd.op_type == "SimplifiedLayerNormalization":
-                m.graph.value_info.append(onnx.helper.make_tensor_value_info(nd.output[0], onnx.TensorProto.FLOAT,
-                                                                             [1, t, wrapper.hidden]))
-        onnx.save(onnx.shape_inference.infer_shapes(m), str(path))
+        onnx.save(_infer_shapes(m), str(path))
         paths[name] = path
     return paths
+
+
+def _infer_shapes(m):
+    """onnx's shape inference, told that SimplifiedLayerNormalization (a contrib op it does not know)
+    keeps its input's shape: declared as each norm's input becomes known (q/k head norms are 4-D)."""
+    import onnx
+
+    norms = [nd for nd in m.graph.node if nd.op_type == "SimplifiedLayerNormalization"]
+    declared: set[str] = set()
+    while True:
+        m = onnx.shape_inference.infer_shapes(m)
+        known = {v.name: v for v in [*m.graph.value_info, *m.graph.input]
+                 if v.type.tensor_type.HasField("shape") and len(v.type.tensor_type.shape.dim)}
+        new = [nd for nd in norms if nd.output[0] not in declared and nd.input[0] in known]
+        if not new:
+            return m
+        for nd in new:
+            dims = [d.dim_value for d in known[nd.input[0]].type.tensor_type.shape.dim]
+            m.graph.value_info.append(onnx.helper.make_tensor_value_info(nd.output[0], onnx.TensorProto.FLOAT, dims))
+            declared.add(nd.output[0])
 
 
 class _Feeds:
@@ -180,25 +245,24 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict]) -> None:
     quantize(str(fp32_path), str(out_path), cfg)
 
 
-def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, prefill_len: int, ctx: int,
+def export(base, out_dir: str | os.PathLike, *, prefill_len: int, ctx: int,
            calibration: list[list[int]], prefix_tokens: list[int]) -> Path:
-    """Writes prefill.onnx and decode.onnx (QDQ), prefix_kv.npz and npu.json into `out_dir`."""
+    """Writes prefill.onnx and decode.onnx (QDQ), prefix_kv.npz and npu.json into `out_dir`, for the
+    `BaseModel` `base`."""
     torch, _ = _torch_modules()
-    from transformers import LlamaForCausalLM
-
     from edgelora._native import quiet_native
     from edgelora.runtime.npu import Geometry, StaticRunner
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with quiet_native():
-        hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    wrapper = static_llama(hf, ctx + prefill_len)
-    geom = Geometry(wrapper.n_layers, wrapper.n_kv, wrapper.head_dim, prefill_len, ctx, list(prefix_tokens), MASK_VALUE)
+    wrapper = static_decoder(base, ctx + prefill_len)
+    geom = Geometry(wrapper.n_layers, wrapper.n_kv, wrapper.head_dim, prefill_len, ctx, list(prefix_tokens), MASK_VALUE,
+                    wrapper.window)
     k = len(prefix_tokens)
     with torch.no_grad():
         mask = torch.triu(torch.full((k, k), MASK_VALUE), diagonal=1)[None, None]
-        prefix_kv = [o.numpy().copy() for o in wrapper(torch.tensor([prefix_tokens]), torch.arange(k)[None], mask)[1:]]
+        masks = [mask] * (2 if wrapper.window else 1)  # the prefix is shorter than any window
+        prefix_kv = [o.numpy().copy() for o in wrapper(torch.tensor([prefix_tokens]), torch.arange(k)[None], *masks)[1:]]
     np.savez(out_dir / PREFIX_KV, *prefix_kv)
     (out_dir / GEOMETRY).write_text(json.dumps(geom.__dict__, indent=2))
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:

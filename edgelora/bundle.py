@@ -170,7 +170,7 @@ def _build_onnx(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Pat
             raise UnsupportedFormatError(f"qdq is the NPU format; profile {prof.name} has no static shapes")
         tok = ws.base.tokenizer
         prefix = [tok.bos_token_id if tok.bos_token_id is not None else 0]
-        onnx_npu.export(ws.hf_dir(), target_dir, prefill_len=prof.shapes.prefill_length, ctx=prof.context_length,
+        onnx_npu.export(ws.base, target_dir, prefill_len=prof.shapes.prefill_length, ctx=prof.context_length,
                         calibration=calibration_sequences(ws.base, prefix, prof.context_length - 1), prefix_tokens=prefix)
         return sorted(p for p in target_dir.iterdir() if p.is_file())
     if ws.onnx_graph == "fused":

@@ -296,3 +296,24 @@ def test_gguf_from_llama_cpps_own_converter_reads_as_the_hf_dir(family, llama_cp
     assert theirs.config.identity() == base.config.identity()
     assert theirs.fingerprint == base.fingerprint
     assert theirs.tokenizer.encode(TEXT) == ids
+
+
+def test_npu_bundle_runs_wholly_on_htp(family, isolated_cache, tmp_path):
+    """The Snapdragon profile's static QDQ graphs of each family run on the QNN HTP backend with CPU
+    fallback disabled (q/k norms, biases, GeGLU, sandwich norms, the sliding-window mask as a second
+    input): the HTP's logits follow the QDQ graph on CPU (the simulator rounds its 16-bit activations
+    its own way; measured <= 4% of the logits' scale) and the float model (top-1)."""
+    pytest.importorskip("onnxruntime_qnn")
+    name, path, base, ids, tmp = family
+    b = edgelora.export(path, "snapdragon-8-gen-3", tmp_path / "npu", eval_tokens=1024, progress=False, force=True)
+    (art,) = b.artifacts
+    assert art.quant == "qdq" and art.quality["top1_agreement"] > 0.9
+    tok = b.tokenizer()
+    chat = tok.encode(tok.apply_chat_template([{"role": "user", "content": TEXT}]), add_special_tokens=False)
+    with b.engine() as htp, b.engine(provider="cpu") as cpu:
+        assert htp.provider == "htp"
+        got, qdq = htp.logits(chat), cpu.logits(chat)
+    ref = base_logits(path, chat)[1:]
+    assert np.abs(got - qdq).max() <= 0.08 * np.abs(qdq).max()
+    assert (got.argmax(-1) == qdq.argmax(-1)).mean() >= 0.85
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.85

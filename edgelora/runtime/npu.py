@@ -30,6 +30,7 @@ class Geometry:
     ctx: int  # C: KV buffer slots (positions held)
     prefix_tokens: list[int]
     mask_value: float
+    window: int | None = None  # sliding-window layers get a second mask hiding keys `window` or more back
 
 
 def qnn_htp_session(path: Path, threads: int = 1):
@@ -108,6 +109,11 @@ class StaticRunner:
         mask[:, :p0] = 0.0
         mask[:, g.ctx:] = np.triu(np.full((t, t), g.mask_value, np.float32), k=1)
         feeds = {"input_ids": ids, "position_ids": (p0 + np.arange(t, dtype=np.int64))[None], "attn_mask": mask[None, None]}
+        if g.window:  # keys (buffer slot = position; new tokens after the buffer) too far back for the window
+            q_pos = p0 + np.arange(t)[:, None]
+            k_pos = np.concatenate([np.arange(g.ctx), p0 + np.arange(t)])[None, :]
+            local = np.where(q_pos - k_pos >= g.window, np.float32(g.mask_value), mask)
+            feeds["attn_mask_local"] = local[None, None].astype(np.float32)
         for i in range(g.n_layers):
             feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = self.past[2 * i], self.past[2 * i + 1]
         if self.recorded is not None:
