@@ -92,22 +92,41 @@ ENGINES = ["gguf", "onnx", "optimum"]
 EXT = {"gguf": ".gguf", "onnx": ".onnx_adapter", "optimum": ".onnx_adapter"}
 
 
-@pytest.mark.parametrize("kind", ENGINES)
-def test_peft_adapter_in_each_engine_equals_peft(family, peft_adapter, kind):
+@pytest.fixture(scope="module")
+def second_adapter(family):
+    """A second PEFT adapter, lower rank, on a subset of the modules (attention output and down)."""
     name, path, base, ids, tmp = family
-    adapter = load_adapter(peft_adapter, base.config)
-    assert set(adapter.target_kinds) == set(LORA_KINDS)
-    adapter.base_fingerprint = base.fingerprint
-    lora = save_adapter(adapter, tmp / f"a{EXT[kind]}", "gguf" if kind == "gguf" else "onnx", base.config)
+    return make_peft_adapter(path, tmp / "peft-b", r=2, alpha=4, seed=8, targets=("o_proj", "down_proj"))
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_peft_adapters_in_each_engine_equal_peft(family, peft_adapter, second_adapter, kind):
+    """One adapter, a weighted mix of two (different ranks and modules) and none, swapped on the
+    loaded base; then a merge and its undo."""
+    name, path, base, ids, tmp = family
+    files = {}
+    for key, source in (("a", peft_adapter), ("b", second_adapter)):
+        adapter = load_adapter(source, base.config)
+        adapter.base_fingerprint = base.fingerprint
+        files[key] = save_adapter(adapter, tmp / f"{key}-{kind}{EXT[kind]}", "gguf" if kind == "gguf" else "onnx",
+                                  base.config)
+    assert set(load_adapter(peft_adapter, base.config).target_kinds) == set(LORA_KINDS)
     atol = GGUF_ATOL.get(name, 2e-5) if kind == "gguf" else 5e-5
+    peft = {"a": peft_adapter, "b": second_adapter}
     with _engine(kind, base, tmp) as e:
-        e.load_adapter("a", lora)
+        for key, f in files.items():
+            e.load_adapter(key, f)
         e.set_adapters({"a": 1.0})
         np.testing.assert_allclose(e.logits(ids), peft_logits(path, {"a": peft_adapter}, ids), rtol=0, atol=atol)
-        e.set_adapters({"a": 0.5})  # a weighted mix runs through the same slots
-        np.testing.assert_allclose(e.logits(ids), peft_logits(path, {"a": peft_adapter}, ids, weights={"a": 0.5}),
-                                   rtol=0, atol=atol)
+        mix = {"a": 0.6, "b": 1.5}
+        e.set_adapters(mix)
+        np.testing.assert_allclose(e.logits(ids), peft_logits(path, peft, ids, weights=mix), rtol=0, atol=atol)
         e.clear_adapters()
+        np.testing.assert_allclose(e.logits(ids), base_logits(path, ids), rtol=0, atol=atol)
+        e.merge("b", 1.0)  # the adapter folded into the (float) weights, then taken out again
+        np.testing.assert_allclose(e.logits(ids), peft_logits(path, {"b": second_adapter}, ids), rtol=0,
+                                   atol=max(atol, 1e-4))
+        e.unmerge()
         np.testing.assert_allclose(e.logits(ids), base_logits(path, ids), rtol=0, atol=atol)
 
 
@@ -317,3 +336,19 @@ def test_npu_bundle_runs_wholly_on_htp(family, isolated_cache, tmp_path):
     assert np.abs(got - qdq).max() <= 0.08 * np.abs(qdq).max()
     assert (got.argmax(-1) == qdq.argmax(-1)).mean() >= 0.85
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
+
+
+def test_sliding_window_llama_cpp_would_ignore_is_refused(tmp_path):
+    """Mistral's (and Phi-3-mini's) sliding window: llama.cpp's `llama`/`phi3` ignore it, so a GGUF
+    of it would answer differently past the window: refused with one line naming family and feature."""
+    from edgelora.errors import UnsupportedArchitectureError
+    from tests.conftest import build_tiny_llama
+
+    path = build_tiny_llama(tmp_path / "mistral", model_type="mistral")
+    cfg = __import__("json").loads((path / "config.json").read_text())
+    (path / "config.json").write_text(__import__("json").dumps({**cfg, "sliding_window": 16}))
+    base = edgelora.load_base(path)
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        gguf_model.write(base, tmp_path / "m.gguf", "F32")
+    assert "llama (mistral) with a 16-token sliding window: llama.cpp ignores the window" in str(info.value)
+    assert "\n" not in str(info.value)
