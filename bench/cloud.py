@@ -67,7 +67,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import edgelora
-    from edgelora.adapters import random_adapter, save_adapter
+    from edgelora.adapters import random_adapter
+    from edgelora.converters import save_adapter
     from edgelora.cloud import CloudClient
     from edgelora.cloud.service import add_token, library_add
 

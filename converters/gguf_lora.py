@@ -69,7 +69,6 @@ def _pairs(adapter: LoraAdapter, config: ModelConfig) -> tuple[dict[str, tuple[L
 def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig) -> Path:
     import gguf
 
-    adapter.check_fits(config)
     path = Path(path)
     heads = (config.num_heads, config.num_kv_heads)
     pairs, ranges = _pairs(adapter, config)

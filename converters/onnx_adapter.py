@@ -16,6 +16,7 @@ import numpy as np
 
 from edgelora._io import atomic_file, write_bytes_atomic
 from edgelora.adapters import AdapterError, LoraAdapter, LoraTensor
+from edgelora.arch import ModelConfig
 from edgelora.errors import CorruptFileError, UnsupportedFormatError
 
 from .onnx_model import slot_names
@@ -51,7 +52,7 @@ def write_parameters(params: dict[str, np.ndarray], path: Path) -> Path:
     return path
 
 
-def write(adapter: LoraAdapter, path: str | Path) -> Path:
+def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig | None = None) -> Path:
     path = Path(path)
     write_parameters(parameters(adapter), path)
     manifest = {
@@ -63,7 +64,7 @@ def write(adapter: LoraAdapter, path: str | Path) -> Path:
     return path
 
 
-def read(path: str | Path) -> LoraAdapter:
+def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
     import onnxruntime as ort
 
     path = Path(path)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +39,26 @@ PREFIX_KV = "prefix_kv.npz"
 
 class NpuExportError(EdgeloraError):
     exit_code = 1
+
+
+@dataclass
+class Geometry:
+    """npu.json: the static graphs' shapes and what the host must hold for them."""
+    n_layers: int
+    n_kv: int
+    head_dim: int
+    prefill_len: int  # P: tokens per prefill call
+    ctx: int  # C: KV buffer slots (positions held)
+    prefix_tokens: list[int]
+    mask_value: float
+    window: int | None = None  # sliding-window layers get a second mask hiding keys `window` or more back
+
+
+def read_geometry(root: Path) -> tuple[Geometry, list[np.ndarray]]:
+    """An NPU graph directory's geometry and the fixed prefix's K/V (float, computed at export)."""
+    geom = Geometry(**json.loads((Path(root) / GEOMETRY).read_text()))
+    with np.load(Path(root) / PREFIX_KV) as data:
+        return geom, [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
 def _torch_modules():
@@ -245,13 +267,13 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict]) -> None:
     quantize(str(fp32_path), str(out_path), cfg)
 
 
-def export(base, out_dir: str | os.PathLike, *, prefill_len: int, ctx: int,
-           calibration: list[list[int]], prefix_tokens: list[int]) -> Path:
+def export(base, out_dir: str | os.PathLike, *, prefill_len: int, ctx: int, prefix_tokens: list[int],
+           calibrate: Callable[[Path, dict[str, Path]], dict[str, list[dict]]]) -> Path:
     """Writes prefill.onnx and decode.onnx (QDQ), prefix_kv.npz and npu.json into `out_dir`, for the
-    `BaseModel` `base`."""
+    `BaseModel` `base`. `calibrate(out_dir, float graphs)` returns the feeds each graph sees on sample
+    text (the host loop that records them is the runtime's, `runtime.npu.StaticRunner`)."""
     torch, _ = _torch_modules()
     from edgelora._native import quiet_native
-    from edgelora.runtime.npu import Geometry, StaticRunner
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,8 +289,7 @@ def export(base, out_dir: str | os.PathLike, *, prefill_len: int, ctx: int,
     (out_dir / GEOMETRY).write_text(json.dumps(geom.__dict__, indent=2))
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         floats = export_float(wrapper, Path(tmp), prefill_len, ctx)
-        runner = StaticRunner.open(out_dir, provider="cpu", graphs=floats)
-        feeds = runner.record(calibration, n_decode=4)
+        feeds = calibrate(out_dir, floats)
         for name in ("prefill", "decode"):
             with quiet_native():
                 quantize_qdq(floats[name], out_dir / f"{name}.onnx", feeds[name])

@@ -6,7 +6,7 @@
 """
 
 from .arch import ModelConfig
-from .base import BaseModel, load_base
+from .base import BaseModel
 from .errors import (
     CorruptFileError,
     EdgeloraError,
@@ -15,7 +15,8 @@ from .errors import (
     UnsupportedArchitectureError,
     UnsupportedFormatError,
 )
-from .models import DEFAULT_MODEL, REGISTRY, pull
+from .models import DEFAULT_MODEL, REGISTRY, load_base, pull
+from .converters import load_adapter, save_adapter
 from . import bundle
 from .bundle import Bundle, export, open_bundle
 from .tokenizer import Tokenizer
@@ -26,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseModel", "CorruptFileError", "DEFAULT_MODEL", "EdgeloraError", "ModelConfig", "ModelFetchError",
     "REGISTRY", "SourceNotFoundError", "Tokenizer", "UnsupportedArchitectureError", "UnsupportedFormatError",
-    "Bundle", "CloudClient", "bundle", "export", "load_base", "open_bundle", "pull",
+    "Bundle", "CloudClient", "bundle", "export", "load_adapter", "load_base", "open_bundle", "pull", "save_adapter",
 ]

@@ -8,16 +8,14 @@ rsLoRA). The adapter records the fingerprint of the base it was made for.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from .arch import ModelConfig
-from .errors import EdgeloraError, UnsupportedFormatError
+from .errors import EdgeloraError
 from .naming import LORA_TARGETS
 
 _TARGET = re.compile(r"^layers\.(\d+)\.(\w+)$")
@@ -234,68 +232,3 @@ def random_adapter(config: ModelConfig, *, rank: int = 8, alpha: float = 16.0, t
                 rng.standard_normal((rank, in_dim), dtype=np.float32) * scale,
                 rng.standard_normal((out_dim, rank), dtype=np.float32) * scale, alpha)
     return LoraAdapter(tensors, base_fingerprint=fingerprint, name=name, provenance={"method": "random", "seed": seed})
-
-
-# -- formats --------------------------------------------------------------------------------
-
-FORMATS = ("peft", "gguf", "onnx")
-
-
-def sniff(path: str | os.PathLike) -> str:
-    """The format of an adapter at `path`: 'peft', 'gguf' or 'onnx'."""
-    from .errors import SourceNotFoundError
-
-    p = Path(path)
-    if not p.exists():
-        raise SourceNotFoundError(f"no such adapter: {p}")
-    if p.is_dir():
-        if (p / "adapter_config.json").exists():
-            return "peft"
-        raise UnsupportedFormatError(f"{p}: a directory without adapter_config.json is not a PEFT adapter")
-    with open(p, "rb") as f:
-        head = f.read(8)
-    if head[:4] == b"GGUF":
-        return "gguf"
-    if p.suffix == ".onnx_adapter":
-        return "onnx"
-    if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt") or head[:1] == b"\x80" or head[:2] == b"PK":
-        raise UnsupportedFormatError(f"{p}: pickle adapters can run code when loaded and edgelora refuses them; save it as safetensors")
-    raise UnsupportedFormatError(f"{p}: not an adapter edgelora reads (a PEFT dir, a GGUF LoRA or a .onnx_adapter)")
-
-
-def load_adapter(path: str | os.PathLike, config: ModelConfig | None = None) -> LoraAdapter:
-    """Reads an adapter in any supported format (sniffed from the path). `config`, the base's, is
-    needed only for GGUF LoRA files made by other tools (to undo llama.cpp's q/k permutation) and
-    for adapters on a family's fused modules (to split Phi-3's qkv_proj into q, k and v)."""
-    kind = sniff(path)
-    if kind == "peft":
-        from .converters import peft
-
-        return peft.read(path, config)
-    if kind == "gguf":
-        from .converters import gguf_lora
-
-        return gguf_lora.read(path, config)
-    from .converters import onnx_adapter
-
-    return onnx_adapter.read(path)
-
-
-def save_adapter(adapter: LoraAdapter, path: str | os.PathLike, fmt: str, config: ModelConfig) -> Path:
-    """Writes `adapter` in format `fmt` ('peft', 'gguf' or 'onnx')."""
-    adapter.check_fits(config)
-    if fmt == "peft":
-        from .converters import peft
-
-        return peft.write(adapter, path, config)
-    if fmt == "gguf":
-        from .converters import gguf_lora
-
-        return gguf_lora.write(adapter, path, config)
-    if fmt == "onnx":
-        from .converters import onnx_adapter
-
-        return onnx_adapter.write(adapter, path)
-    raise UnsupportedFormatError(f"adapter format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-
-

@@ -186,10 +186,15 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return layer in self.sliding_layers
 
+    def canonical_names(self) -> list[str]:
+        """Every weight of the model in canonical order (the order fingerprints hash in)."""
+        names = ["embed"]
+        for i in range(self.num_layers):
+            names += [f"layers.{i}.{s}" for s in self.spec.layer_tensors]
+        return names + ["norm"] + ([] if self.tie_word_embeddings else ["lm_head"])
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical tensor name -> shape, in canonical order."""
-        from .naming import canonical_names
-
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         per_layer = {
             "attn_norm": (d,), "q": (self.q_dim, d), "k": (self.kv_dim, d), "v": (self.kv_dim, d),
@@ -198,7 +203,7 @@ class ModelConfig:
             "q_norm": (hd,), "k_norm": (hd,), "post_attn_norm": (d,), "post_mlp_norm": (d,),
         }
         out: dict[str, tuple[int, ...]] = {}
-        for name in canonical_names(self.num_layers, self.tie_word_embeddings, self.family):
+        for name in self.canonical_names():
             if name == "embed" or name == "lm_head":
                 out[name] = (self.vocab_size, d)
             elif name == "norm":

@@ -1,4 +1,5 @@
-"""`BaseModel` and `load_base`: one view of a Llama-family model, whatever file it came from.
+"""`BaseModel`: one view of a base model of any supported family, whatever file it came from
+(`edgelora.load_base` reads one).
 
 Weights are loaded lazily, one tensor at a time, as float32 in canonical naming and Hugging Face
 orientation; the fingerprint hashes the architecture and those float weights in canonical order,
@@ -91,35 +92,3 @@ def compute_fingerprint(config: ModelConfig, weights: Mapping[str, np.ndarray]) 
         h.update(f"\n{name}:{','.join(map(str, shape))}\n".encode())
         h.update(memoryview(w).cast("B"))
     return "sha256:" + h.hexdigest()
-
-
-def load_base(source: str | os.PathLike, *, progress: bool = True) -> BaseModel:
-    """Reads a base model from a registered name (``smollm2-135m``), a Hugging Face Llama-family
-    checkpoint directory (safetensors only) or a ``.gguf`` file."""
-    from .models import REGISTRY, ensure_model
-
-    text = os.fspath(source)
-    if text in REGISTRY:
-        hf_dir = ensure_model(text, progress=progress)
-        base = load_base(hf_dir, progress=progress)
-        base.name = text
-        return base
-    path = Path(text).expanduser()
-    if not path.exists():
-        known = ", ".join(REGISTRY)
-        raise SourceNotFoundError(
-            f"no such model: {text!r} is neither a file, a directory, nor a known model name ({known})")
-    if path.is_dir():
-        from .converters import hf
-
-        return hf.read(path)
-    from .converters import gguf_model
-
-    if path.suffix.lower() == ".gguf" or gguf_model.looks_like_gguf(path):
-        return gguf_model.read(path)
-    if path.suffix.lower() in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
-        raise UnsupportedFormatError(
-            f"{path}: pickle checkpoints can run code when loaded and edgelora refuses them; "
-            "save the model as safetensors (save_pretrained(..., safe_serialization=True)) and pass its directory")
-    raise UnsupportedFormatError(
-        f"{path}: not a model edgelora reads; pass a Hugging Face checkpoint directory, a .gguf file or a model name")

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 from . import quality as _quality
 from ._io import atomic_dir, sha256_file, write_bytes_atomic
-from .base import BaseModel, load_base
+from .base import BaseModel
+from .models import load_base
 from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError, UnsupportedFormatError
 from .profiles import GGUF_QUANTS, ONNX_QUANTS, DeviceProfile, get_profile
 from .progress import bar
@@ -164,14 +165,20 @@ def _build_onnx(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Pat
     target_dir = out / "onnx" / quant
     if quant == "qdq":
         from .converters import onnx_npu
+        from .runtime.npu import StaticRunner
 
         prof = ws.profile
         if not prof.shapes.static:
             raise UnsupportedFormatError(f"qdq is the NPU format; profile {prof.name} has no static shapes")
         tok = ws.base.tokenizer
         prefix = [tok.bos_token_id if tok.bos_token_id is not None else 0]
+        sequences = calibration_sequences(ws.base, prefix, prof.context_length - 1)
+
+        def calibrate(root: Path, graphs: dict[str, Path]) -> dict[str, list]:
+            return StaticRunner.open(root, provider="cpu", graphs=graphs).record(sequences, n_decode=4)
+
         onnx_npu.export(ws.base, target_dir, prefill_len=prof.shapes.prefill_length, ctx=prof.context_length,
-                        calibration=calibration_sequences(ws.base, prefix, prof.context_length - 1), prefix_tokens=prefix)
+                        prefix_tokens=prefix, calibrate=calibrate)
         return sorted(p for p in target_dir.iterdir() if p.is_file())
     if ws.onnx_graph == "fused":
         path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length)

@@ -71,7 +71,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Print a base model's summary and fingerprint."""
-    from .base import load_base
+    from .models import load_base
 
     summary = load_base(source).summary()
     if as_json:
@@ -170,7 +170,7 @@ def adapter_convert(
     base: str = typer.Option(..., "--base", help="The base it belongs to: a bundle dir, model name, HF dir or .gguf."),
 ) -> None:
     """Convert an adapter between PEFT, GGUF LoRA and .onnx_adapter (checked against its base)."""
-    from .adapters import load_adapter, save_adapter
+    from .converters import load_adapter, save_adapter
 
     config, fingerprint = _base_of(base)
     adapter = load_adapter(src, config=config)
@@ -400,7 +400,7 @@ def convert(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Convert a base model between formats, in float (no quantization)."""
-    from .base import load_base
+    from .models import load_base
     from .converters import gguf_model, hf
 
     base = load_base(source, progress=not quiet)
@@ -582,7 +582,7 @@ def quickstart(
     """Run edgelora's whole story on the default model and say what it did."""
     from importlib import resources
 
-    from .base import load_base
+    from .models import load_base
     from .bundle import export as do_export
     from .quality import heldout_text
     from .train import train_adapter

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._io import atomic_file, sha256_file
+from .base import BaseModel
 from .errors import ModelFetchError, SourceNotFoundError
 from .progress import bar
 
@@ -135,3 +136,20 @@ def ensure_model(name: str, *, progress: bool = True) -> Path:
     """The HF dir of a registered model, pulled on first use."""
     _spec(name)
     return hf_path(name) if is_pulled(name) else pull(name, progress=progress)
+
+
+def load_base(source: str | os.PathLike, *, progress: bool = True) -> BaseModel:
+    """Reads a base model from a registered name (``smollm2-135m``), a Hugging Face checkpoint
+    directory (safetensors only) or a ``.gguf`` file, of any supported family."""
+    from .converters import read_base
+
+    text = os.fspath(source)
+    if text in REGISTRY:
+        base = read_base(ensure_model(text, progress=progress))
+        base.name = text
+        return base
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise SourceNotFoundError(
+            f"no such model: {text!r} is neither a file, a directory, nor a known model name ({', '.join(REGISTRY)})")
+    return read_base(path)

@@ -78,18 +78,6 @@ HF, GGUF = 0, 1
 _FORMATS = {"hf": HF, "gguf": GGUF}
 
 
-def canonical_names(num_layers: int, tied: bool, family: str = "llama") -> list[str]:
-    """Every weight of a model in canonical order (the order fingerprints hash in)."""
-    names = ["embed"]
-    suffixes = family_of(family).layer_tensors
-    for i in range(num_layers):
-        names += [f"layers.{i}.{s}" for s in suffixes]
-    names.append("norm")
-    if not tied:
-        names.append("lm_head")
-    return names
-
-
 def _layer_table(family: str) -> dict[str, tuple[str, str]]:
     table = {**LAYER_TENSORS, **FAMILY_TENSORS.get(family, {})}
     return {s: table[s] for s in FAMILIES[family].layer_tensors}
@@ -107,7 +95,7 @@ def layout(config: "ModelConfig", fmt: str | int) -> dict[str, tuple[str, ...]]:
     fused = FUSED_TENSORS.get(config.family, {})
     member_of = {m: key for key, (_, _, members) in fused.items() for m in members}
     out: dict[str, tuple[str, ...]] = {}
-    for name in canonical_names(config.num_layers, config.tie_word_embeddings, config.family):
+    for name in config.canonical_names():
         m = re.fullmatch(r"layers\.(\d+)\.(\w+)", name)
         if m is None:
             out[GLOBAL_TENSORS[name][which]] = (name,)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir, sha256_file
-from .adapters import LoraAdapter, load_adapter
+from .adapters import LoraAdapter
+from .converters import load_adapter, save_adapter
 from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError
 
 ADAPTER_FILES = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter"}
@@ -95,7 +96,6 @@ class AdapterStore:
     def install(self, source: str | os.PathLike | LoraAdapter, name: str, *, replace: bool = False) -> dict[str, Any]:
         """Validates `source` (a path in any adapter format, or a LoraAdapter) against the base and
         installs it under `name`. Adapters without a fingerprint (plain PEFT) are bound to this base."""
-        from .adapters import save_adapter
 
         if not _NAME.match(name):
             raise StoreError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")

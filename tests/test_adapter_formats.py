@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import edgelora
-from edgelora.adapters import (AdapterBaseMismatchError, AdapterMismatchError, LoraAdapter, load_adapter,
-                               random_adapter, save_adapter)
+from edgelora.adapters import AdapterBaseMismatchError, AdapterMismatchError, LoraAdapter, random_adapter
+from edgelora.converters import load_adapter, save_adapter
 from edgelora.errors import CorruptFileError, UnsupportedFormatError
 from tests.peft_util import make_peft_adapter
 

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 import edgelora
-from edgelora.adapters import AdapterBaseMismatchError, load_adapter, random_adapter
-from edgelora.base import load_base
+from edgelora.adapters import AdapterBaseMismatchError, random_adapter
+from edgelora.converters import load_adapter
+from edgelora.models import load_base
 from edgelora.cloud import AuthError, CloudClient, CloudError, ServiceUnreachableError, SignatureError, TamperedError
 from edgelora.cloud import signing
 from edgelora.cloud.service import add_token
@@ -143,7 +144,7 @@ def world(tmp_path_factory, tiny_llama, tiny_llama_tied):
                              ("legal", 2, "formal legal contract language, clauses and terms")):
         path = tmp / f"{name}.gguf"
         a = random_adapter(base.config, rank=4, seed=seed, scale=0.2, name=name)
-        edgelora.adapters.save_adapter(a, path, "gguf", base.config)
+        edgelora.save_adapter(a, path, "gguf", base.config)
         r = subprocess.run([sys.executable, "-m", "edgelora", "cloud", "add", str(path), "--root", str(root),
                             "--base", str(tiny_llama), "--name", name, "--description", desc],
                            capture_output=True, text=True)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import edgelora
-from edgelora.adapters import AdapterBaseMismatchError, AdapterMismatchError, load_adapter, random_adapter, save_adapter
+from edgelora.adapters import AdapterBaseMismatchError, AdapterMismatchError, random_adapter
+from edgelora.converters import load_adapter, save_adapter
 from edgelora.converters import gguf_model, onnx_fused, onnx_model
 from edgelora.runtime.gguf import GGUFEngine
 from edgelora.runtime.onnx import OnnxEngine

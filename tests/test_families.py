@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import edgelora
-from edgelora.adapters import load_adapter, save_adapter
+from edgelora.converters import load_adapter, save_adapter
 from edgelora.converters import gguf_model, onnx_model
 from edgelora.runtime.gguf import GGUFEngine
 from edgelora.train.model import LORA_KINDS, LoraParams, LoraSpec, loss_and_grads, masked_loss

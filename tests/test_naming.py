@@ -10,11 +10,34 @@ def test_table_has_no_duplicates():
         assert len(names) == len(set(names))
 
 
+def _config(family: str, tied: bool):
+    from edgelora.arch import FAMILIES, ModelConfig
+
+    return ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+                       head_dim=16, rope_theta=1e4, rms_norm_eps=1e-6, tie_word_embeddings=tied, family=family,
+                       model_type=FAMILIES[family].hf_model_types[0])
+
+
 @pytest.mark.parametrize("tied", [True, False])
-def test_round_trips(tied):
-    for name in naming.canonical_names(3, tied):
-        assert naming.from_hf(naming.to_hf(name)) == name
-        assert naming.from_gguf(naming.to_gguf(name)) == name
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "gemma3"])
+def test_every_family_layout_holds_each_tensor_once_and_round_trips(family, tied):
+    cfg = _config(family, tied)
+    for fmt in ("hf", "gguf"):
+        layout = naming.layout(cfg, fmt)
+        held = [m for members in layout.values() for m in members]
+        assert sorted(held) == sorted(cfg.canonical_names()) and len(held) == len(set(held))
+        for ext, members in layout.items():
+            assert naming.members_of(ext, fmt, family) == members
+            assert all(naming.external_name(m, fmt, family) == ext for m in members)
+
+
+def test_fused_and_family_spellings():
+    assert naming.layout(_config("phi3", True), "gguf")["blk.1.attn_qkv.weight"] == ("layers.1.q", "layers.1.k", "layers.1.v")
+    assert naming.layout(_config("phi3", True), "hf")["model.layers.0.mlp.gate_up_proj.weight"] == ("layers.0.gate", "layers.0.up")
+    gemma = naming.layout(_config("gemma3", True), "hf")
+    assert gemma["model.layers.0.post_attention_layernorm.weight"] == ("layers.0.post_attn_norm",)
+    assert gemma["model.layers.0.pre_feedforward_layernorm.weight"] == ("layers.0.mlp_norm",)
+    assert naming.peft_module_names("phi3")["v"] == "qkv_proj"
 
 
 @pytest.mark.parametrize("canon,hf,gguf", [
@@ -29,7 +52,8 @@ def test_known_names(canon, hf, gguf):
 
 
 def test_unknown_names():
-    assert naming.from_hf("model.layers.0.self_attn.q_proj.bias") is None
+    assert naming.from_hf("model.layers.0.self_attn.q_proj.bias") is None  # a Llama has no biases
+    assert naming.from_hf("model.layers.0.self_attn.q_proj.bias", "qwen2") == "layers.0.q_bias"
     assert naming.from_gguf("blk.0.attn_q.bias") is None
     with pytest.raises(KeyError):
         naming.to_hf("layers.0.nope")

@@ -50,7 +50,7 @@ def _torch_reference(base_dir, peft_dir, tokens, mask):
             i = int(n.split(".layers.")[1].split(".")[0])
             kind = next(k for k, m in PEFT_NAMES.items() if f".{m}.lora_" in n)
             grads[f"layers.{i}.{kind}.{'A' if '.lora_A.' in n else 'B'}"] = p.grad.numpy()
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
@@ -58,7 +58,7 @@ def test_loss_and_gradients_equal_peft(fixture, request, tmp_path):
     path = request.getfixturevalue(fixture)
     base = edgelora.load_base(path)
     peft_dir = make_peft_adapter(path, tmp_path / "peft", r=4, alpha=8)
-    lora = _lora_from_adapter(edgelora.adapters.load_adapter(peft_dir), base.config)
+    lora = _lora_from_adapter(edgelora.load_adapter(peft_dir), base.config)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, base.config.vocab_size, size=(2, 16))
     mask = rng.random((2, 16)) < 0.6
@@ -100,7 +100,7 @@ def test_default_model_loss_and_gradients_equal_peft(default_model_dir, tmp_path
     float32 even in a float64 model, which leaves ~1e-5 relative differences in the logits.)"""
     base = edgelora.load_base(default_model_dir)
     peft_dir = make_peft_adapter(default_model_dir, tmp_path / "peft", r=4, alpha=8, seed=5)
-    adapter = edgelora.adapters.load_adapter(peft_dir)
+    adapter = edgelora.load_adapter(peft_dir)
     ids = base.tokenizer.encode("The quick brown fox jumps over the lazy dog. Small language models run on phones and "
                                 "Raspberry Pis, and adapters personalize them where the data lives.")
     tokens = np.array([ids], np.int64)

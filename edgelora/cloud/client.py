@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgelora._io import sha256_file, write_bytes_atomic
-from edgelora.adapters import AdapterBaseMismatchError, load_adapter
+from edgelora.adapters import AdapterBaseMismatchError
+from edgelora.converters import load_adapter
 from edgelora.errors import EdgeloraError, SourceNotFoundError
 
 from . import signing

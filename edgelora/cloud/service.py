@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from edgelora._io import atomic_dir, sha256_file, write_bytes_atomic
-from edgelora.adapters import FORMATS, LoraAdapter, load_adapter, save_adapter
+from edgelora.adapters import LoraAdapter
+from edgelora.converters import FORMATS, load_adapter, save_adapter
 from edgelora.errors import EdgeloraError, SourceNotFoundError
 
 from . import signing

@@ -123,7 +123,7 @@ class Engine:
         self._adapters.values[name] = adapter
 
     def _read_adapter(self, path: Path) -> LoraAdapter:
-        from edgelora.adapters import load_adapter
+        from edgelora.converters import load_adapter
 
         return load_adapter(path, self.config)
 

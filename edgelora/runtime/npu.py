@@ -5,8 +5,6 @@ provider to check the QDQ numerics. Adapters are not supported on the NPU graphs
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -14,23 +12,12 @@ import numpy as np
 
 from edgelora.adapters import AdapterError
 from edgelora.arch import ModelConfig
+from edgelora.converters.onnx_npu import Geometry, read_geometry
 from edgelora.tokenizer import Tokenizer
 
 from .engine import Engine, EngineError
 
 _QNN_REGISTERED = False
-
-
-@dataclass
-class Geometry:
-    n_layers: int
-    n_kv: int
-    head_dim: int
-    prefill_len: int  # P: tokens per prefill call
-    ctx: int  # C: KV buffer slots (positions held)
-    prefix_tokens: list[int]
-    mask_value: float
-    window: int | None = None  # sliding-window layers get a second mask hiding keys `window` or more back
 
 
 def qnn_htp_session(path: Path, threads: int = 1):
@@ -82,11 +69,7 @@ class StaticRunner:
 
     @classmethod
     def open(cls, root: Path, provider: str = "htp", threads: int = 1, graphs: dict | None = None) -> "StaticRunner":
-        from edgelora.converters.onnx_npu import GEOMETRY, PREFIX_KV
-
-        geom = Geometry(**json.loads((root / GEOMETRY).read_text()))
-        with np.load(root / PREFIX_KV) as data:
-            prefix_kv = [data[f"arr_{i}"] for i in range(len(data.files))]
+        geom, prefix_kv = read_geometry(root)
         graphs = graphs or {k: root / f"{k}.onnx" for k in ("prefill", "decode")}
         make = qnn_htp_session if provider == "htp" else cpu_session
         return cls({k: make(Path(p), threads) for k, p in graphs.items()}, geom, prefix_kv)
