@@ -22,17 +22,11 @@ from edgelora.adapters import AdapterError, AdapterMismatchError, LoraAdapter, L
 from edgelora.arch import ModelConfig
 from edgelora.errors import CorruptFileError, UnsupportedArchitectureError, UnsupportedFormatError
 
-from . import gguf_model
+from . import gguf_model, keys
 
 KEY_ALPHA = "adapter.lora.alpha"
-KEY_FINGERPRINT = "edgelora.base_fingerprint"
-KEY_ALPHAS = "edgelora.adapter.alphas"  # JSON {target: alpha}, present when B was folded
-KEY_RSLORA = "edgelora.adapter.rslora"
-KEY_HEADS = "edgelora.adapter.heads"  # [n_head, n_head_kv]: to undo the q/k permutation without the base
-KEY_PROVENANCE = "edgelora.provenance"
 
 
-KEY_FUSED = "edgelora.adapter.fused_ranks"  # JSON {fused tensor: {member: [r0, r1]}} when members had their own A
 
 
 def _permute(permutes: bool, target: str, B: np.ndarray, heads: tuple[int, int] | None,
@@ -82,14 +76,14 @@ def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig) -> Path:
         w.add_string("adapter.type", "lora")
         w.add_float32(KEY_ALPHA, file_alpha)
         w.add_name(adapter.name or "adapter")
-        w.add_string(KEY_FINGERPRINT, adapter.base_fingerprint or "")
-        w.add_array(KEY_HEADS, list(heads))
-        w.add_bool(KEY_RSLORA, adapter.use_rslora)
-        w.add_string(KEY_PROVENANCE, json.dumps(adapter.provenance, default=str))
+        w.add_string(keys.FINGERPRINT, adapter.base_fingerprint or "")
+        w.add_array(keys.ADAPTER_HEADS, list(heads))
+        w.add_bool(keys.ADAPTER_RSLORA, adapter.use_rslora)
+        w.add_string(keys.PROVENANCE, json.dumps(adapter.provenance, default=str))
         if not simple:
-            w.add_string(KEY_ALPHAS, json.dumps({t: adapter.tensors[t].alpha for t in adapter.targets}))
+            w.add_string(keys.ADAPTER_ALPHAS, json.dumps({t: adapter.tensors[t].alpha for t in adapter.targets}))
         if ranges:
-            w.add_string(KEY_FUSED, json.dumps(ranges))
+            w.add_string(keys.ADAPTER_FUSED_RANKS, json.dumps(ranges))
         for name, (t, scale) in pairs.items():
             # llama.cpp computes scale = file alpha / rank of each pair: fold the rest into B
             B = t.B if simple else t.B * np.float32(scale / (file_alpha / t.rank))
@@ -126,8 +120,8 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
     if KEY_ALPHA not in fields:
         raise CorruptFileError(f"{path}: no {KEY_ALPHA} key")
     file_alpha = float(fields[KEY_ALPHA])
-    if KEY_HEADS in fields:
-        heads = tuple(int(h) for h in fields[KEY_HEADS])
+    if keys.ADAPTER_HEADS in fields:
+        heads = tuple(int(h) for h in fields[keys.ADAPTER_HEADS])
     elif config is not None:
         heads = (config.num_heads, config.num_kv_heads)
     else:
@@ -146,9 +140,9 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
         pairs.setdefault(base_name, {})[ab] = data.copy()
     if not pairs:
         raise CorruptFileError(f"{path}: the adapter has no tensors")
-    alphas = json.loads(fields[KEY_ALPHAS]) if KEY_ALPHAS in fields else None
-    fused_ranges = json.loads(fields[KEY_FUSED]) if KEY_FUSED in fields else {}
-    rslora = bool(fields.get(KEY_RSLORA, False))
+    alphas = json.loads(fields[keys.ADAPTER_ALPHAS]) if keys.ADAPTER_ALPHAS in fields else None
+    fused_ranges = json.loads(fields[keys.ADAPTER_FUSED_RANKS]) if keys.ADAPTER_FUSED_RANKS in fields else {}
+    rslora = bool(fields.get(keys.ADAPTER_RSLORA, False))
     tensors = {}
     for base_name, ab in pairs.items():
         if set(ab) != {"lora_a", "lora_b"}:
@@ -157,7 +151,6 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
         if A.shape[0] != B.shape[1]:
             raise CorruptFileError(f"{path}: {base_name} lora_a {A.shape} and lora_b {B.shape} have different ranks")
         members = naming.members_of(base_name, naming.GGUF, family.name)
-        r = A.shape[0]
         if len(members) > 1:
             if config is None:
                 raise AdapterError(f"{path}: {base_name} is a fused tensor ({'+'.join(members)}); splitting its LoRA "
@@ -174,9 +167,9 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
             raise AdapterError(f"{path}: {e}") from e
         tensors[target] = _unfold(target, LoraTensor(A, B, file_alpha), alphas, rslora)
     try:
-        return LoraAdapter(tensors, base_fingerprint=fields.get(KEY_FINGERPRINT) or None, use_rslora=rslora and alphas is not None,
+        return LoraAdapter(tensors, base_fingerprint=fields.get(keys.FINGERPRINT) or None, use_rslora=rslora and alphas is not None,
                            name=fields.get("general.name") or path.stem,
-                           provenance={"format": "gguf", "source": str(path), **json.loads(fields.get(KEY_PROVENANCE) or "{}")})
+                           provenance={"format": "gguf", "source": str(path), **json.loads(fields.get(keys.PROVENANCE) or "{}")})
     except AdapterError as e:
         raise CorruptFileError(f"{path}: {e}") from e
 

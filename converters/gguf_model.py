@@ -22,11 +22,9 @@ from edgelora.arch import FAMILIES, ModelConfig
 from edgelora.base import BaseModel, Weights
 from edgelora.errors import CorruptFileError, UnsupportedArchitectureError, UnsupportedFormatError
 
-from . import gguf_tokenizer
+from . import gguf_tokenizer, keys
 
 MAGIC = b"GGUF"
-FINGERPRINT_KEY = "edgelora.base_fingerprint"
-ROPE_KEY = "edgelora.rope_scaling"  # JSON: transformers' rope dict, where llama.cpp keeps only tensors
 # file types we write (llama.cpp LlamaFileType)
 FILE_TYPES = {"F32": 0, "F16": 1}
 # llama.cpp's RoPE tensors (gguf-py MODEL_TENSOR.ROPE_FREQS / ROPE_FACTORS_LONG / ROPE_FACTORS_SHORT)
@@ -132,8 +130,8 @@ def _rope_from_gguf(fields: dict[str, Any], tensors: dict[str, Any], a: str, hea
     converter leaves (a linear factor key, Llama 3's rope_freqs, LongRoPE's factor tensors)."""
     import gguf
 
-    if ROPE_KEY in fields:
-        return json.loads(fields[ROPE_KEY]) or None
+    if keys.ROPE_SCALING in fields:
+        return json.loads(fields[keys.ROPE_SCALING]) or None
     if ROPE_LONG in tensors:
         return {"rope_type": "longrope", "long_factor": _tensor_values(tensors[ROPE_LONG]),
                 "short_factor": _tensor_values(tensors[ROPE_SHORT])}
@@ -291,7 +289,7 @@ def _write_metadata(w: Any, base: BaseModel) -> list[tuple[str, np.ndarray]]:
     w.add_value_length(c.head_dim)
     rope, extra = c.rope, []
     if rope:
-        w.add_string(ROPE_KEY, json.dumps(rope, sort_keys=True))
+        w.add_string(keys.ROPE_SCALING, json.dumps(rope, sort_keys=True))
     if c.rope_type == "linear":
         w.add_string(K.Rope.SCALING_TYPE.format(arch=a), "linear")
         w.add_float32(K.Rope.SCALING_FACTOR.format(arch=a), float(rope["factor"]))
@@ -345,7 +343,7 @@ def write(base: BaseModel, out: str | os.PathLike, dtype: str = "F32",
         w.add_name(_gguf_name(base))
         extra = _write_metadata(w, base)
         w.add_file_type(FILE_TYPES[dtype])
-        w.add_string(FINGERPRINT_KEY, base.fingerprint)
+        w.add_string(keys.FINGERPRINT, base.fingerprint)
         gguf_tokenizer.to_gguf(w, base.tokenizer)
 
         shapes = c.shapes()

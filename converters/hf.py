@@ -19,7 +19,7 @@ from edgelora.base import BaseModel, Weights
 from edgelora.errors import CorruptFileError, UnsupportedArchitectureError, UnsupportedFormatError
 from edgelora.tokenizer import Tokenizer
 
-from . import safetensors_io
+from . import keys, safetensors_io
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)
@@ -156,7 +156,7 @@ def write(base: BaseModel, out: str | Path, *, replace: bool = False, progress: 
     tok = base.tokenizer
     with atomic_dir(out, replace=replace) as tmp:
         extra = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                 "edgelora_fingerprint": base.fingerprint}
+                 keys.FINGERPRINT: base.fingerprint}
         (tmp / "config.json").write_text(json.dumps(config.to_hf(**extra), indent=2), encoding="utf-8")
         gen = {k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id)) if v is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")

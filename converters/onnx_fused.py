@@ -34,6 +34,7 @@ import numpy as np
 from edgelora.base import BaseModel
 from edgelora.errors import EdgeloraError
 
+from . import keys
 from .onnx_model import rank_dim, slot_names
 
 MS = "com.microsoft"
@@ -429,9 +430,8 @@ def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
                               producer_name="edgelora")
     model.ir_version = 10
-    for k, v in {"edgelora.graph": "fused", "edgelora.quant": quant, "edgelora.accuracy_level": accuracy_level,
-                 "edgelora.max_len": max_len, "edgelora.encodings": b.encodings,
-                 "edgelora.base_fingerprint": base.fingerprint}.items():
+    for k, v in {keys.GRAPH: "fused", keys.QUANT: quant, keys.ACCURACY_LEVEL: accuracy_level,
+                 keys.MAX_LEN: max_len, keys.ENCODINGS: b.encodings, keys.FINGERPRINT: base.fingerprint}.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
     path = out_dir / "model.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -30,11 +30,12 @@ import numpy as np
 
 from edgelora.errors import EdgeloraError
 
+from . import keys
+
 # Finite "minus infinity": -inf gives NaN calibration ranges; much below -1e4 makes the 16-bit
 # step of (scores + mask) too coarse.
 MASK_VALUE = -100.0
-GEOMETRY = "npu.json"
-PREFIX_KV = "prefix_kv.npz"
+GEOMETRY, PREFIX_KV = keys.NPU_GEOMETRY, keys.NPU_PREFIX_KV
 
 
 class NpuExportError(EdgeloraError):

@@ -19,14 +19,11 @@ from edgelora.adapters import AdapterError, LoraAdapter, LoraTensor, fuse_member
 from edgelora.arch import FAMILIES, ModelConfig
 from edgelora.errors import CorruptFileError, UnsupportedFormatError
 
-from . import safetensors_io
+from . import keys, safetensors_io
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
+CONFIG, WEIGHTS = keys.PEFT_CONFIG, keys.PEFT_WEIGHTS
 PICKLE = ("adapter_model.bin", "adapter_model.pt")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
-FINGERPRINT_KEY = "edgelora_base_fingerprint"
-RANGES_KEY = "edgelora_fused_ranks"  # JSON {fused module: {member: [r0, r1]}} when members had their own A
 
 
 def _module(target: str, family: str = "llama") -> str:
@@ -52,6 +49,13 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def _provenance(metadata: dict) -> dict:
+    for key in (keys.PROVENANCE, *keys.LEGACY_PROVENANCE):
+        if key in metadata:
+            return json.loads(metadata[key])
+    return {}
 
 
 def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
@@ -95,7 +99,7 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
                                          f"(targets: {', '.join(naming.PEFT_MODULES.values())}, Phi-3's qkv_proj, gate_up_proj)")
         pairs.setdefault(members, {})[m.group("ab")] = ref.load()
         modules[members] = m.group("module")
-    ranges = json.loads(metadata.get(RANGES_KEY, "{}"))
+    ranges = json.loads(metadata.get(keys.ADAPTER_FUSED_RANKS, "{}"))
     tensors = {}
     for members, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -113,11 +117,11 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
                                        bool(cfg.get("use_rslora"))))
         except AdapterError as e:
             raise CorruptFileError(f"{path}: {e}") from e
-    fingerprint = metadata.get(FINGERPRINT_KEY) or cfg.get(FINGERPRINT_KEY)
+    fingerprint = keys.fingerprint_of(metadata) or keys.fingerprint_of(cfg)
     try:
         return LoraAdapter(tensors, base_fingerprint=fingerprint, use_rslora=bool(cfg.get("use_rslora")),
                            name=path.name, provenance={"format": "peft", "source": str(path),
-                                                       **json.loads(metadata.get("edgelora_provenance", "{}"))})
+                                                       **_provenance(metadata)})
     except AdapterError as e:
         raise CorruptFileError(f"{path}: {e}") from e
 
@@ -160,16 +164,16 @@ def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig | None = N
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "modules_to_save": None, "init_lora_weights": True,
-        FINGERPRINT_KEY: adapter.base_fingerprint,
+        keys.FINGERPRINT: adapter.base_fingerprint,
     }
     tensors = {}
     for m, t in pairs.items():
         tensors[f"base_model.model.{m}.lora_A.weight"] = t.A
         tensors[f"base_model.model.{m}.lora_B.weight"] = t.B
-    metadata = {"format": "pt", FINGERPRINT_KEY: adapter.base_fingerprint or "",
-                "edgelora_provenance": json.dumps(adapter.provenance, default=str)}
+    metadata = {"format": "pt", keys.FINGERPRINT: adapter.base_fingerprint or "",
+                keys.PROVENANCE: json.dumps(adapter.provenance, default=str)}
     if ranges:
-        metadata[RANGES_KEY] = json.dumps(ranges)
+        metadata[keys.ADAPTER_FUSED_RANKS] = json.dumps(ranges)
     with atomic_dir(path, replace=True) as tmp:
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         safetensors_io.write(tmp / WEIGHTS, tensors, metadata)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .arch import ModelConfig
-from .errors import SourceNotFoundError, UnsupportedFormatError
+from .errors import UnsupportedFormatError
 from .tokenizer import Tokenizer
 
 Loader = Callable[[], np.ndarray]

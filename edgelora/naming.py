@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .arch import FAMILIES, family_of
+from .arch import FAMILIES
 
 if TYPE_CHECKING:
     from .arch import ModelConfig

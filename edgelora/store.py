@@ -20,12 +20,12 @@ from typing import Any
 
 from ._io import atomic_dir, sha256_file
 from .adapters import LoraAdapter
-from .converters import load_adapter, save_adapter
+from .converters import keys, load_adapter, save_adapter
 from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError
 
-ADAPTER_FILES = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter"}
+ADAPTER_FILES = keys.ADAPTER_FILES
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # adapter names, here and on the service
 MAX_ADAPTER_MB = 64.0
 MAX_STORE_MB = 512.0
 
@@ -58,7 +58,7 @@ class AdapterStore:
 
     def manifest(self, name: str) -> dict[str, Any]:
         path = self.root / name / MANIFEST
-        if not _NAME.match(name) or not path.exists():
+        if not NAME.match(name) or not path.exists():
             raise SourceNotFoundError(f"no adapter named {name!r} in {self.root} (installed: {', '.join(self.names()) or 'none'})")
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -97,7 +97,7 @@ class AdapterStore:
         """Validates `source` (a path in any adapter format, or a LoraAdapter) against the base and
         installs it under `name`. Adapters without a fingerprint (plain PEFT) are bound to this base."""
 
-        if not _NAME.match(name):
+        if not NAME.match(name):
             raise StoreError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
         target = self.root / name
         if target.exists() and not replace:

@@ -12,7 +12,7 @@ import pytest
 
 import edgelora
 from edgelora.adapters import AdapterBaseMismatchError, random_adapter
-from edgelora.converters import load_adapter, save_adapter
+from edgelora.converters import load_adapter
 from edgelora.errors import SourceNotFoundError
 from edgelora.store import StoreError, StoreLimits
 from tests.peft_util import make_peft_adapter, peft_logits

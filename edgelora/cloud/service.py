@@ -40,16 +40,16 @@ from typing import Any
 
 from edgelora._io import atomic_dir, sha256_file, write_bytes_atomic
 from edgelora.adapters import LoraAdapter
-from edgelora.converters import FORMATS, load_adapter, save_adapter
+from edgelora.converters import FORMATS, keys, load_adapter, save_adapter
 from edgelora.errors import EdgeloraError, SourceNotFoundError
+from edgelora.store import NAME
 
 from . import signing
 from .compose import ComposeError, ExampleLoss, compose, search_weights, similarities, weights_from_description
 
 KEY_FILE, PUB_FILE, TOKENS_FILE = "service_key.pem", "service_key.pub", "tokens.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ID = re.compile(r"^[0-9a-f]{16}$")
-MAIN_FILE = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter"}  # PEFT: a directory of files
+MAIN_FILE = keys.ADAPTER_FILES  # PEFT: a directory of files
 
 
 class ServiceError(EdgeloraError):
@@ -80,7 +80,7 @@ class ServiceConfig:
 
 def add_token(root: str | os.PathLike, name: str) -> str:
     """Creates a token for device/user `name` and returns it (only its sha256 is stored)."""
-    if not _NAME.match(name):
+    if not NAME.match(name):
         raise ServiceError(f"token name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
     path = Path(root) / TOKENS_FILE
     tokens = json.loads(path.read_text()) if path.exists() else {}
@@ -173,13 +173,13 @@ class Library:
                  "inputs_sha256": inputs_sha256, "owner": owner, "public": public,
                  "created": signing.iso(time.time()), **(extra or {})}
         with atomic_dir(self.root / adapter_id) as tmp:
-            save_adapter(adapter, tmp / "adapter.gguf", "gguf", config)
+            save_adapter(adapter, tmp / MAIN_FILE["gguf"], "gguf", config)
             (tmp / "entry.json").write_text(json.dumps(entry, indent=2))
         return entry
 
     def load(self, adapter_id: str, config) -> LoraAdapter:
         e = self.entry(adapter_id)
-        a = load_adapter(self.root / adapter_id / "adapter.gguf", config)
+        a = load_adapter(self.root / adapter_id / MAIN_FILE["gguf"], config)
         a.base_fingerprint, a.name = e["base_fingerprint"], e["name"]
         return a
 
@@ -272,7 +272,7 @@ class Service:
         if base is None:
             raise SourceNotFoundError(f"this service has no base {spec.get('base')!r}; it serves {', '.join(self.bases)}")
         name = spec.get("name", "cloud")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not NAME.match(name):
             raise ServiceError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
         description = spec.get("description") or ""
         if not isinstance(description, str) or len(description) > L.max_description:
@@ -593,7 +593,7 @@ def library_add(root: str | os.PathLike, adapter_path: str | os.PathLike, base: 
                 description: str) -> dict[str, Any]:
     """Adds an adapter file (any format) to a service's library, shared with every token, for `base`
     (a model name or path, or a bundle): the operator's way to seed compositions."""
-    if not _NAME.match(name):
+    if not NAME.match(name):
         raise ServiceError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
     b = _Base(base)
     adapter = load_adapter(adapter_path, b.config)

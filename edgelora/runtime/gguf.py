@@ -13,6 +13,7 @@ import numpy as np
 
 from edgelora._native import quiet_native
 from edgelora.adapters import AdapterError, LoraAdapter
+from edgelora.converters import keys
 from edgelora.tokenizer import Tokenizer
 
 from .engine import Engine, EngineError
@@ -36,7 +37,7 @@ class GGUFEngine(Engine):
         config = gguf_model.config_from_fields(fields, {t.name for t in reader.tensors})
         if tokenizer is None:
             tokenizer = gguf_tokenizer.from_gguf(fields)
-        fingerprint = fingerprint or fields.get(gguf_model.FINGERPRINT_KEY) or None
+        fingerprint = fingerprint or keys.fingerprint_of(fields)
         del reader
         super().__init__(config, tokenizer, fingerprint, n_ctx)
         self._lib = llama_cpp

@@ -24,6 +24,7 @@ import numpy as np
 
 from edgelora.adapters import AdapterError, AdapterMismatchError, LoraAdapter
 from edgelora.arch import ModelConfig
+from edgelora.converters import keys
 from edgelora.tokenizer import Tokenizer
 
 from .engine import Engine, EngineError
@@ -61,14 +62,14 @@ class OnnxEngine(Engine):
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.slots = {i.name: i.shape for i in self.session.get_overridable_initializers()}
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.shared_kv = meta.get("edgelora.graph") == "fused"
+        self.shared_kv = meta.get(keys.GRAPH) == "fused"
         self.grouped = any(n.startswith("layers.0.qkv.lora") for n in self.slots)
         if self.grouped:  # adapters are checked per module, then laid out in the graph's grouped slots
             from edgelora.converters.onnx_fused import module_slots
 
             self.slots = module_slots(config)
         if self.shared_kv:
-            max_len = int(meta.get("edgelora.max_len", n_ctx))
+            max_len = int(meta.get(keys.MAX_LEN, n_ctx))
             if n_ctx > max_len:
                 raise OnnxEngineError(f"context {n_ctx} exceeds the {max_len} positions this graph was built for")
             c = self.config

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgelora import naming
 from edgelora.arch import ModelConfig
+from edgelora.converters import keys
 from edgelora.errors import UnsupportedFormatError
 
 BLK = 32
@@ -227,7 +228,7 @@ def from_onnx_fused(path: str | os.PathLike, config: ModelConfig, *, keep_layers
 
     model = onnx.load(str(path), load_external_data=True)
     meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get("edgelora.graph") != "fused":
+    if meta.get(keys.GRAPH) != "fused":
         raise UnsupportedFormatError(f"{path}: training reads edgelora's fused ONNX graph or a GGUF file; this graph "
                                      "is an optimum export: export the bundle again (the default ONNX graph is fused)")
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
