@@ -75,9 +75,12 @@ def load_adapter(path: str | os.PathLike, config: "ModelConfig | None" = None) -
     return _module(ADAPTER_FORMATS[sniff_adapter(path)]).read(path, config)
 
 
-def save_adapter(adapter: "LoraAdapter", path: str | os.PathLike, fmt: str, config: "ModelConfig") -> Path:
-    """Writes `adapter` in format `fmt` ('peft', 'gguf' or 'onnx'), after checking it fits `config`."""
+def save_adapter(adapter: "LoraAdapter", path: str | os.PathLike, fmt: str, config: "ModelConfig", *,
+                 check: bool = True) -> Path:
+    """Writes `adapter` in format `fmt` ('peft', 'gguf' or 'onnx'), after checking it fits `config`
+    (`check=False` where the caller has just checked it)."""
     if fmt not in ADAPTER_FORMATS:
         raise UnsupportedFormatError(f"adapter format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    adapter.check_fits(config)
+    if check:
+        adapter.check_fits(config)
     return _module(ADAPTER_FORMATS[fmt]).write(adapter, path, config)

@@ -21,6 +21,16 @@ from . import bundle
 from .bundle import Bundle, export, open_bundle
 from .tokenizer import Tokenizer
 from .cloud import CloudClient
+# the errors a program may want to catch (all are EdgeloraError)
+from .adapters import AdapterBaseMismatchError, AdapterError, AdapterMismatchError
+from .bundle import MemoryBudgetError, QualityBudgetError
+from .cloud.client import AuthError, CloudError, ServiceUnreachableError, TamperedError
+from .cloud.signing import SignatureError
+from .profiles import ProfileError
+from .runtime.engine import EngineError
+from .store import StoreError
+from .train.data import DataError
+from .train.model import TrainerError
 
 __version__ = "0.1.0"
 
@@ -28,4 +38,7 @@ __all__ = [
     "BaseModel", "CorruptFileError", "DEFAULT_MODEL", "EdgeloraError", "ModelConfig", "ModelFetchError",
     "REGISTRY", "SourceNotFoundError", "Tokenizer", "UnsupportedArchitectureError", "UnsupportedFormatError",
     "Bundle", "CloudClient", "bundle", "export", "load_adapter", "load_base", "open_bundle", "pull", "save_adapter",
+    "AdapterBaseMismatchError", "AdapterError", "AdapterMismatchError", "AuthError", "CloudError", "DataError",
+    "EngineError", "MemoryBudgetError", "ProfileError", "QualityBudgetError", "ServiceUnreachableError",
+    "SignatureError", "StoreError", "TamperedError", "TrainerError",
 ]

@@ -112,7 +112,7 @@ def resolve_plan(profile: DeviceProfile, backend: str | None, quant: str | None)
 # -- building artifacts ---------------------------------------------------------------------
 
 
-class _Workspace:
+class _ExportContext:
     """Float intermediates shared by the artifacts of one export (cached per fingerprint)."""
 
     def __init__(self, base: BaseModel, tmp: Path, progress: bool, profile: DeviceProfile | None = None,
@@ -145,7 +145,7 @@ class _Workspace:
         return self._hf_dir
 
 
-def _build_gguf(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Path]:
+def _build_gguf(ws: _ExportContext, quant: str, out: Path, threads: int) -> list[Path]:
     from .converters import gguf_model, gguf_quant
 
     target = out / "gguf" / f"model-{quant}.gguf"
@@ -159,7 +159,7 @@ def _build_gguf(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Pat
     return [target]
 
 
-def _build_onnx(ws: _Workspace, quant: str, out: Path, threads: int) -> list[Path]:
+def _build_onnx(ws: _ExportContext, quant: str, out: Path, threads: int) -> list[Path]:
     from .converters import onnx_fused, onnx_model
 
     target_dir = out / "onnx" / quant
@@ -204,7 +204,7 @@ def calibration_sequences(base: BaseModel, prefix: list[int], max_len: int, n: i
     return out
 
 
-BUILDERS: dict[str, Callable[[_Workspace, str, Path, int], list[Path]]] = {"gguf": _build_gguf, "onnx": _build_onnx}
+BUILDERS: dict[str, Callable[[_ExportContext, str, Path, int], list[Path]]] = {"gguf": _build_gguf, "onnx": _build_onnx}
 
 
 def _engine_for(backend: str, path: Path, threads: int, n_ctx: int, base: BaseModel | None = None,
@@ -230,7 +230,7 @@ def _eval_tokens(base: BaseModel, limit: int | None) -> list[int]:
     return tokens[:limit] if limit else tokens
 
 
-def float_scores(ws: _Workspace, tokens: list[int], threads: int, progress: bool) -> _quality.Scores:
+def float_scores(ws: _ExportContext, tokens: list[int], threads: int, progress: bool) -> _quality.Scores:
     """The float model's scores: its F32 GGUF in llama.cpp with an F32 KV cache (equal to
     transformers within float rounding, see the tests)."""
 
@@ -246,7 +246,7 @@ def float_scores(ws: _Workspace, tokens: list[int], threads: int, progress: bool
     return _quality.cached_reference(ws.base.fingerprint, tokens, EVAL_WINDOW, compute)
 
 
-def npu_reference(ws: _Workspace, tokens: list[int], window: int, prefix: list[int], threads: int,
+def npu_reference(ws: _ExportContext, tokens: list[int], window: int, prefix: list[int], threads: int,
                   progress: bool) -> _quality.Scores:
     """Float scores on the NPU's windows, each seen after the same fixed prefix the NPU graphs hold."""
     from .runtime.gguf import GGUFEngine
@@ -280,7 +280,7 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     tokens = _eval_tokens(base, eval_tokens)
     artifacts: list[Artifact] = []
     with tempfile.TemporaryDirectory(prefix="edgelora-export-") as work, atomic_dir(out, replace=replace) as tmp:
-        ws = _Workspace(base, Path(work), progress, profile, onnx_graph)
+        ws = _ExportContext(base, Path(work), progress, profile, onnx_graph)
         reference = float_scores(ws, tokens, threads, progress)
         for b, q in plan:
             artifacts.append(_build_artifact(ws, b, q, tmp, threads, tokens, reference, force))
@@ -293,7 +293,7 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     return open_bundle(out)
 
 
-def _build_artifact(ws: _Workspace, b: str, q: str, tmp: Path, threads: int, tokens: list[int],
+def _build_artifact(ws: _ExportContext, b: str, q: str, tmp: Path, threads: int, tokens: list[int],
                     reference: _quality.Scores, force: bool) -> Artifact:
     """Builds one backend's files into the bundle being written, then checks them against the
     profile: memory (always refused over budget) and quality (refused over budget unless forced)."""
@@ -422,7 +422,7 @@ class Bundle:
                              n_ctx or min(self.manifest["device"]["context_length"], 4096),
                              tokenizer=self.tokenizer(), fingerprint=self.fingerprint, config=self.config, **kw)
         store = self.store
-        engine.resolver = lambda name: store.path(name, art.backend)
+        engine.resolver = lambda name: store.open(name, art.backend)
         return engine
 
 

@@ -7,7 +7,6 @@ first is scored given the ones before it in that window (so all models see the s
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -108,6 +107,3 @@ def cached_reference(fingerprint: str, tokens: Sequence[int], window: int, compu
             np.savez(f, nll=scores.nll, top1=scores.top1)
     return scores
 
-
-def summary_json(report: QualityReport) -> str:
-    return json.dumps(report.to_dict())

@@ -9,6 +9,7 @@ commit, so a crash never leaves a half adapter listed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -49,6 +50,7 @@ class AdapterStore:
         self.backends = backends
         self.limits = limits or StoreLimits()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._verified: dict[tuple[str, int, int], str] = {}  # file identity -> the sha256 it was checked against
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -81,15 +83,26 @@ class AdapterStore:
             raise CorruptFileError(f"adapter {name}: {'; '.join(bad)}; remove and reinstall it")
         return m
 
+    def open(self, name: str, backend: str) -> tuple[Path, LoraAdapter]:
+        """An installed adapter for an engine: its file, checked against the sha256 recorded at install
+        (read once per file identity: path, size, modification time), and the adapter read from it."""
+        path = self.path(name, backend)
+        want = self.manifest(name)["files"][ADAPTER_FILES[backend]]["sha256"]
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if self._verified.get(key) != want:
+            if sha256_file(path) != want:
+                raise CorruptFileError(f"adapter {name}: {ADAPTER_FILES[backend]} has changed since it was installed "
+                                       "(wrong sha256); remove and reinstall it")
+            self._verified[key] = want
+        return path, load_adapter(path, self.config)
+
     def path(self, name: str, backend: str) -> Path:
         m = self.manifest(name)
         rel = ADAPTER_FILES[backend]
         if rel not in m["files"]:
             raise StoreError(f"adapter {name} has no {backend} file (it was installed for {', '.join(m['backends'])})")
         return self.root / name / rel
-
-    def size_mb(self) -> float:
-        return sum(f["size"] for m in self.list() for f in m["files"].values()) / (1 << 20)
 
     # -- changing -----------------------------------------------------------------------------
 
@@ -105,8 +118,7 @@ class AdapterStore:
         adapter = source if isinstance(source, LoraAdapter) else load_adapter(source, config=self.config)
         bound_here = adapter.base_fingerprint is None
         adapter.check_fits(self.config, self.fingerprint)
-        adapter.base_fingerprint = self.fingerprint
-        adapter.name = name
+        adapter = dataclasses.replace(adapter, base_fingerprint=self.fingerprint, name=name)  # the caller's stays as it was
         if adapter.nbytes() / (1 << 20) > self.limits.max_adapter_mb:
             raise StoreError(f"adapter {name} is {adapter.nbytes() / (1 << 20):.1f} MB, over the limit of "
                              f"{self.limits.max_adapter_mb:g} MB per adapter")
@@ -117,7 +129,8 @@ class AdapterStore:
                              f"{self.limits.max_store_mb:g} MB; remove adapters first")
         with atomic_dir(target, replace=replace) as tmp:
             for backend in self.backends:
-                save_adapter(adapter, tmp / ADAPTER_FILES[backend], "gguf" if backend == "gguf" else "onnx", self.config)
+                save_adapter(adapter, tmp / ADAPTER_FILES[backend], "gguf" if backend == "gguf" else "onnx", self.config,
+                             check=False)  # checked above
             files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             ranks = sorted(set(adapter.ranks.values()))

@@ -121,3 +121,21 @@ def test_adapter_cli(bundle, tiny_llama, tmp_path, run_cli):
                           input="hello\n/adapter nope\n/adapters\n/exit\n", capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=300)
     assert chat.returncode == 0 and "no adapter named 'nope'" in chat.stderr
+
+
+def test_an_adapter_changed_after_install_is_refused_when_an_engine_loads_it(bundle):
+    """The store hands engines the file it checked against the sha256 recorded at install."""
+    from edgelora.errors import CorruptFileError
+
+    adapter = random_adapter(bundle.config, rank=2, fingerprint=bundle.fingerprint, name="mine")
+    bundle.store.install(adapter, "x")
+    assert adapter.name == "mine"  # install works on its own copy
+    for backend in ("gguf", "onnx"):
+        with bundle.engine(backend) as engine:
+            engine.set_adapters({"x": 1.0})  # loads through the store: checked, fine
+        path = bundle.store.path("x", backend)
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x01  # one bit of the tensor data: a file that still parses
+        path.write_bytes(bytes(data))
+        with bundle.engine(backend) as engine, pytest.raises(CorruptFileError, match="changed since it was installed"):
+            engine.set_adapters({"x": 1.0})

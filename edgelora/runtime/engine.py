@@ -71,7 +71,7 @@ class Engine:
         self.fingerprint = fingerprint
         self.n_ctx = n_ctx
         self._adapters = _AdapterState()
-        self.resolver = None  # name -> adapter file, for names not loaded yet (a bundle's store)
+        self.resolver = None  # name -> (file, validated adapter), for names not loaded yet (a bundle's store)
         self.merged: tuple[str, float] | None = None
 
     # -- backend hooks -----------------------------------------------------------------------
@@ -148,7 +148,7 @@ class Engine:
         if self.resolver is not None:
             for n in weights:
                 if n not in self._adapters.paths:
-                    self.load_adapter(n, self.resolver(n))
+                    self.load_adapter(n, *self.resolver(n))
         unknown = [n for n in weights if n not in self._adapters.paths]
         if unknown:
             raise AdapterError(f"adapter(s) {', '.join(unknown)} not loaded; loaded: {', '.join(self._adapters.paths) or 'none'}")
@@ -163,7 +163,7 @@ class Engine:
         """Folds a loaded adapter into a copy of the base weights (for decode with no LoRA overhead).
         The original base stays loaded, so `unmerge` returns to it exactly."""
         if self.resolver is not None and name not in self._adapters.paths:
-            self.load_adapter(name, self.resolver(name))
+            self.load_adapter(name, *self.resolver(name))
         if name not in self._adapters.values:
             raise AdapterError(f"adapter {name} not loaded; loaded: {', '.join(self._adapters.paths) or 'none'}")
         if self.merged:

@@ -144,9 +144,7 @@ class OnnxEngine(Engine):
         self.n_past += n
         return self._logits_buf[0] if decode else io.get_outputs()[0].numpy()[0]
 
-    def _feed(self, token_ids: Sequence[int]) -> np.ndarray:
-        if self.n_past + len(token_ids) > self.n_ctx:
-            raise EngineError(f"{self.n_past + len(token_ids)} tokens do not fit the context of {self.n_ctx}")
+    def _feed(self, token_ids: Sequence[int]) -> np.ndarray:  # the context is checked by Engine.stream
         if self.shared_kv:
             return self._run_shared(list(token_ids))[-1].copy()
         out = self._run(list(token_ids), self.past, self.n_past)
