@@ -18,6 +18,9 @@ from typer.core import TyperGroup
 from . import models as _models
 from .errors import EdgeloraError
 from .progress import bar
+from .train import TrainConfig
+
+_TRAIN = TrainConfig()  # the training options' defaults: TrainConfig is their one home
 
 
 class _Group(TyperGroup):
@@ -353,15 +356,15 @@ def train(
     bundle: Path = typer.Argument(..., help="The bundle to personalize (trains against its own weights: GGUF, else ONNX)."),
     data: Path = typer.Option(..., "--data", help="JSONL of chats ({\"messages\": [...]}) or prompt/completion pairs."),
     name: str = typer.Option(..., "--name", help="The adapter's name in the bundle's store."),
-    rank: int = typer.Option(8, "--rank"),
-    alpha: float = typer.Option(16.0, "--alpha"),
-    targets: str = typer.Option("q,k,v,o,gate,up,down", "--targets", help="Comma-separated LoRA targets."),
-    steps: int = typer.Option(100, "--steps"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    last_layers: Optional[int] = typer.Option(None, "--last-layers", help="Train only the last k layers."),
-    grad_accum: int = typer.Option(1, "--grad-accum"),
-    seed: int = typer.Option(0, "--seed"),
+    rank: int = typer.Option(_TRAIN.rank, "--rank"),
+    alpha: float = typer.Option(_TRAIN.alpha, "--alpha"),
+    targets: str = typer.Option(",".join(_TRAIN.targets), "--targets", help="Comma-separated LoRA targets."),
+    steps: int = typer.Option(_TRAIN.steps, "--steps"),
+    lr: float = typer.Option(_TRAIN.lr, "--lr"),
+    seq_len: int = typer.Option(_TRAIN.seq_len, "--seq-len"),
+    last_layers: Optional[int] = typer.Option(_TRAIN.last_layers, "--last-layers", help="Train only the last k layers."),
+    grad_accum: int = typer.Option(_TRAIN.grad_accum, "--grad-accum"),
+    seed: int = typer.Option(_TRAIN.seed, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Default: the device profile's."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Train against the bundle's gguf or onnx weights."),
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="Memory cap (default: the profile's budget)."),
@@ -511,8 +514,8 @@ def cloud_request(
     name: str = typer.Option(..., "--name", help="The adapter's name on this device."),
     examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL chats: train on them (or search mixture weights with --description)."),
     description: str = typer.Option("", "--description", help="The task: compose from the library."),
-    steps: int = typer.Option(60, "--steps"),
-    rank: int = typer.Option(8, "--rank"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Default: the service's (edgelora's training defaults)."),
+    rank: Optional[int] = typer.Option(None, "--rank"),
     wait: bool = typer.Option(False, "--wait", help="Wait for the job, then pull and install it."),
 ) -> None:
     """Ask the service for an adapter: from examples, or composed from a description."""
@@ -520,7 +523,8 @@ def cloud_request(
         raise typer.BadParameter("give --examples, --description, or both")
     c = _client(bundle_dir)
     kind = "examples" if examples is not None and not description else "compose"
-    job = c.request(name=name, examples=examples, description=description, kind=kind, steps=steps, rank=rank)
+    given = {k: v for k, v in (("steps", steps), ("rank", rank)) if v is not None}
+    job = c.request(name=name, examples=examples, description=description, kind=kind, **given)
     typer.echo(_job_line(job))
     if wait:
         last = [None]

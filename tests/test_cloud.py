@@ -410,3 +410,15 @@ def test_full_queue_refuses_before_writing(world):
         assert len(list((root / "jobs").iterdir())) == 1
     finally:
         svc.close()
+
+
+def test_job_parameters_default_to_the_trainers_and_bad_ones_are_refused():
+    from edgelora.cloud.service import JobParams, Limits, ServiceError
+    from edgelora.train import TrainConfig
+
+    p, t = JobParams.from_request({}, Limits()), TrainConfig()
+    assert (p.steps, p.rank, p.lr, p.seq_len, p.seed) == (t.steps, t.rank, t.lr, t.seq_len, t.seed)
+    assert JobParams.from_request({"steps": 7, "lr": 0.01}, Limits()).steps == 7
+    for bad, field in (({"steps": 0}, "steps"), ({"rank": "8"}, "rank"), ({"lr": 2}, "lr"), ({"steps": True}, "steps")):
+        with pytest.raises(ServiceError, match=f'"{field}"'):
+            JobParams.from_request(bad, Limits())

@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from edgelora.adapters import LoraAdapter
 from edgelora.converters import FORMATS, keys, load_adapter, save_adapter
 from edgelora.errors import EdgeloraError, SourceNotFoundError
 from edgelora.store import NAME
+from edgelora.train import TrainConfig
 
 from . import signing
 from .compose import ComposeError, ExampleLoss, compose, search_weights, similarities, weights_from_description
@@ -280,13 +281,7 @@ class Service:
         examples = spec.get("examples") or []
         if not isinstance(examples, list) or len(examples) > L.max_examples:
             raise ServiceError(f"\"examples\" must be a list of at most {L.max_examples} chats or prompt/completion pairs")
-        params = {"steps": spec.get("steps", 60), "rank": spec.get("rank", 8), "lr": spec.get("lr", 3e-3),
-                  "seq_len": spec.get("seq_len", 256), "seed": spec.get("seed", 0), "budget": spec.get("budget", 40)}
-        for k, hi in (("steps", L.max_steps), ("rank", L.max_rank), ("seq_len", 4096), ("budget", 400)):
-            if not isinstance(params[k], int) or not 1 <= params[k] <= hi:
-                raise ServiceError(f"\"{k}\" must be an integer from 1 to {hi}")
-        if not isinstance(params["lr"], (int, float)) or not 0 < params["lr"] < 1:
-            raise ServiceError("\"lr\" must be a number between 0 and 1")
+        params = JobParams.from_request(spec, L)
         if kind == "examples" and not examples:
             raise ServiceError("a job of kind \"examples\" needs at least one example")
         if kind == "compose":
@@ -304,12 +299,12 @@ class Service:
         write_bytes_atomic(jdir / "examples.jsonl", data)
         if examples:
             try:
-                load_examples(jdir / "examples.jsonl", base.tokenizer, params["seq_len"])
+                load_examples(jdir / "examples.jsonl", base.tokenizer, params.seq_len)
             except DataError as e:
                 shutil.rmtree(jdir, ignore_errors=True)
                 raise DataError(str(e).replace(f"{jdir / 'examples.jsonl'}:", "example ")) from None
         job = {"id": job_id, "kind": kind, "base": base.fingerprint, "owner": who, "name": name,
-               "description": description, "share": bool(spec.get("share", False)), "params": params,
+               "description": description, "share": bool(spec.get("share", False)), "params": asdict(params),
                "examples": len(examples), "inputs_sha256": hashlib.sha256(data + description.encode()).hexdigest(),
                "status": "queued", "progress": {}, "created": signing.iso(time.time()), "restarts": 0,
                "adapter_id": None, "error": None}
@@ -447,6 +442,34 @@ class Service:
 
 class QueueFullError(ServiceError):
     """The job queue is full."""
+
+
+_TRAIN = {f.name: f.default for f in fields(TrainConfig)}
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """A job's parameters, validated from a request. The training defaults are TrainConfig's (the
+    one source); `budget` is the number of loss evaluations a composition search may spend."""
+    steps: int = _TRAIN["steps"]
+    rank: int = _TRAIN["rank"]
+    lr: float = _TRAIN["lr"]
+    seq_len: int = _TRAIN["seq_len"]
+    seed: int = _TRAIN["seed"]
+    budget: int = 40
+
+    @classmethod
+    def from_request(cls, spec: dict[str, Any], limits: "Limits") -> "JobParams":
+        p = cls(**{f.name: spec[f.name] for f in fields(cls) if f.name in spec})
+        for k, hi in (("steps", limits.max_steps), ("rank", limits.max_rank), ("seq_len", 4096), ("budget", 400)):
+            v = getattr(p, k)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise ServiceError(f"\"{k}\" must be an integer from 1 to {hi}")
+        if not isinstance(p.seed, int) or isinstance(p.seed, bool):
+            raise ServiceError("\"seed\" must be an integer")
+        if not isinstance(p.lr, (int, float)) or isinstance(p.lr, bool) or not 0 < p.lr < 1:
+            raise ServiceError("\"lr\" must be a number between 0 and 1")
+        return p
 
 
 def create_app(service: Service):
