@@ -266,3 +266,16 @@ def test_cli_train_installs_and_reports_bad_data(gguf_bundle, tmp_path, run_cli)
     bad.write_text(data.read_text().splitlines()[0] + "\n{not json\n")
     r = run_cli("train", str(gguf_bundle.root), "--data", str(bad), "--name", "bad", "--steps", "2", "-q")
     assert r.returncode == 2 and f"{bad}:2: invalid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_training_restores_the_callers_thread_limits(tiny_llama, tmp_path):
+    """The run limits BLAS threads to its config's count and gives the process its own back."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def threads():
+        return sorted(p["num_threads"] for p in threadpool_info())
+
+    with threadpool_limits(2):
+        before = threads()
+        train_adapter(edgelora.load_base(tiny_llama), _chats(tmp_path / "c.jsonl"), "t", steps=2, threads=1, seq_len=32)
+        assert threads() == before

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -139,116 +139,151 @@ def to_adapter(lora: LoraParams, cfg: TrainConfig, fingerprint: str, name: str, 
                        base_fingerprint=fingerprint, name=name, provenance=provenance)
 
 
-def _save_checkpoint(path: Path, lora: LoraParams, opt: AdamW, step: int, rng: np.random.Generator,
-                     losses: list[float], val: list, best: tuple) -> None:
-    from edgelora._io import atomic_file
-
-    state = {"step": step, "rng": rng.bit_generator.state, "losses": losses, "val": val, "best": list(best),
-             "adam_step": opt.step_count}
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, flat=lora.flat, m=opt.m if opt.m is not None else np.zeros(0, np.float32),
-                 v=opt.v if opt.v is not None else np.zeros(0, np.float32), state=np.array(json.dumps(state)))
-
-
-def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, config: TrainConfig | None = None,
-                  checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, install: bool = True,
-                  progress: Callable[[dict], None] | None = None, **overrides) -> TrainResult:
-    """Trains a LoRA adapter on `data` against `source` (a Bundle or BaseModel); with a Bundle and
-    `install`, the adapter lands in the bundle's store, usable at once by its engines."""
-    from edgelora.bundle import Bundle
-
-    cfg = config or TrainConfig(**overrides)
-    if cfg.threads:
-        try:
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(cfg.threads)
-        except ImportError:
-            pass
-    model_config, weights, fingerprint = base_weights(source, cfg)
-    tokenizer = source.tokenizer() if isinstance(source, Bundle) else source.tokenizer
-    examples = _data.load(data, tokenizer, cfg.seq_len)
+def split(examples: list, cfg: TrainConfig) -> tuple[list, list, np.random.Generator]:
+    """(train, validation, the loop's generator): a seeded shuffle, `cfg.val_fraction` held out."""
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(examples))
     n_val = int(round(len(examples) * cfg.val_fraction)) if len(examples) > 1 else 0
-    val = [examples[i] for i in order[:n_val]]
-    train = [examples[i] for i in order[n_val:]]
-    spec = LoraSpec(cfg.rank, cfg.alpha, tuple(cfg.targets))
-    lora = LoraParams(model_config, spec).init_random(np.random.default_rng(cfg.seed + 1))
-    opt = AdamW(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ws = Workspace()
-    losses: list[float] = []
-    val_losses: list[tuple[int, float]] = []
-    best = (float("inf"), 0)
-    start = 0
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    if resume and ckpt and ckpt.exists():
-        with np.load(ckpt) as z:
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]], rng
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue: parameters, optimizer moments, the data generator, history."""
+    lora: LoraParams
+    opt: AdamW
+    rng: np.random.Generator
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    best: tuple[float, int] = (float("inf"), 0)
+
+    def save(self, path: Path) -> None:
+        """Atomically (a killed run keeps its previous checkpoint)."""
+        from edgelora._io import atomic_file
+
+        state = {"step": self.step, "rng": self.rng.bit_generator.state, "losses": self.losses, "val": self.val_losses,
+                 "best": list(self.best), "adam_step": self.opt.step_count}
+        opt = self.opt
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, flat=self.lora.flat, m=opt.m if opt.m is not None else np.zeros(0, np.float32),
+                     v=opt.v if opt.v is not None else np.zeros(0, np.float32), state=np.array(json.dumps(state)))
+
+    def restore(self, path: Path) -> None:
+        with np.load(path) as z:
             state = json.loads(str(z["state"]))
-            lora.flat[:] = z["flat"]
+            self.lora.flat[:] = z["flat"]
             if z["m"].size:
-                opt.m, opt.v = z["m"].copy(), z["v"].copy()
-        opt.step_count = state["adam_step"]
-        start, losses, val_losses, best = state["step"], state["losses"], [tuple(x) for x in state["val"]], tuple(state["best"])
-        rng.bit_generator.state = state["rng"]
+                self.opt.m, self.opt.v = z["m"].copy(), z["v"].copy()
+        self.opt.step_count = state["adam_step"]
+        self.step, self.losses = state["step"], state["losses"]
+        self.val_losses, self.best = [tuple(x) for x in state["val"]], tuple(state["best"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+def random_batches(examples: list, rng: np.random.Generator) -> Iterator:
+    """One example at a time, drawn with replacement (the state's generator: resumable)."""
+    while True:
+        yield examples[int(rng.integers(len(examples)))]
+
+
+def train_loop(state: TrainState, cfg: TrainConfig, loss_and_grad: Callable, batches: Iterator,
+               evaluate: Callable[[], float] | None = None, checkpoint: Path | None = None,
+               progress: Callable[[dict], None] | None = None) -> tuple[int, bool]:
+    """The optimization loop over `state` up to `cfg.steps` (as mlx-lm's trainer, the loss and the
+    batches come from the caller): `loss_and_grad(example) -> (loss, flat gradient, tokens)`,
+    gradient accumulation, clipping, the warm-up/cosine schedule, evaluation with early stopping
+    (the best parameters are restored), checkpoints. Returns (tokens seen, stopped early)."""
+    lora, opt = state.lora, state.opt
     best_flat = lora.flat.copy()
-
-    def evaluate() -> float:
-        if not val:
-            return float("nan")
-        tot = 0.0
-        for ex in val:
-            tot += masked_loss(weights, lora, ex.tokens[None], ex.mask[None], model_config, workspace=ws)
-        return tot / len(val)
-
-    t0 = time.monotonic()
-    tokens = 0
-    stopped = False
-    step = start
+    t0, tokens, stopped, start = time.monotonic(), 0, False, state.step
     for step in range(start, cfg.steps):
         grad = np.zeros_like(lora.flat)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            ex = train[int(rng.integers(len(train)))]
-            loss, g = loss_and_grads(weights, lora, ex.tokens[None], ex.mask[None], model_config,
-                                     train_last=cfg.last_layers, workspace=ws)
+            loss, g, n = loss_and_grad(next(batches))
             grad += g
             step_loss += loss
-            tokens += len(ex.tokens)
+            tokens += n
         grad /= cfg.grad_accum
         norm = float(np.sqrt(np.dot(grad, grad)))
         if cfg.clip and norm > cfg.clip:
             grad *= cfg.clip / norm
         opt.lr = cfg.lr_at(step)
         opt.step(lora.flat, grad)
-        losses.append(step_loss / cfg.grad_accum)
-        done = step + 1
-        if val and (done % cfg.eval_every == 0 or done == cfg.steps):
+        state.losses.append(step_loss / cfg.grad_accum)
+        state.step = done = step + 1
+        if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             v = evaluate()
-            val_losses.append((done, v))
-            if v < best[0]:
-                best = (v, done)
+            state.val_losses.append((done, v))
+            if v < state.best[0]:
+                state.best = (v, done)
                 best_flat = lora.flat.copy()
-            elif cfg.patience and (done - best[1]) >= cfg.patience * cfg.eval_every:
+            elif cfg.patience and (done - state.best[1]) >= cfg.patience * cfg.eval_every:
                 stopped = True
-        if ckpt and (done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped):
-            _save_checkpoint(ckpt, lora, opt, done, rng, losses, val_losses, best)
+        if checkpoint and (done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped):
+            state.save(checkpoint)
         if progress:
             elapsed = time.monotonic() - t0
-            progress({"step": done, "steps": cfg.steps, "loss": losses[-1], "lr": opt.lr,
+            progress({"step": done, "steps": cfg.steps, "loss": state.losses[-1], "lr": opt.lr,
                       "tokens_per_s": tokens / elapsed if elapsed else 0.0,
                       "eta_s": elapsed / max(done - start, 1) * (cfg.steps - done),
-                      "val_loss": val_losses[-1][1] if val_losses else None})
+                      "val_loss": state.val_losses[-1][1] if state.val_losses else None})
         if stopped:
+            lora.flat[:] = best_flat
             break
-    if stopped:
-        lora.flat[:] = best_flat
+    return tokens, stopped
+
+
+def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, config: TrainConfig | None = None,
+                  checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, install: bool = True,
+                  progress: Callable[[dict], None] | None = None, **overrides) -> TrainResult:
+    """Trains a LoRA adapter on `data` against `source` (a Bundle or BaseModel); with a Bundle and
+    `install`, the adapter lands in the bundle's store, usable at once by its engines. BLAS threads
+    are limited to `cfg.threads` for the run and restored after it."""
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_limits
+
+    cfg = config or TrainConfig(**overrides)
+    with threadpool_limits(cfg.threads) if cfg.threads else nullcontext():
+        return _train(source, data, name, cfg, checkpoint_dir, resume, install, progress)
+
+
+def _train(source, data, name: str, cfg: TrainConfig, checkpoint_dir, resume: bool, install: bool,
+           progress) -> TrainResult:
+    from edgelora.bundle import Bundle
+
+    model_config, weights, fingerprint = base_weights(source, cfg)
+    tokenizer = source.tokenizer() if isinstance(source, Bundle) else source.tokenizer
+    train, val, rng = split(_data.load(data, tokenizer, cfg.seq_len), cfg)
+    lora = LoraParams(model_config, LoraSpec(cfg.rank, cfg.alpha, tuple(cfg.targets))).init_random(
+        np.random.default_rng(cfg.seed + 1))
+    state = TrainState(lora, AdamW(lr=cfg.lr, weight_decay=cfg.weight_decay), rng)
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    if resume and ckpt and ckpt.exists():
+        state.restore(ckpt)
+    start = state.step
+    ws = Workspace()
+
+    def loss_and_grad(ex):
+        loss, g = loss_and_grads(weights, lora, ex.tokens[None], ex.mask[None], model_config,
+                                 train_last=cfg.last_layers, workspace=ws)
+        return loss, g, len(ex.tokens)
+
+    def evaluate() -> float:
+        return sum(masked_loss(weights, lora, ex.tokens[None], ex.mask[None], model_config, workspace=ws)
+                   for ex in val) / len(val)
+
+    t0 = time.monotonic()
+    tokens, stopped = train_loop(state, cfg, loss_and_grad, random_batches(train, rng), evaluate if val else None,
+                                 ckpt, progress)
     provenance = {"method": "edgelora.train", "data_sha256": _sha(data), "config": asdict(cfg),
                   "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     adapter = to_adapter(lora, cfg, fingerprint, name, provenance)
     if isinstance(source, Bundle) and install:
         source.store.install(adapter, name, replace=True)
-    return TrainResult(adapter, losses, val_losses, step + 1 if cfg.steps > start else start,
+    return TrainResult(adapter, state.losses, state.val_losses, state.step if cfg.steps > start else start,
                        time.monotonic() - t0, tokens, stopped)
 
 
