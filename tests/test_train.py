@@ -277,5 +277,5 @@ def test_training_restores_the_callers_thread_limits(tiny_llama, tmp_path):
 
     with threadpool_limits(2):
         before = threads()
-        train_adapter(edgelora.load_base(tiny_llama), _chats(tmp_path / "c.jsonl"), "t", steps=2, threads=1, seq_len=32)
+        train_adapter(edgelora.load_base(tiny_llama), _chats(tmp_path / "c.jsonl"), "t", steps=2, threads=1, seq_len=128)
         assert threads() == before
