@@ -373,6 +373,20 @@ class Bundle:
         return [Artifact(a["backend"], a["quant"], a["files"], a["memory_mb"], a["quality"], a["export_seconds"],
                          a.get("graph", "")) for a in self.manifest["artifacts"]]
 
+    ARTIFACT_HEADER = ("backend", "quant", "file size", "memory", "perplexity", "float ppl", "change", "top-1 agree",
+                       "in budget", "export")
+
+    def artifact_table(self) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+        """(header, rows): each artifact's size, memory and quality against the float model."""
+        rows = []
+        for a in self.artifacts:
+            size = sum(self.manifest["files"][f]["size"] for f in a.files)
+            q = a.quality
+            rows.append((a.backend, a.quant, f"{size / 1e6:.1f} MB", f"{a.memory['total']:.0f} MB",
+                         f"{q['perplexity']:.3f}", f"{q['float_perplexity']:.3f}", f"{q['perplexity_change']:+.2%}",
+                         f"{q['top1_agreement']:.1%}", "yes" if q["within_budget"] else "NO", f"{a.export_seconds:.0f}s"))
+        return self.ARTIFACT_HEADER, rows
+
     def artifact(self, backend: str | None = None) -> Artifact:
         arts = self.artifacts
         for a in arts:

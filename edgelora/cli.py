@@ -7,7 +7,6 @@ problems such as a failed download); nothing else in the library knows about exi
 from __future__ import annotations
 
 import json
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -110,21 +109,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
             typer.echo("  ".join("-" * w for w in widths))
 
 
-def _artifact_rows(bundle) -> list[tuple[str, ...]]:
-    rows = []
-    for a in bundle.artifacts:
-        size = sum(bundle.manifest["files"][f]["size"] for f in a.files)
-        q = a.quality
-        rows.append((a.backend, a.quant, f"{size / 1e6:.1f} MB", f"{a.memory['total']:.0f} MB",
-                     f"{q['perplexity']:.3f}", f"{q['float_perplexity']:.3f}", f"{q['perplexity_change']:+.2%}",
-                     f"{q['top1_agreement']:.1%}", "yes" if q["within_budget"] else "NO", f"{a.export_seconds:.0f}s"))
-    return rows
-
-
-ARTIFACT_HEADER = ("backend", "quant", "file size", "memory", "perplexity", "float ppl", "change", "top-1 agree",
-                   "in budget", "export")
-
-
 @app.command()
 def export(
     model: str = typer.Option(_models.DEFAULT_MODEL, "--model", help="Model name, Hugging Face dir or .gguf file."),
@@ -143,7 +127,7 @@ def export(
     bundle = do_export(model, device, out, backend=backend, quant=quant, force=force, replace=replace,
                        eval_tokens=eval_tokens, progress=not quiet)
     typer.echo(f"bundle: {bundle.root}  (base {bundle.fingerprint[:23]}..., device {bundle.manifest['device']['name']})")
-    _table(ARTIFACT_HEADER, _artifact_rows(bundle))
+    _table(*bundle.artifact_table())
 
 
 adapter_app = typer.Typer(cls=_Group, help="LoRA adapters: convert between formats; install into a bundle's store.",
@@ -414,13 +398,6 @@ def convert(
     typer.echo(f"wrote {out} ({base.fingerprint})")
 
 
-def _heldout(name: str) -> list[dict]:
-    from importlib import resources
-
-    text = resources.files("edgelora.data").joinpath(name).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 
 cloud_app = typer.Typer(cls=_Group, help="Adapters from the cloud: the reference service and the device client.",
                         no_args_is_help=True)
@@ -584,114 +561,10 @@ def quickstart(
     steps: int = typer.Option(80, "--steps", help="Training steps per adapter."),
 ) -> None:
     """Run edgelora's whole story on the default model and say what it did."""
-    from importlib import resources
+    from . import quickstart as story
 
-    from .models import load_base
-    from .bundle import export as do_export
-    from .quality import heldout_text
-    from .train import train_adapter
-
-    t0 = time.monotonic()
-    typer.echo(f"[1] base model: {model}")
-    if model in _models.REGISTRY:
-        hf_dir = _models.ensure_model(model)
-        typer.echo(f"    float32 checkpoint: {hf_dir}")
-        typer.echo(f"    source GGUF:        {_models.gguf_path(model)}")
-    base = load_base(model)
-    _print_summary(base.summary())
-
-    out = out or _models.cache_dir() / "bundles" / f"{base.name or 'model'}-{device}"
-    typer.echo(f"\n[2] export for {device} -> {out}  (quality on {len(base.tokenizer.encode(heldout_text()))} held-out tokens)")
-    bundle = do_export(base, device, out, replace=True, force=True, backend="both")
-    _table(ARTIFACT_HEADER, _artifact_rows(bundle))
-
-    data = resources.files("edgelora.data")
-    threads = bundle.threads
-    typer.echo(f"\n[3] personalize on the device: train adapter 'maren' on {len(_heldout('persona_train.jsonl'))} chats about "
-               "a fictional user (numpy, against the bundle's own GGUF weights)")
-    r = train_adapter(bundle, data.joinpath("persona_train.jsonl"), "maren", steps=steps, lr=3e-3, rank=8, seq_len=256,
-                      threads=threads, eval_every=max(steps // 2, 1), progress=_train_progress(False))
-    typer.echo(f"    loss {r.losses[0]:.2f} -> {r.losses[-1]:.2f}, validation loss "
-               f"{r.val_losses[0][1]:.2f} -> {r.val_losses[-1][1]:.2f}; {r.tokens_per_second:.0f} tokens/s, {r.seconds:.0f}s")
-    questions = _heldout("persona_heldout.jsonl")
-    engine = bundle.engine("gguf")
-    rows = []
-    hits = {"base": 0, "maren": 0}
-    for q in questions:
-        answers = []
-        for name in ("base", "maren"):
-            engine.set_adapters({} if name == "base" else {name: 1.0})
-            text = engine.generate(q["messages"], max_tokens=32).text.strip().replace("\n", " ")
-            hits[name] += q["expected"].lower() in text.lower()
-            answers.append(text[:48])
-        rows.append((q["messages"][-1]["content"][:40], q["expected"], *answers))
-    _table(("held-out question", "fact", "base answer", "with 'maren'"), rows)
-    typer.echo(f"    held-out facts recalled: base {hits['base']}/{len(questions)}, with the adapter {hits['maren']}/{len(questions)}")
-
-    typer.echo("\n[4] adapters as small deltas: train a second adapter 'pirate' (a speaking style), then answer one prompt "
-               "with the base, each adapter and a mix, swapping on the loaded base in both engines")
-    train_adapter(bundle, data.joinpath("pirate_train.jsonl"), "pirate", steps=max(steps * 3 // 4, 1), lr=3e-3, rank=8,
-                  seq_len=256, threads=threads, progress=_train_progress(False))
-    prompt = [{"role": "user", "content": "What do I like to do on weekends, and what should I cook tonight?"}]
-    rows = []
-    for backend in ("gguf", "onnx"):
-        e = engine if backend == "gguf" else bundle.engine("onnx")
-        for label, weights in (("base", {}), ("maren", {"maren": 1.0}), ("pirate", {"pirate": 1.0}),
-                               ("maren+pirate", {"maren": 0.7, "pirate": 0.7})):
-            t = time.perf_counter()
-            e.set_adapters(weights)
-            swap_ms = 1e3 * (time.perf_counter() - t)
-            g = e.generate(prompt, max_tokens=40)
-            rows.append((backend, label, f"{swap_ms:.1f}", f"{g.decode_tokens_per_second:.0f}",
-                         g.text.strip().replace("\n", " ")[:70]))
-        e.close()
-    _table(("engine", "adapters", "swap ms", "tok/s", "answer"), rows)
-    sizes = {m["name"]: sum(f["size"] for f in m["files"].values()) for m in bundle.store.list()}
-    typer.echo("    adapter files: " + ", ".join(f"{n} {s / 1e6:.1f} MB" for n, s in sizes.items()) +
-               f" (the base: {sum(f['size'] for f in bundle.manifest['files'].values()) / 1e6:.0f} MB, loaded once)")
-    _quickstart_cloud(bundle, engine_prompt=prompt)
-    typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; try: edgelora chat {out}")
-
-
-def _quickstart_cloud(bundle, engine_prompt: list[dict]) -> None:
-    """Quickstart step 5: a local adapter service composes an adapter from a task description; the
-    device verifies and installs it, then answers with it with the service stopped."""
-    import shutil
-
-    from .cloud import CloudClient, ServiceUnreachableError
-    from .cloud.service import Running, ServiceConfig, add_token, library_add
-
-    root = _models.cache_dir() / "cloud-quickstart"
-    shutil.rmtree(root, ignore_errors=True)
-    typer.echo(f"\n[5] adapters from the cloud: a local adapter service ({root}) holds 'maren' and 'pirate' with "
-               "descriptions; the device asks for an adapter by task description")
-    for name, desc in (("maren", "knows the user Maren's personal facts, family and preferences"),
-                       ("pirate", "answers in the voice of a pirate: arr, matey, ahoy")):
-        library_add(root, bundle.store.path(name, "gguf"), str(bundle.root), name=name, description=desc)
-    token = add_token(root, "quickstart-device")
-    for name in ("cloud-pirate",):
-        if name in bundle.store.names():
-            bundle.store.remove(name)
-    with Running(ServiceConfig(root, [str(bundle.root)])) as service:
-        client = CloudClient.connect(bundle, service.url, token, service.public_key)
-        typer.echo(f"    service on {service.url}, signing key {client.key_id} pinned by the device")
-        t = time.perf_counter()
-        job = client.request(name="cloud-pirate", description="Talk like a pirate, please")
-        job = client.wait(job["id"], poll_s=0.05)
-        m = client.pull(job["id"])
-        comp = ", ".join(f"{c['name']} x{c['weight']:g}" for c in m["provenance"]["components"])
-        typer.echo(f"    composed from {comp}; signature, base and sha256 verified; installed as "
-                   f"'{m['name']}' in {time.perf_counter() - t:.1f}s")
-    typer.echo("    service stopped:")
-    try:
-        CloudClient.for_bundle(bundle, retries=0).status(job["id"])
-    except ServiceUnreachableError as e:
-        typer.echo(f"      edgelora cloud status -> {e}")
-    e = bundle.engine("gguf")
-    e.set_adapters({"cloud-pirate": 1.0})
-    g = e.generate(engine_prompt, max_tokens=40)
-    e.close()
-    typer.echo(f"      offline answer with 'cloud-pirate': {g.text.strip().replace(chr(10), ' ')[:90]}")
+    story.run(model, device, out, steps, story.Report(say=typer.echo, table=_table, summary=_print_summary,
+                                                      progress=_train_progress(False)))
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ LAYERS = [
     ("converters",),
     ("models", "store", "quality", "runtime"),
     ("bundle", "train"),
-    ("cloud", "cli", "__main__", "__init__", "devices", "data"),
+    ("cloud", "cli", "quickstart", "__main__", "__init__", "devices", "data"),
 ]
 
 
