@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from edgelora.base import BaseModel
-from edgelora.errors import EdgeloraError
+from edgelora.errors import EdgeloraError, UnsupportedFormatError
 
 from . import keys
+from .blocks import BLK, BlockQuant, Stored
 from .onnx_model import rank_dim, slot_names
 
 MS = "com.microsoft"
-BLK = 32
 QUANTS = ("f32", "int8", "int4")
 
 
@@ -437,3 +437,118 @@ def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, 
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
     return path
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def read_weights(path: str | os.PathLike, config) -> tuple[dict[str, np.ndarray], dict[str, BlockQuant | Stored]]:
+    """The graph's weights as it stores them, the reader beside `FusedBuilder`: (dense tensors as
+    float32: norms, biases, the embedding and head expanded; per-layer linears in their MatMulNBits
+    encoding, each projection split back into its modules)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get(keys.GRAPH) != "fused":
+        raise UnsupportedFormatError(f"{path}: training reads edgelora's fused ONNX graph or a GGUF file; this graph "
+                                     "is an optimum export: export the bundle again (the default ONNX graph is fused)")
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    del model
+    c, shapes = config, config.shapes()
+    dense: dict[str, np.ndarray] = {}
+    packed: dict[str, BlockQuant | Stored] = {}
+    for i in range(c.num_layers):
+        p = f"layers.{i}"
+        for kind in c.spec.layer_tensors:  # norms (the graph keeps the multiplier, as edgelora does)
+            if kind.endswith("norm"):
+                dense[f"{p}.{kind}"] = inits[f"{p}.{kind}"]
+        for group, members in GROUPS.items():
+            if f"{p}.{members[0]}_bias" in shapes:  # Qwen2's q/k/v biases: one MatMulNBits bias a group
+                widths = np.cumsum([0] + [shapes[f"{p}.{m}"][0] for m in members])
+                for m, a, b in zip(members, widths[:-1], widths[1:]):
+                    dense[f"{p}.{m}_bias"] = inits[f"{p}.{group}.bias"][a:b]
+            if not _has_linear(inits, f"{p}.{group}"):  # bundles from before gate|up was one projection
+                for m in members:
+                    packed[f"{p}.{m}"] = _onnx_linear(inits, f"{p}.{m}", shapes[f"{p}.{m}"])
+                continue
+            widths = [shapes[f"{p}.{m}"][0] for m in members]
+            stacked = _onnx_linear(inits, f"{p}.{group}", (sum(widths), shapes[f"{p}.{members[0]}"][1]))
+            if len(members) == 1:
+                packed[f"{p}.{group}"] = stacked
+                continue
+            start = 0
+            for m, width in zip(members, widths):
+                packed[f"{p}.{m}"] = _slice_rows(stacked, start, start + width)
+                start += width
+    dense["norm"] = inits["norm"]
+    vocab, d = c.vocab_size, c.hidden_size
+    if "embed" in inits:
+        dense["embed"] = inits["embed"]
+    else:
+        q = inits["embed.q8"].reshape(vocab, d // BLK, BLK)
+        s = inits["embed.scales"].reshape(vocab, d // BLK)
+        zp = inits["embed.zp"].reshape(vocab, d // BLK) if "embed.zp" in inits else 128.0
+        dense["embed"] = BlockQuant((vocab, d), q, 8, s, zp).expand()
+    if not c.tie_word_embeddings:
+        if "lm_head_T" in inits:
+            dense["lm_head"] = np.ascontiguousarray(inits["lm_head_T"].T)
+        else:
+            dense["lm_head"] = BlockQuant((vocab, d), inits["lm_head.q8"].reshape(vocab, d // BLK, BLK), 8,
+                                          inits["lm_head.scales"].reshape(vocab, d // BLK),
+                                          inits["lm_head.zp"].reshape(vocab, d // BLK)).expand()
+    dense = {k: np.ascontiguousarray(v, np.float32) for k, v in dense.items()}
+    return dense, packed
+
+
+def _has_linear(inits: dict[str, np.ndarray], name: str) -> bool:
+    return any(f"{name}.{kind}" in inits for kind in ("weight_T", "q4", "q8"))
+
+
+def _onnx_linear(inits: dict[str, np.ndarray], name: str, shape: tuple[int, int]) -> BlockQuant | Stored:
+    n, k = shape
+    if f"{name}.weight_T" in inits:
+        return Stored(np.ascontiguousarray(inits[f"{name}.weight_T"].T))
+    nb = k // BLK
+    for bits in (4, 8):
+        q = inits.get(f"{name}.q{bits}")
+        if q is None:
+            continue
+        blocks = q.size // (n * BLK * bits // 8)  # more than nb: Q4_1 with its offsets folded in as extra blocks
+        q = q.reshape(n, blocks, BLK * bits // 8)
+        scale = inits[f"{name}.scales"].reshape(n, blocks).astype(np.float32)
+        if f"{name}.q4_1_offset_T" in inits:  # exact Q4_1 (bundles before the folded encoding)
+            return BlockQuant(shape, q, bits, scale, 8.0, np.ascontiguousarray(inits[f"{name}.q4_1_offset_T"].T))
+        zp = inits.get(f"{name}.zp")
+        if zp is None:
+            return BlockQuant(shape, q, bits, scale, float(2 ** (bits - 1)))
+        if bits == 4:  # two zero points per byte, rows padded to a whole byte
+            zp = zp.reshape(n, -1)
+            zp = np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :blocks]
+        zp = np.ascontiguousarray(zp.reshape(n, blocks)).astype(np.float32)
+        if blocks == nb:
+            return BlockQuant(shape, q, bits, scale, zp)
+        extra = BlockQuant((n, (blocks - nb) * BLK), q[:, nb:], bits, scale[:, nb:], zp[:, nb:]).expand()
+        return BlockQuant(shape, np.ascontiguousarray(q[:, :nb]), bits, np.ascontiguousarray(scale[:, :nb]),
+                          np.ascontiguousarray(zp[:, :nb]), np.ascontiguousarray(extra[:, :nb]))
+    raise UnsupportedFormatError(f"the fused ONNX graph has no weights for {name}; export the bundle again")
+
+
+def _slice_rows(w: BlockQuant | Stored, a: int, b: int) -> BlockQuant | Stored:
+    if isinstance(w, Stored):
+        return Stored(np.ascontiguousarray(w.array[a:b]))
+    cut = lambda x: np.ascontiguousarray(x[a:b]) if isinstance(x, np.ndarray) and x.ndim else x  # noqa: E731
+    return BlockQuant((b - a, w.shape[1]), cut(w.q), w.bits, cut(w.scale), cut(w.zero), cut(w.offset))
+
+
+def float_weights(model, config) -> dict[str, tuple[str, int]]:
+    """Target -> (initializer holding its transposed float weight, first column) in an f32 fused
+    graph (one weight per projection group, its modules side by side): where a merge writes."""
+    names, shapes, found = {i.name for i in model.graph.initializer}, config.shapes(), {}
+    for i in range(config.num_layers):
+        for group, members in GROUPS.items():
+            col = 0
+            for m in members:
+                found[f"layers.{i}.{m}"] = (f"layers.{i}.{group}.weight_T", col)
+                col += shapes[f"layers.{i}.{m}"][0]
+    return {t: v for t, v in found.items() if v[0] in names}

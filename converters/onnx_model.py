@@ -89,6 +89,18 @@ def linear_nodes(model, config: ModelConfig) -> dict[str, tuple[object, tuple[st
     return out
 
 
+def float_weights(model, config: ModelConfig) -> dict[str, tuple[str, int]]:
+    """Target -> (initializer holding its transposed float weight, first column) in an optimum graph
+    (a fused module's members side by side): where a merge writes."""
+    shapes, found = config.shapes(), {}
+    for node, members in linear_nodes(model, config).values():
+        col = 0
+        for m in members:
+            found[m] = (node.input[1], col)
+            col += shapes[m][0]
+    return found
+
+
 def add_lora_slots(model, config: ModelConfig):
     """Adds a zero-rank LoRA slot to every linear module, in place; returns the model."""
     from onnx import TensorProto, helper, numpy_helper

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgelora.adapters import AdapterError, AdapterMismatchError, LoraAdapter
 from edgelora.arch import ModelConfig
-from edgelora.converters import keys
+from edgelora.converters import keys, onnx_fused, onnx_model
 from edgelora.tokenizer import Tokenizer
 
 from .engine import Engine, EngineError
@@ -253,7 +253,8 @@ class OnnxEngine(Engine):
 
         model = onnx.load(str(self.path))
         inits = {i.name: i for i in model.graph.initializer}
-        targets = _float_weights(model, self.config)
+        graph = onnx_fused if self.shared_kv else onnx_model
+        targets = graph.float_weights(model, self.config)
         for target in adapter.targets:
             if target not in targets or targets[target][0] not in inits or \
                     inits[targets[target][0]].data_type != onnx.TensorProto.FLOAT:
@@ -285,29 +286,3 @@ class OnnxEngine(Engine):
         self._ort_adapters.clear()
         self._mixes.clear()
         self._mix_dir.cleanup()
-
-
-def _float_weights(model, config: ModelConfig) -> dict[str, tuple[str, int]]:
-    """Target -> (initializer holding its transposed weight, first column) in an optimum graph
-    (one MatMul per target) or an edgelora fused graph (one weight per projection group)."""
-    from edgelora.converters.onnx_model import linear_nodes
-
-    shapes = config.shapes()
-    found = {}
-    for node, members in linear_nodes(model, config).values():  # a fused module: its members by columns
-        col = 0
-        for m in members:
-            found[m] = (node.input[1], col)
-            col += shapes[m][0]
-    if found:
-        return found
-    from edgelora.converters.onnx_fused import GROUPS
-
-    names = {i.name for i in model.graph.initializer}
-    for i in range(config.num_layers):
-        for group, members in GROUPS.items():
-            col = 0
-            for m in members:
-                found[f"layers.{i}.{m}"] = (f"layers.{i}.{group}.weight_T", col)
-                col += shapes[f"layers.{i}.{m}"][0]
-    return {t: v for t, v in found.items() if v[0] in names}

@@ -17,76 +17,17 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from edgelora import naming
 from edgelora.arch import ModelConfig
-from edgelora.converters import keys
+from edgelora.converters.blocks import BLK, BlockQuant, Stored
 from edgelora.errors import UnsupportedFormatError
 
-BLK = 32
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-@dataclass
-class BlockQuant:
-    """w = (q - zero) * scale + offset per block of 32 along the input dimension (4-bit q packed
-    two per byte, element 2j in the low nibble)."""
-    shape: tuple[int, int]
-    q: np.ndarray  # uint8/int8 (N, nb, 32), or (N, nb, 16) packed nibbles when bits == 4
-    bits: int
-    scale: np.ndarray  # float32 (N, nb)
-    zero: np.ndarray | float = 0.0  # (N, nb) or a constant
-    offset: np.ndarray | None = None  # float32 (N, nb)
-
-    def expand(self, out: np.ndarray | None = None) -> np.ndarray:
-        """The float32 weight, written into `out` (N, K) when given (reused buffers: no page faults)."""
-        q = self.q
-        if self.bits == 4:
-            u = np.empty((*q.shape[:-1], 2 * q.shape[-1]), np.uint8)
-            u[..., 0::2], u[..., 1::2] = q & 0x0F, q >> 4
-            q = u
-        v = (np.empty(self.shape, np.float32) if out is None else out).reshape(q.shape)
-        z = self.zero
-        if np.ndim(z) or z:
-            np.subtract(q, z[..., None] if np.ndim(z) else np.float32(z), out=v, dtype=np.float32)
-            v *= self.scale[..., None]
-        else:  # one pass: int8 * float32 -> float32
-            np.multiply(q, self.scale[..., None], out=v, dtype=np.float32)
-        if self.offset is not None:
-            v += self.offset[..., None]
-        return v.reshape(self.shape)
-
-    def rows(self, perm: np.ndarray) -> "BlockQuant":
-        """These rows (a permutation, or a fused tensor's share) as their own weight."""
-        take = lambda a: a[perm] if isinstance(a, np.ndarray) and a.ndim else a  # noqa: E731
-        return BlockQuant((len(perm), self.shape[1]), take(self.q), self.bits, take(self.scale), take(self.zero), take(self.offset))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.q, self.scale, self.zero, self.offset) if isinstance(a, np.ndarray))
-
-
-@dataclass
-class Stored:
-    """A tensor kept as it is stored (float16, float32) or behind a loader (other GGUF types)."""
-    array: np.ndarray | None = None
-    load: Callable[[], np.ndarray] | None = None
-
-    def expand(self, out: np.ndarray | None = None) -> np.ndarray:
-        w = self.array if self.array is not None else self.load()
-        if out is None:
-            return np.array(w, np.float32)
-        np.copyto(out, w)
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return self.array.nbytes if self.array is not None else 0
 
 
 class CompactWeights(Mapping):
@@ -223,102 +164,10 @@ def from_gguf(path: str | os.PathLike, *, keep_layers: int = 2) -> CompactWeight
 
 def from_onnx_fused(path: str | os.PathLike, config: ModelConfig, *, keep_layers: int = 2) -> CompactWeights:
     """The fused ONNX graph's weights, read from its initializers in their MatMulNBits encoding."""
-    import onnx
-    from onnx import numpy_helper
+    from edgelora.converters import onnx_fused
 
-    model = onnx.load(str(path), load_external_data=True)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get(keys.GRAPH) != "fused":
-        raise UnsupportedFormatError(f"{path}: training reads edgelora's fused ONNX graph or a GGUF file; this graph "
-                                     "is an optimum export: export the bundle again (the default ONNX graph is fused)")
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    del model
-    from edgelora.converters.onnx_fused import GROUPS
-
-    c, shapes = config, config.shapes()
-    dense: dict[str, np.ndarray] = {}
-    packed: dict[str, BlockQuant | Stored] = {}
-    for i in range(c.num_layers):
-        p = f"layers.{i}"
-        for kind in c.spec.layer_tensors:  # norms (the graph keeps the multiplier, as edgelora does)
-            if kind.endswith("norm"):
-                dense[f"{p}.{kind}"] = inits[f"{p}.{kind}"]
-        for group, members in GROUPS.items():
-            if f"{p}.{members[0]}_bias" in shapes:  # Qwen2's q/k/v biases: one MatMulNBits bias a group
-                widths = np.cumsum([0] + [shapes[f"{p}.{m}"][0] for m in members])
-                for m, a, b in zip(members, widths[:-1], widths[1:]):
-                    dense[f"{p}.{m}_bias"] = inits[f"{p}.{group}.bias"][a:b]
-            if not _has_linear(inits, f"{p}.{group}"):  # bundles from before gate|up was one projection
-                for m in members:
-                    packed[f"{p}.{m}"] = _onnx_linear(inits, f"{p}.{m}", shapes[f"{p}.{m}"])
-                continue
-            widths = [shapes[f"{p}.{m}"][0] for m in members]
-            stacked = _onnx_linear(inits, f"{p}.{group}", (sum(widths), shapes[f"{p}.{members[0]}"][1]))
-            if len(members) == 1:
-                packed[f"{p}.{group}"] = stacked
-                continue
-            start = 0
-            for m, width in zip(members, widths):
-                packed[f"{p}.{m}"] = _slice_rows(stacked, start, start + width)
-                start += width
-    dense["norm"] = inits["norm"]
-    vocab, d = c.vocab_size, c.hidden_size
-    if "embed" in inits:
-        dense["embed"] = inits["embed"]
-    else:
-        q = inits["embed.q8"].reshape(vocab, d // BLK, BLK)
-        s = inits["embed.scales"].reshape(vocab, d // BLK)
-        zp = inits["embed.zp"].reshape(vocab, d // BLK) if "embed.zp" in inits else 128.0
-        dense["embed"] = BlockQuant((vocab, d), q, 8, s, zp).expand()
-    if not c.tie_word_embeddings:
-        if "lm_head_T" in inits:
-            dense["lm_head"] = np.ascontiguousarray(inits["lm_head_T"].T)
-        else:
-            dense["lm_head"] = BlockQuant((vocab, d), inits["lm_head.q8"].reshape(vocab, d // BLK, BLK), 8,
-                                          inits["lm_head.scales"].reshape(vocab, d // BLK),
-                                          inits["lm_head.zp"].reshape(vocab, d // BLK)).expand()
-    dense = {k: np.ascontiguousarray(v, np.float32) for k, v in dense.items()}
-    return CompactWeights(c, dense, packed, keep_layers=keep_layers, source=str(path))
-
-
-def _has_linear(inits: dict[str, np.ndarray], name: str) -> bool:
-    return any(f"{name}.{kind}" in inits for kind in ("weight_T", "q4", "q8"))
-
-
-def _onnx_linear(inits: dict[str, np.ndarray], name: str, shape: tuple[int, int]) -> BlockQuant | Stored:
-    n, k = shape
-    if f"{name}.weight_T" in inits:
-        return Stored(np.ascontiguousarray(inits[f"{name}.weight_T"].T))
-    nb = k // BLK
-    for bits in (4, 8):
-        q = inits.get(f"{name}.q{bits}")
-        if q is None:
-            continue
-        blocks = q.size // (n * BLK * bits // 8)  # more than nb: Q4_1 with its offsets folded in as extra blocks
-        q = q.reshape(n, blocks, BLK * bits // 8)
-        scale = inits[f"{name}.scales"].reshape(n, blocks).astype(np.float32)
-        if f"{name}.q4_1_offset_T" in inits:  # exact Q4_1 (bundles before the folded encoding)
-            return BlockQuant(shape, q, bits, scale, 8.0, np.ascontiguousarray(inits[f"{name}.q4_1_offset_T"].T))
-        zp = inits.get(f"{name}.zp")
-        if zp is None:
-            return BlockQuant(shape, q, bits, scale, float(2 ** (bits - 1)))
-        if bits == 4:  # two zero points per byte, rows padded to a whole byte
-            zp = zp.reshape(n, -1)
-            zp = np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :blocks]
-        zp = np.ascontiguousarray(zp.reshape(n, blocks)).astype(np.float32)
-        if blocks == nb:
-            return BlockQuant(shape, q, bits, scale, zp)
-        extra = BlockQuant((n, (blocks - nb) * BLK), q[:, nb:], bits, scale[:, nb:], zp[:, nb:]).expand()
-        return BlockQuant(shape, np.ascontiguousarray(q[:, :nb]), bits, np.ascontiguousarray(scale[:, :nb]),
-                          np.ascontiguousarray(zp[:, :nb]), np.ascontiguousarray(extra[:, :nb]))
-    raise UnsupportedFormatError(f"the fused ONNX graph has no weights for {name}; export the bundle again")
-
-
-def _slice_rows(w: BlockQuant | Stored, a: int, b: int) -> BlockQuant | Stored:
-    if isinstance(w, Stored):
-        return Stored(np.ascontiguousarray(w.array[a:b]))
-    cut = lambda x: np.ascontiguousarray(x[a:b]) if isinstance(x, np.ndarray) and x.ndim else x  # noqa: E731
-    return BlockQuant((b - a, w.shape[1]), cut(w.q), w.bits, cut(w.scale), cut(w.zero), cut(w.offset))
+    dense, packed = onnx_fused.read_weights(path, config)
+    return CompactWeights(config, dense, packed, keep_layers=keep_layers, source=str(path))
 
 
 def for_bundle(bundle, backend: str | None = None, *, keep_layers: int = 2) -> tuple[CompactWeights, str]:
