@@ -54,3 +54,18 @@ def base_logits(base_dir: Path, ids: list[int]):
 
     with torch.no_grad():
         return AutoModelForCausalLM.from_pretrained(base_dir).eval()(torch.tensor([ids])).logits[0].numpy()
+
+
+def peft_loss_and_grads(base_dir: Path, peft_dir: Path, tokens, mask):
+    """PEFT+torch autograd: the masked next-token loss (labels -100 outside `mask`) and the gradient
+    of every LoRA parameter, by PEFT's parameter name."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), peft_dir, is_trainable=True)
+    ids = torch.from_numpy(tokens)
+    labels = torch.where(torch.from_numpy(mask), ids, torch.full_like(ids, -100))
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.numpy() for n, p in model.named_parameters() if "lora_" in n}

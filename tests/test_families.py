@@ -15,7 +15,7 @@ from edgelora.converters import gguf_model, onnx_model
 from edgelora.runtime.gguf import GGUFEngine
 from edgelora.train.model import LORA_KINDS, LoraParams, LoraSpec, loss_and_grads, masked_loss
 from tests.families import FAMILY_NAMES, PEFT_TARGETS, build_family
-from tests.peft_util import base_logits, make_peft_adapter, peft_logits
+from tests.peft_util import base_logits, make_peft_adapter, peft_logits, peft_loss_and_grads
 
 # longer than Gemma 3's sliding window (8) in the tiny models
 TEXT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models."
@@ -163,19 +163,6 @@ def test_peft_round_trip_keeps_the_familys_modules(family, peft_adapter):
             np.testing.assert_allclose(again.delta(t), adapter.delta(t), rtol=1e-6, atol=1e-7, err_msg=f"{fmt} {t}")
 
 
-def _peft_grads(path, peft_dir, tokens, mask):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), peft_dir, is_trainable=True)
-    ids = torch.from_numpy(tokens)
-    labels = torch.where(torch.from_numpy(mask), ids, torch.full_like(ids, -100))
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    return float(loss.detach()), {n: p.grad.numpy() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def test_trainer_loss_and_gradients_equal_peft(family, peft_adapter):
     """The numpy forward and backward of every op the family adds, against PEFT + torch autograd.
     A fused module's PEFT gradients are the sums (A) and stacks (B) of its members'."""
@@ -190,7 +177,7 @@ def test_trainer_loss_and_gradients_equal_peft(family, peft_adapter):
     mask = rng.random((2, 20)) < 0.6
     weights = {n: base.weights[n] for n in base.weights}
     loss, grad = loss_and_grads(weights, lora, tokens, mask, base.config)
-    ref_loss, ref = _peft_grads(path, peft_adapter, tokens, mask)
+    ref_loss, ref = peft_loss_and_grads(path, peft_adapter, tokens, mask)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     assert masked_loss(weights, lora, tokens, mask, base.config) == pytest.approx(loss, rel=1e-6)
     ours = lora.views_of(grad)

@@ -16,7 +16,7 @@ from edgelora.train import TrainConfig, train_adapter
 from edgelora.train.data import DataError
 from edgelora.train.model import LoraParams, LoraSpec, loss_and_grads, masked_loss
 from tests.ort_util import onnxruntime_logits
-from tests.peft_util import make_peft_adapter
+from tests.peft_util import make_peft_adapter, peft_loss_and_grads
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 PEFT_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -35,22 +35,14 @@ def _lora_from_adapter(adapter, config, dtype=np.float32):
 
 
 def _torch_reference(base_dir, peft_dir, tokens, mask):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), peft_dir, is_trainable=True)
-    ids = torch.from_numpy(tokens)
-    labels = torch.where(torch.from_numpy(mask), ids, torch.full_like(ids, -100))
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
+    """PEFT's loss and LoRA gradients, by canonical view name (layers.{i}.{kind}.A/B)."""
+    loss, by_param = peft_loss_and_grads(base_dir, peft_dir, tokens, mask)
     grads = {}
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            i = int(n.split(".layers.")[1].split(".")[0])
-            kind = next(k for k, m in PEFT_NAMES.items() if f".{m}.lora_" in n)
-            grads[f"layers.{i}.{kind}.{'A' if '.lora_A.' in n else 'B'}"] = p.grad.numpy()
-    return float(loss.detach()), grads
+    for n, g in by_param.items():
+        i = int(n.split(".layers.")[1].split(".")[0])
+        kind = next(k for k, m in PEFT_NAMES.items() if f".{m}.lora_" in n)
+        grads[f"layers.{i}.{kind}.{'A' if '.lora_A.' in n else 'B'}"] = g
+    return loss, grads
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
