@@ -61,13 +61,12 @@ def module_slots(config) -> dict[str, list]:
     return slots
 
 
-def slot_parameters(adapter, config) -> dict[str, np.ndarray]:
-    """The adapter in the fused graph's slots: per group, the members' A^T side by side
+def slot_parameters(params: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
+    """An adapter's per-module slot parameters (`onnx_adapter.parameters`) laid out in the fused
+    graph's grouped slots: per group, the members' A^T side by side
     ([in, sum of ranks]) and their (scale * B)^T block-diagonal ([sum of ranks, sum of outs]); a
     member the adapter lacks has rank 0 there (zero outputs), a group it lacks keeps its default."""
-    from .onnx_adapter import parameters
-
-    params, out, shapes = parameters(adapter), {}, config.shapes()
+    out, shapes = {}, config.shapes()
     for i in range(config.num_layers):
         for group, members in GROUPS.items():
             names = [slot_names(f"layers.{i}.{m}") for m in members]

@@ -65,9 +65,7 @@ class OnnxEngine(Engine):
         self.shared_kv = meta.get(keys.GRAPH) == "fused"
         self.grouped = any(n.startswith("layers.0.qkv.lora") for n in self.slots)
         if self.grouped:  # adapters are checked per module, then laid out in the graph's grouped slots
-            from edgelora.converters.onnx_fused import module_slots
-
-            self.slots = module_slots(config)
+            self.slots = onnx_fused.module_slots(config)
         if self.shared_kv:
             max_len = int(meta.get(keys.MAX_LEN, n_ctx))
             if n_ctx > max_len:
@@ -162,11 +160,9 @@ class OnnxEngine(Engine):
 
     # -- adapters ----------------------------------------------------------------------------
 
-    def _check_slots(self, name: str, adapter: LoraAdapter) -> None:
-        from edgelora.converters.onnx_adapter import parameters
-
+    def _check_slots(self, name: str, params: dict[str, np.ndarray]) -> None:
         problems = []
-        for pname, value in parameters(adapter).items():
+        for pname, value in params.items():
             if pname not in self.slots:
                 problems.append(f"{pname}: the graph has no such LoRA slot")
             elif [d if isinstance(d, int) else None for d in self.slots[pname]] != \
@@ -181,8 +177,20 @@ class OnnxEngine(Engine):
         that an .onnx_adapter's per-module names do not fit) rather than by ONNX Runtime's adapters."""
         return self.shared_kv or self.grouped
 
+    def _layout(self, adapter: LoraAdapter) -> tuple[list, dict]:
+        """The one place an adapter becomes this graph's slot parameters (scale folded into B once;
+        grouped slots laid out from the per-module ones): (arrays kept alive, OrtValues over them)."""
+        from edgelora.converters.onnx_adapter import parameters
+
+        params = parameters(adapter)
+        if self.grouped:
+            params = onnx_fused.slot_parameters(params, self.config)
+        return list(params.values()), {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()}
+
     def _load_adapter(self, name: str, path: Path, adapter: LoraAdapter) -> None:
-        self._check_slots(name, adapter)
+        from edgelora.converters.onnx_adapter import parameters
+
+        self._check_slots(name, parameters(adapter))
         self._mixes = {k: v for k, v in self._mixes.items() if name not in dict(k)}
         self._param_cache.pop(name, None)
         if self._binds_params:
@@ -194,27 +202,10 @@ class OnnxEngine(Engine):
             raise AdapterError(f"onnxruntime could not load adapter {name} from {path}: {str(e).splitlines()[0]}") from e
         self._ort_adapters[name] = handle  # RunOptions does not keep it alive: we must
 
-    def _slot_values(self, adapter: LoraAdapter) -> tuple[list, dict]:
-        """An adapter's parameters in this graph's slots, as (arrays kept alive, OrtValues over them)."""
-        if self.grouped:
-            from edgelora.converters.onnx_fused import slot_parameters
-
-            params = slot_parameters(adapter, self.config)
-        else:
-            from edgelora.converters.onnx_adapter import parameters
-
-            params = parameters(adapter)
-        return list(params.values()), {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()}
-
     def _adapter_params(self, name: str) -> dict:
-        """The slot parameters of a loaded adapter as OrtValues: laid out once for grouped slots,
-        else viewing its memory-mapped file."""
+        """The slot parameters of a loaded adapter as OrtValues, laid out once when first activated."""
         if name not in self._param_cache:
-            if self.grouped:
-                self._param_cache[name] = self._slot_values(self._adapters.values[name])
-            else:
-                fmt = self._ort.AdapterFormat.read_adapter(str(self._adapters.paths[name]))
-                self._param_cache[name] = (fmt, fmt.get_parameters())
+            self._param_cache[name] = self._layout(self._adapters.values[name])
         return self._param_cache[name][1]
 
     def _activate(self, weights: dict[str, float]) -> None:
@@ -226,7 +217,7 @@ class OnnxEngine(Engine):
                 self._bound_params = dict(self._adapter_params(next(iter(weights))))
             else:
                 mixed = LoraAdapter.mix([(self._adapters.values[n], w) for n, w in weights.items()])
-                self._keep, self._bound_params = self._slot_values(mixed)
+                self._keep, self._bound_params = self._layout(mixed)
             return
         ro = self._ort.RunOptions()
         if len(weights) == 1 and next(iter(weights.values())) == 1.0:
