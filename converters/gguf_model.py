@@ -75,7 +75,8 @@ def fields_of(reader: Any) -> dict[str, Any]:
 
 def config_from_fields(fields: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
     """A config from GGUF metadata as llama.cpp's converter writes it for each architecture
-    (keys from gguf-py constants.py `Keys`; per-arch defaults from llama.cpp src/models/*.cpp)."""
+    (keys from gguf-py constants.py `Keys`; per-arch defaults from llama.cpp src/models/*.cpp), and
+    from its tensors (name -> reader tensor: the embedding's rows, RoPE factor tensors)."""
     import gguf
 
     a = fields["general.architecture"]
@@ -83,7 +84,11 @@ def config_from_fields(fields: dict[str, Any], tensors: dict[str, Any]) -> Model
     K = gguf.Keys
     d = int(fields[K.LLM.EMBEDDING_LENGTH.format(arch=a)])
     heads = int(fields[K.Attention.HEAD_COUNT.format(arch=a)])
-    vocab = fields.get(K.LLM.VOCAB_SIZE.format(arch=a)) or len(fields.get("tokenizer.ggml.tokens", []))
+    # the embedding's rows are the vocabulary (llama.cpp's Gemma 3 converter drops the padding rows past
+    # the tokenizer, leaving the metadata's vocab_size as it was)
+    embed = tensors.get("token_embd.weight")
+    vocab = (int(embed.shape[-1]) if embed is not None else
+             fields.get(K.LLM.VOCAB_SIZE.format(arch=a)) or len(fields.get("tokenizer.ggml.tokens", [])))
     head_dim = int(fields.get(K.Attention.KEY_LENGTH.format(arch=a)) or d // heads)
     rot = fields.get(K.Rope.DIMENSION_COUNT.format(arch=a))
     n_layers = int(fields[K.LLM.BLOCK_COUNT.format(arch=a)])
@@ -231,10 +236,6 @@ def read(path: str | os.PathLike, *, reader: Any = None) -> BaseModel:
             continue
         shape = tuple(int(s) for s in reversed(t.shape))
         want = (sum(expected[m][0] for m in members), *expected[members[0]][1:])
-        if config.family == "gemma3" and name == "token_embd.weight" and shape[0] < want[0]:
-            # llama.cpp's converter drops the rows past the tokenizer's vocabulary
-            raise UnsupportedArchitectureError(
-                f"{path}: token_embd has {shape[0]} rows for a vocabulary of {want[0]}; edgelora needs the full embedding")
         if shape != want:
             raise CorruptFileError(f"{path}: tensor {name} has shape {list(shape)}, the metadata implies {list(want)}")
         for m in members:
@@ -344,7 +345,7 @@ def write(base: BaseModel, out: str | os.PathLike, dtype: str = "F32",
         extra = _write_metadata(w, base)
         w.add_file_type(FILE_TYPES[dtype])
         w.add_string(keys.FINGERPRINT, base.fingerprint)
-        gguf_tokenizer.to_gguf(w, base.tokenizer)
+        gguf_tokenizer.to_gguf(w, base.tokenizer, c.vocab_size)
 
         shapes = c.shapes()
         plan = []

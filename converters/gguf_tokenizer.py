@@ -277,25 +277,27 @@ def _finish(tok: Any, fields: dict[str, Any], add_bos_default: bool, add_eos_def
 # -- tokenizers -> GGUF ------------------------------------------------------------------------
 
 
-def to_gguf(writer: Any, tokenizer: Tokenizer) -> None:
-    """Adds the tokenizer's ``tokenizer.ggml.*`` metadata to a `gguf.GGUFWriter`."""
+def to_gguf(writer: Any, tokenizer: Tokenizer, vocab_size: int | None = None) -> None:
+    """Adds the tokenizer's ``tokenizer.ggml.*`` metadata to a `gguf.GGUFWriter`. `vocab_size`, the
+    model's embedding rows: llama.cpp wants one token per row, so a model whose embedding is padded
+    past its tokenizer (Qwen2.5, Gemma 3) gets unused ``[PADn]`` tokens, as llama.cpp's converter writes."""
     spec = json.loads(tokenizer.to_json())
     kind = spec.get("model", {}).get("type")
     if kind == "BPE" and not _is_sentencepiece(spec):
-        types = _byte_level_to_gguf(writer, spec)
+        types = _byte_level_to_gguf(writer, spec, vocab_size)
     elif kind == "BPE":
-        types = _spm_to_gguf(writer, spec, tokenizer)
+        types = _spm_to_gguf(writer, spec, tokenizer, vocab_size)
     elif kind == "Unigram":
-        types = _ugm_to_gguf(writer, spec, tokenizer)
+        types = _ugm_to_gguf(writer, spec, tokenizer, vocab_size)
     else:
         raise UnsupportedFormatError(
             f"writing GGUF supports BPE and SentencePiece tokenizers; this one is {kind}")
     _write_specials(writer, tokenizer, spec, types)
 
 
-def _byte_level_to_gguf(writer: Any, spec: dict[str, Any]) -> list[int]:
+def _byte_level_to_gguf(writer: Any, spec: dict[str, Any], vocab_size: int | None) -> list[int]:
     pre = pre_name(spec.get("pre_tokenizer"))
-    tokens, types = _token_table(spec, dict(spec["model"]["vocab"]))
+    tokens, types = _token_table(spec, dict(spec["model"]["vocab"]), size=vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -304,12 +306,13 @@ def _byte_level_to_gguf(writer: Any, spec: dict[str, Any]) -> list[int]:
     return types
 
 
-def _spm_to_gguf(writer: Any, spec: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
+def _spm_to_gguf(writer: Any, spec: dict[str, Any], tokenizer: Tokenizer, vocab_size: int | None) -> list[int]:
     model = spec["model"]
     _check_spm_bpe(model)
     vocab = dict(model["vocab"])
     prefix = space_prefix(spec, vocab)
-    tokens, types = _token_table(spec, vocab, unk=model.get("unk_token") or tokenizer.unk_token, spm=True)
+    tokens, types = _token_table(spec, vocab, unk=model.get("unk_token") or tokenizer.unk_token, spm=True,
+                                 size=vocab_size)
     _check_added(spec, tokens, types, prefix, writer)
     scores = spm_scores(tokens, types, _merge_pairs(model))
     writer.add_tokenizer_model("llama")
@@ -321,7 +324,7 @@ def _spm_to_gguf(writer: Any, spec: dict[str, Any], tokenizer: Tokenizer) -> lis
     return types
 
 
-def _ugm_to_gguf(writer: Any, spec: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
+def _ugm_to_gguf(writer: Any, spec: dict[str, Any], tokenizer: Tokenizer, vocab_size: int | None) -> list[int]:
     model = spec["model"]
     if model.get("byte_fallback"):
         raise UnsupportedFormatError(
@@ -331,7 +334,7 @@ def _ugm_to_gguf(writer: Any, spec: dict[str, Any], tokenizer: Tokenizer) -> lis
     vocab = {p: i for i, p in enumerate(pieces)}
     prefix = space_prefix(spec, vocab)
     unk = pieces[model["unk_id"]] if model.get("unk_id") is not None else tokenizer.unk_token
-    tokens, types = _token_table(spec, vocab, unk=unk, spm=True)
+    tokens, types = _token_table(spec, vocab, unk=unk, spm=True, size=vocab_size)
     _check_added(spec, tokens, types, prefix, writer)
     scores = [0.0] * len(tokens)
     for i, (_, score) in enumerate(model["vocab"]):
@@ -390,7 +393,7 @@ def _writer_name(writer: Any) -> str:
 
 
 def _token_table(spec: dict[str, Any], vocab: dict[str, int], unk: str | None = None,
-                 spm: bool = False) -> tuple[list[str], list[int]]:
+                 spm: bool = False, size: int | None = None) -> tuple[list[str], list[int]]:
     """The token list and types: model vocab NORMAL, added tokens CONTROL (special) or USER_DEFINED, unused ids
     as [PADn]. SentencePiece (`spm`): <0xNN> are BYTE, `unk` UNKNOWN, and an added token matched in normalized
     text is written in raw text, as llama.cpp matches it (spaces, not "▁")."""
@@ -398,6 +401,9 @@ def _token_table(spec: dict[str, Any], vocab: dict[str, int], unk: str | None = 
     for t in added.values():
         vocab.setdefault(t["content"], t["id"])
     n = max(vocab.values()) + 1
+    if size is not None and n > size:
+        raise UnsupportedFormatError(f"the tokenizer has {n} tokens but the model embeds {size}: not this model's tokenizer?")
+    n = max(n, size or 0)  # embedding rows past the tokenizer: unused tokens
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [UNUSED] * n
     for text, i in vocab.items():

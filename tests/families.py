@@ -29,7 +29,8 @@ PEFT_TARGETS = {
 def _config(family: str, vocab: int, tied: bool):
     import transformers as tf
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    # the embedding padded past the tokenizer, as Qwen2.5's (151936 rows, 151665 tokens) and Gemma 3's are
+    common = dict(vocab_size=vocab + 16, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "llama3":

@@ -34,17 +34,20 @@ class GGUFEngine(Engine):
         self.path = Path(path)
         reader = gguf_model.open_reader(self.path)  # validate in Python first: llama.cpp crashes on bad files
         fields = gguf_model.fields_of(reader)
-        config = gguf_model.config_from_fields(fields, {t.name for t in reader.tensors})
+        config = gguf_model.config_from_fields(fields, {t.name: t for t in reader.tensors})
         if tokenizer is None:
             tokenizer = gguf_tokenizer.from_gguf(fields)
         fingerprint = fingerprint or keys.fingerprint_of(fields)
         del reader
         super().__init__(config, tokenizer, fingerprint, n_ctx)
         self._lib = llama_cpp
-        with quiet_native():
-            self.llm = Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                             n_batch=min(n_ctx, n_batch), n_ubatch=min(n_ctx, n_batch), logits_all=False,
-                             verbose=False, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
+        try:
+            with quiet_native():
+                self.llm = Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                 n_batch=min(n_ctx, n_batch), n_ubatch=min(n_ctx, n_batch), logits_all=False,
+                                 verbose=False, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
+        except ValueError as e:  # llama.cpp refused the file (its log says why; run with verbose llama.cpp to see it)
+            raise EngineError(f"llama.cpp cannot load {self.path}: {e}; check the file with `edgelora inspect`") from e
         self.n_batch = min(n_ctx, n_batch)
         self.vocab = self.llm.n_vocab()
         self.n_past = 0
