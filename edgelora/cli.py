@@ -355,6 +355,7 @@ def train(
     expanded_layers: Optional[int] = typer.Option(None, "--expanded-layers",
                                                   help="Layers kept expanded to float32 (default: as the memory cap allows)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an installed adapter of the same name."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Default: BUNDLE/.train/NAME."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -367,7 +368,7 @@ def train(
                       steps=steps, lr=lr, seq_len=seq_len, last_layers=last_layers, grad_accum=grad_accum, seed=seed,
                       threads=threads or b.threads, backend=backend, memory_mb=memory_mb, expanded_layers=expanded_layers)
     r = train_adapter(b, data, name, config=cfg, checkpoint_dir=checkpoint_dir or bundle / ".train" / name,
-                      resume=resume, progress=_train_progress(quiet))
+                      resume=resume, replace=replace, progress=_train_progress(quiet))
     val = f", validation loss {r.val_losses[0][1]:.3f} -> {r.val_losses[-1][1]:.3f}" if r.val_losses else ""
     typer.echo(f"installed {name}: loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}{val}, "
                f"{r.tokens_per_second:.0f} tokens/s{' (stopped early)' if r.stopped_early else ''}")

@@ -106,15 +106,18 @@ class AdapterStore:
 
     # -- changing -----------------------------------------------------------------------------
 
+    def check_name(self, name: str, replace: bool = False) -> None:
+        """Refuses a name the store does not allow, or one already installed unless `replace`."""
+        if not isinstance(name, str) or not NAME.match(name):
+            raise StoreError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
+        if (self.root / name).exists() and not replace:
+            raise StoreError(f"an adapter named {name!r} is already installed; remove it first or pass replace")
+
     def install(self, source: str | os.PathLike | LoraAdapter, name: str, *, replace: bool = False) -> dict[str, Any]:
         """Validates `source` (a path in any adapter format, or a LoraAdapter) against the base and
         installs it under `name`. Adapters without a fingerprint (plain PEFT) are bound to this base."""
-
-        if not NAME.match(name):
-            raise StoreError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
+        self.check_name(name, replace)
         target = self.root / name
-        if target.exists() and not replace:
-            raise StoreError(f"an adapter named {name!r} is already installed; remove it first or pass replace")
         adapter = source if isinstance(source, LoraAdapter) else load_adapter(source, config=self.config)
         bound_here = adapter.base_fingerprint is None
         adapter.check_fits(self.config, self.fingerprint)

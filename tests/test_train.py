@@ -271,3 +271,27 @@ def test_training_restores_the_callers_thread_limits(tiny_llama, tmp_path):
         before = threads()
         train_adapter(edgelora.load_base(tiny_llama), _chats(tmp_path / "c.jsonl"), "t", steps=2, threads=1, seq_len=128)
         assert threads() == before
+
+
+def test_training_refuses_an_installed_or_bad_name_before_any_work(gguf_bundle, tmp_path, run_cli):
+    """An installed adapter is never replaced silently, and a name the store would refuse (a path out
+    of the bundle, an empty one) is refused before training writes a checkpoint anywhere."""
+    from edgelora.adapters import random_adapter
+    from edgelora.store import StoreError
+
+    data = _chats(tmp_path / "d.jsonl")
+    store = gguf_bundle.store
+    store.install(random_adapter(gguf_bundle.config, rank=2, fingerprint=gguf_bundle.fingerprint), "taken", replace=True)
+    before = store.manifest("taken")
+    with pytest.raises(StoreError, match="'taken' is already installed"):
+        train_adapter(gguf_bundle, data, "taken", steps=1, seq_len=128, checkpoint_dir=tmp_path / "ck")
+    assert store.manifest("taken") == before and not (tmp_path / "ck").exists()
+    r = run_cli("train", str(gguf_bundle.root), "--data", str(data), "--name", "taken", "--steps", "1", "-q")
+    assert r.returncode == 2 and "already installed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert store.manifest("taken") == before
+    train_adapter(gguf_bundle, data, "taken", steps=1, seq_len=128, replace=True)
+    assert store.manifest("taken")["provenance"]["method"] == "edgelora.train"
+    for bad in ("../../x", "a/b", ""):
+        with pytest.raises(StoreError, match="is not allowed"):
+            train_adapter(gguf_bundle, data, bad, steps=1, seq_len=128, checkpoint_dir=tmp_path / "ck2")
+        assert not (tmp_path / "ck2").exists()

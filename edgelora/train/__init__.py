@@ -237,15 +237,20 @@ def train_loop(state: TrainState, cfg: TrainConfig, loss_and_grad: Callable, bat
 
 def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, config: TrainConfig | None = None,
                   checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, install: bool = True,
-                  progress: Callable[[dict], None] | None = None, **overrides) -> TrainResult:
+                  replace: bool = False, progress: Callable[[dict], None] | None = None, **overrides) -> TrainResult:
     """Trains a LoRA adapter on `data` against `source` (a Bundle or BaseModel); with a Bundle and
-    `install`, the adapter lands in the bundle's store, usable at once by its engines. BLAS threads
-    are limited to `cfg.threads` for the run and restored after it."""
+    `install`, the adapter lands in the bundle's store, usable at once by its engines. The name is
+    checked before any work: one the store refuses, or one installed already unless `replace`, is an
+    error. BLAS threads are limited to `cfg.threads` for the run and restored after it."""
     from contextlib import nullcontext
 
     from threadpoolctl import threadpool_limits
 
+    from edgelora.bundle import Bundle
+
     cfg = config or TrainConfig(**overrides)
+    if isinstance(source, Bundle) and install:
+        source.store.check_name(name, replace)
     with threadpool_limits(cfg.threads) if cfg.threads else nullcontext():
         return _train(source, data, name, cfg, checkpoint_dir, resume, install, progress)
 
