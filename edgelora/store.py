@@ -86,23 +86,27 @@ class AdapterStore:
     def open(self, name: str, backend: str) -> tuple[Path, LoraAdapter]:
         """An installed adapter for an engine: its file, checked against the sha256 recorded at install
         (read once per file identity: path, size, modification time), and the adapter read from it."""
-        path = self.path(name, backend)
-        want = self.manifest(name)["files"][ADAPTER_FILES[backend]]["sha256"]
+        m, rel = self._file(name, backend)
+        path, want = self.root / name / rel, m["files"][rel]["sha256"]
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         if self._verified.get(key) != want:
             if sha256_file(path) != want:
-                raise CorruptFileError(f"adapter {name}: {ADAPTER_FILES[backend]} has changed since it was installed "
+                raise CorruptFileError(f"adapter {name}: {rel} has changed since it was installed "
                                        "(wrong sha256); remove and reinstall it")
             self._verified[key] = want
         return path, load_adapter(path, self.config)
 
     def path(self, name: str, backend: str) -> Path:
+        return self.root / name / self._file(name, backend)[1]
+
+    def _file(self, name: str, backend: str) -> tuple[dict[str, Any], str]:
+        """The adapter's manifest and the file name its `backend` loads."""
         m = self.manifest(name)
         rel = ADAPTER_FILES[backend]
         if rel not in m["files"]:
             raise StoreError(f"adapter {name} has no {backend} file (it was installed for {', '.join(m['backends'])})")
-        return self.root / name / rel
+        return m, rel
 
     # -- changing -----------------------------------------------------------------------------
 

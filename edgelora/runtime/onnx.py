@@ -177,12 +177,9 @@ class OnnxEngine(Engine):
         that an .onnx_adapter's per-module names do not fit) rather than by ONNX Runtime's adapters."""
         return self.shared_kv or self.grouped
 
-    def _layout(self, adapter: LoraAdapter) -> tuple[list, dict]:
-        """The one place an adapter becomes this graph's slot parameters (scale folded into B once;
-        grouped slots laid out from the per-module ones): (arrays kept alive, OrtValues over them)."""
-        from edgelora.converters.onnx_adapter import parameters
-
-        params = parameters(adapter)
+    def _layout(self, params: dict[str, np.ndarray]) -> tuple[list, dict]:
+        """An adapter's per-module parameters (`onnx_adapter.parameters`: the scale folded into B) as
+        this graph's slot parameters, grouped slots laid out from them: (arrays kept alive, OrtValues)."""
         if self.grouped:
             params = onnx_fused.slot_parameters(params, self.config)
         return list(params.values()), {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()}
@@ -190,10 +187,12 @@ class OnnxEngine(Engine):
     def _load_adapter(self, name: str, path: Path, adapter: LoraAdapter) -> None:
         from edgelora.converters.onnx_adapter import parameters
 
-        self._check_slots(name, parameters(adapter))
+        params = parameters(adapter)  # the one place an adapter becomes slot parameters
+        self._check_slots(name, params)
         self._mixes = {k: v for k, v in self._mixes.items() if name not in dict(k)}
         self._param_cache.pop(name, None)
         if self._binds_params:
+            self._param_cache[name] = self._layout(params)
             return
         handle = self._ort.LoraAdapter()
         try:
@@ -203,9 +202,7 @@ class OnnxEngine(Engine):
         self._ort_adapters[name] = handle  # RunOptions does not keep it alive: we must
 
     def _adapter_params(self, name: str) -> dict:
-        """The slot parameters of a loaded adapter as OrtValues, laid out once when first activated."""
-        if name not in self._param_cache:
-            self._param_cache[name] = self._layout(self._adapters.values[name])
+        """The slot parameters of a loaded adapter as OrtValues (laid out when it was loaded)."""
         return self._param_cache[name][1]
 
     def _activate(self, weights: dict[str, float]) -> None:
@@ -216,8 +213,10 @@ class OnnxEngine(Engine):
             elif len(weights) == 1 and next(iter(weights.values())) == 1.0:
                 self._bound_params = dict(self._adapter_params(next(iter(weights))))
             else:
+                from edgelora.converters.onnx_adapter import parameters
+
                 mixed = LoraAdapter.mix([(self._adapters.values[n], w) for n, w in weights.items()])
-                self._keep, self._bound_params = self._layout(mixed)
+                self._keep, self._bound_params = self._layout(parameters(mixed))
             return
         ro = self._ort.RunOptions()
         if len(weights) == 1 and next(iter(weights.values())) == 1.0:
