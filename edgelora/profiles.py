@@ -61,6 +61,19 @@ class Quality:
 
 
 @dataclass(frozen=True)
+class Build:
+    """How native code is built for the device: the CPU's core (also what the arm64 emulator
+    impersonates) and its -march for llama.cpp's CPU backend."""
+    cpu: str = ""
+    march: str = ""
+
+    @property
+    def llama_cpp_cmake_args(self) -> str:
+        """CMAKE_ARGS for building llama-cpp-python on (or for) the device; empty: the build's own choice."""
+        return f"-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH={self.march}" if self.march else ""
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     name: str
     description: str
@@ -73,6 +86,7 @@ class DeviceProfile:
     backends: Backends
     shapes: Shapes = field(default_factory=Shapes)
     quality: Quality = field(default_factory=Quality)
+    build: Build = field(default_factory=Build)
     path: str = ""
 
     def __post_init__(self) -> None:
@@ -93,7 +107,8 @@ class DeviceProfile:
             backends["order"] = tuple(backends["order"])
             backends["execution_providers"] = tuple(backends.get("execution_providers", ("CPUExecutionProvider",)))
             return cls(backends=Backends(**backends), shapes=Shapes(**raw.pop("shapes", {})),
-                       quality=Quality(**raw.pop("quality", {})), path=str(path), **raw)
+                       quality=Quality(**raw.pop("quality", {})), build=Build(**raw.pop("build", {})),
+                       path=str(path), **raw)
         except tomllib.TOMLDecodeError as e:
             raise ProfileError(f"{path}: not valid TOML ({e})") from e
         except (KeyError, TypeError) as e:
@@ -102,6 +117,7 @@ class DeviceProfile:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
+        d["build"]["llama_cpp_cmake_args"] = self.build.llama_cpp_cmake_args
         return d
 
 

@@ -25,6 +25,14 @@ def test_shipped_profiles():
     npu = profiles.get_profile("snapdragon-8-gen-3")
     assert npu.kind == "npu" and npu.shapes.static and npu.backends.onnx_quant == "qdq"
     assert npu.backends.execution_providers == ("QNNExecutionProvider",)
+    # every arm64 profile names its core and -march; llama.cpp's build flags follow from it
+    marches = {p.name: p.build.march for p in listed if p.arch == "arm64"}
+    assert marches == {"android-arm64": "armv8.2-a+dotprod+i8mm", "raspberry-pi-4": "armv8-a",
+                       "snapdragon-8-gen-3": "armv8.2-a+dotprod+i8mm",
+                       "raspberry-pi-5": "armv8.2-a+dotprod"}
+    pi5 = profiles.get_profile("raspberry-pi-5")
+    assert pi5.build.cpu == "cortex-a76"
+    assert pi5.to_dict()["build"]["llama_cpp_cmake_args"] == "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"
 
 
 def test_profile_errors(tmp_path):

@@ -1,0 +1,92 @@
+"""Bundles exported here, run on arm64 under qemu-aarch64 (a Pi 5's Cortex-A76, and a Pi 4's A72 for the
+armv8-a llama.cpp build), against the same bundles on x86: both engines' logits with and without
+adapters, a swap, a mix, trainer steps, greedy tokens and `edgelora run`.
+
+The emulator is set up by scripts/arm64.sh (cached after the first time); where it cannot be set up
+(no Debian packages reachable, no cross compiler), these tests skip with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests import arm64_util as au
+
+pytestmark = pytest.mark.arm64
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    try:
+        emu = au.Emulator.setup()
+    except au.Unavailable as e:
+        pytest.skip(f"arm64 emulator unavailable: {e}")
+    emu.install_edgelora(tmp_path_factory.mktemp("arm64-site"))
+    return emu
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return au.tiny_bundles(tmp_path_factory.mktemp("arm64-tiny"))
+
+
+def _assert_agrees(rows, problems):
+    report = au.table(au.HEADER, [r.cells() for r in rows])
+    assert rows and all(r.ok for r in rows) and not problems, f"arm64 differs from x86:\n{report}\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("kind", list(au.TINY_PLANS))
+def test_tiny_bundle_on_arm64_equals_x86(kind, emulator, tiny, tmp_path):
+    rows, problems, x86, arm = au.check(tiny[kind], tmp_path, emulator)
+    assert arm["machine"] == "aarch64" and x86["machine"] == "x86_64"
+    _assert_agrees(rows, problems)
+    cases = {r.case for r in rows}
+    assert {"base", "adapter", "swapped", "mix", "cleared"} <= cases
+
+
+@pytest.mark.parametrize("profile", ["raspberry-pi-4", "android-arm64"])
+def test_other_arm64_builds_of_llama_cpp(profile, emulator, tiny, tmp_path):
+    """The Pi 4's plain armv8-a library (no dot product) on a Cortex-A72, the phones' +i8mm one on
+    a Cortex-A710: the march each profile's [build] names."""
+    rows, problems, _, arm = au.check(tiny["q4"], tmp_path, emulator, profile=profile, train=False)
+    assert arm["machine"] == "aarch64"
+    _assert_agrees(rows, problems)
+
+
+def test_cli_run_with_an_adapter_answers_the_same_on_arm64(emulator, tiny, run_cli):
+    args = ["run", str(tiny["f32"]), "The quick brown fox", "--raw", "--adapter", "a", "--max-tokens", "8"]
+    x86 = run_cli(*args)
+    arm = emulator.run("-m", "edgelora", *args)
+    assert x86.returncode == 0 and arm.returncode == 0, arm.stderr[-2000:]
+    assert arm.stdout == x86.stdout and x86.stdout.strip()
+
+
+def test_compare_flags_a_difference():
+    """The comparison is not a no-op: a perturbed logit, an engine error and a drifted adapter all show."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 50)).astype(np.float32)
+    good = {"gguf-f32/base": logits, "onnx-int4/base": logits, "train/layers.0.q.A": logits,
+            "meta": {"machine": "x86_64"}}
+    bad = {**good, "gguf-f32/base": logits + 1e-2, "train/layers.0.q.A": logits * 1.01,
+           "meta": {"machine": "aarch64", "error/onnx-int4": "EngineError: no kernel"}}
+    bad.pop("onnx-int4/base")
+    rows, problems = au.compare(good, bad)
+    assert [r.ok for r in rows] == [False]
+    assert any("onnx-int4 failed on arm64" in p for p in problems)
+    assert any("missing" in p for p in problems) and any("trained weights differ" in p for p in problems)
+    rows, problems = au.compare(good, {**good, "meta": {}})
+    assert all(r.ok for r in rows) and not problems
+
+
+@pytest.mark.slow
+def test_default_model_pi5_bundle_on_arm64(emulator, default_model_dir, tmp_path):
+    import edgelora
+
+    bundle = au.export_with_adapters(edgelora.DEFAULT_MODEL, tmp_path / "bundle", None, None, eval_tokens=512)
+    rows, problems, x86, arm = au.check(bundle, tmp_path, emulator, train=False)
+    print(au.table(au.HEADER, [r.cells() for r in rows]))
+    print(json.dumps(arm, indent=1))
+    _assert_agrees(rows, problems)
+    assert {r.artifact for r in rows} == {"gguf-q8_0", "onnx-int4"}
