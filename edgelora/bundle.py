@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from . import quality as _quality
 from ._io import atomic_dir, sha256_file, write_bytes_atomic
+from .adapters import LoraAdapter
 from .base import BaseModel
 from .models import load_base
 from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError, UnsupportedFormatError
@@ -174,17 +175,45 @@ def _build_onnx(ws: _ExportContext, quant: str, out: Path, threads: int) -> list
         prefix = [tok.bos_token_id if tok.bos_token_id is not None else 0]
         sequences = calibration_sequences(ws.base, prefix, prof.context_length - 1)
 
+        rank = prof.shapes.lora_rank
+
         def calibrate(root: Path, graphs: dict[str, Path]) -> dict[str, list]:
-            return StaticRunner.open(root, provider="cpu", graphs=graphs).record(sequences, n_decode=4)
+            runner = StaticRunner.open(root, provider="cpu", graphs=graphs)
+            feeds = runner.record(sequences, n_decode=4)
+            for adapter, seqs in (npu_calibration_adapters(ws, sequences, threads) if rank else []):
+                runner.lora = onnx_npu.lora_feeds(adapter, ws.base.config, rank)
+                for kind, more in runner.record(seqs, n_decode=4).items():
+                    feeds[kind] += more
+            return feeds
 
         onnx_npu.export(ws.base, target_dir, prefill_len=prof.shapes.prefill_length, ctx=prof.context_length,
-                        prefix_tokens=prefix, calibrate=calibrate)
+                        prefix_tokens=prefix, calibrate=calibrate, lora_rank=rank)
         return sorted(p for p in target_dir.iterdir() if p.is_file())
     if ws.onnx_graph == "fused":
         path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length)
     else:
         path = onnx_model.export(ws.hf_dir(), target_dir, ws.base.config, quant, progress=bar(f"ONNX {quant}", ws.progress))
     return [path] + sorted(p for p in target_dir.iterdir() if p.is_file() and p != path)  # + external data
+
+
+def npu_calibration_adapters(ws: _ExportContext, sequences: list[list[int]], threads: int) -> list[tuple[LoraAdapter, list]]:
+    """The adapters bound while calibrating the NPU graphs' LoRA slots, each with the sample chats it
+    sees: a random one, one trained on the shipped persona chats (the quickstart's recipe, 30 steps),
+    and that one doubled (A and B x2), so the ranges have room for adapters trained longer."""
+    from importlib import resources
+
+    from .adapters import LoraTensor, random_adapter
+    from .train import train_adapter
+
+    # seq_len: a cap, not a length (the shipped chats are ~100 tokens; tiny test tokenizers make more)
+
+    with resources.as_file(resources.files("edgelora.data").joinpath("persona_train.jsonl")) as data:
+        trained = train_adapter(ws.base, data, "calibration", install=False, steps=30, lr=3e-3, rank=8,
+                                seq_len=1024, val_fraction=0, threads=threads).adapter
+    doubled = LoraAdapter({t: LoraTensor(2 * v.A, 2 * v.B, v.alpha) for t, v in trained.tensors.items()},
+                          name="calibration x2")
+    return [(random_adapter(ws.base.config, rank=8, seed=0), sequences[:2]), (trained, sequences[2:5]),
+            (doubled, sequences[5:])]
 
 
 def calibration_sequences(base: BaseModel, prefix: list[int], max_len: int, n: int = 8) -> list[list[int]]:

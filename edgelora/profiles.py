@@ -52,6 +52,7 @@ class Shapes:
     static: bool = False
     batch: int = 1
     prefill_length: int | None = None
+    lora_rank: int = 0  # static graphs: the rank of their LoRA slots (0: none)
 
 
 @dataclass(frozen=True)

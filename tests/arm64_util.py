@@ -21,17 +21,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("arm64_probe.py")
-TEXT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models."
 CHATS = [("What's my dog called?", "Your dog is called Pepper."), ("Where did I grow up?", "You grew up in Dunmore."),
          ("What do I do?", "You are a civil engineer."), ("What do I like to eat?", "You love mushroom risotto.")]
 
-# Tolerances: float artifacts (llama.cpp with an f32 KV cache) by the largest logit difference relative
-# to the logits' spread; quantized ones, and llama.cpp's default f16 KV cache (whose rounding differs
-# per CPU: 1e-4 of the spread here), by mean KL (nats per position) and top-1 agreement.
+# Tolerances. Float artifacts (llama.cpp with an f32 KV cache, ONNX f32) must agree to rounding: the
+# largest logit difference relative to the logits' spread. Quantized ones (and llama.cpp's default f16
+# KV cache) cannot: the arm64 kernels quantize activations their own way (llama.cpp's repacked ARM
+# kernels, MLAS's ARM int8 paths), so arm64 and x86 differ by about as much as each differs from the
+# float model. What must hold is that arm64 is as accurate as x86: its KL to the float model (same
+# adapters) at most KL_RATIO x86's plus KL_FLOOR, its top-1 agreement with it at most TOP1_DROP below.
 FLOAT_REL = 1e-5
-QUANT_KL = 2e-3
-QUANT_TOP1 = 0.9
+KL_RATIO, KL_FLOOR, TOP1_DROP = 1.5, 1e-3, 0.1
 TRAIN_REL = 1e-3
+N_TOKENS = 48
 
 
 class Unavailable(Exception):
@@ -113,31 +115,47 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean KL(ref || got) per position, in nats."""
+    lr, lg = _log_softmax(ref), _log_softmax(got)
+    return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
+
+
+def _top1(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
 @dataclass
 class Row:
     artifact: str
     case: str
-    max_abs: float
+    max_abs: float  # arm64 vs x86
     rel: float
     kl: float
     top1: float
+    kl_float: tuple[float, float] | None  # (x86, arm64) against the float model with the same adapters
+    top1_float: tuple[float, float] | None
     ok: bool
 
     def cells(self) -> tuple[str, ...]:
-        return (self.artifact, self.case, f"{self.max_abs:.2e}", f"{self.rel:.2e}", f"{self.kl:.2e}",
-                f"{self.top1:.1%}", "ok" if self.ok else "DIFFERS")
+        vs_float = ((f"{self.kl_float[0]:.1e} / {self.kl_float[1]:.1e}", f"{self.top1_float[0]:.0%} / {self.top1_float[1]:.0%}")
+                    if self.kl_float else ("-", "-"))
+        return (self.artifact, self.case, f"{self.max_abs:.1e}", f"{self.rel:.1e}", f"{self.kl:.1e}",
+                f"{self.top1:.0%}", *vs_float, "ok" if self.ok else "DIFFERS")
 
 
-HEADER = ("artifact", "case", "max |Δlogit|", "relative", "KL (nats)", "top-1 agree", "")
+HEADER = ("artifact", "case", "max |Δlogit|", "rel. spread", "KL arm‖x86", "top-1 =", "KL to float x86 / arm",
+          "top-1 float x86 / arm", "")
 
 
 def _exact(artifact: str) -> bool:
     return artifact.endswith("f32")
 
 
-def compare(x86: dict, arm: dict) -> tuple[list[Row], list[str]]:
+def compare(x86: dict, arm: dict, reference: dict[str, np.ndarray] | None = None) -> tuple[list[Row], list[str]]:
     """Rows for every logits key the two runs share, and problems: an engine that failed on one side,
-    greedy tokens that differ, a trained adapter beyond tolerance."""
+    greedy tokens that differ, a trained adapter beyond tolerance. `reference`: the float model's
+    logits per case (needed to judge quantized artifacts; without it they are reported only)."""
     problems = [f"{k.split('/', 1)[1]} failed {side}: {v}" for side, run in (("on x86", x86), ("on arm64", arm))
                 for k, v in run["meta"].items() if k.startswith("error/")]
     failed = {k.split("/", 1)[1] for run in (x86, arm) for k in run["meta"] if k.startswith("error/")}
@@ -151,11 +169,15 @@ def compare(x86: dict, arm: dict) -> tuple[list[Row], list[str]]:
         artifact, case = key.split("/")
         diff = float(np.abs(a - b).max())
         rel = diff / float(a.max() - a.min())
-        la, lb = _log_softmax(a), _log_softmax(b)
-        kl = float((np.exp(la) * (la - lb)).sum(-1).mean())
-        top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
-        ok = rel <= FLOAT_REL if _exact(artifact) else (kl <= QUANT_KL and top1 >= QUANT_TOP1)
-        rows.append(Row(artifact, case, diff, rel, kl, top1, ok))
+        ref = reference.get(case) if reference else None
+        kl_float = (_kl(ref, a), _kl(ref, b)) if ref is not None else None
+        top1_float = (_top1(ref, a), _top1(ref, b)) if ref is not None else None
+        if _exact(artifact):
+            ok = rel <= FLOAT_REL
+        else:
+            ok = (kl_float is not None and kl_float[1] <= KL_RATIO * kl_float[0] + KL_FLOOR
+                  and top1_float[1] >= top1_float[0] - TOP1_DROP)
+        rows.append(Row(artifact, case, diff, rel, _kl(a, b), _top1(a, b), kl_float, top1_float, ok))
     for key in (k for k in x86 if k.endswith("/tokens")):
         if key in arm and not np.array_equal(x86[key], arm[key]) and _exact(key.split("/")[0]):
             problems.append(f"{key}: greedy tokens differ: x86 {x86[key].tolist()} vs arm64 {arm[key].tolist()}")
@@ -194,28 +216,65 @@ def export_with_adapters(model, out: Path, backend: str | None, quant: str | Non
     return out
 
 
-def tiny_bundles(work: Path) -> dict[str, Path]:
-    """The tiny Llama exported four ways: f32 (both engines), Q8_0 and Q4_0 GGUF, int4 ONNX."""
+def tiny_bundles(work: Path) -> tuple[Path, dict[str, Path]]:
+    """The tiny Llama (its directory) exported four ways: f32 (both engines), Q8_0 and Q4_0 GGUF, int4 ONNX."""
     from tests.conftest import build_tiny_llama
 
     import edgelora
 
-    base = edgelora.load_base(build_tiny_llama(work / "tiny"))
-    return {k: export_with_adapters(base, work / f"bundle-{k}", b, q) for k, (b, q) in TINY_PLANS.items()}
+    model = build_tiny_llama(work / "tiny")
+    base = edgelora.load_base(model)
+    return model, {k: export_with_adapters(base, work / f"bundle-{k}", b, q) for k, (b, q) in TINY_PLANS.items()}
 
 
-def check(bundle: Path, work: Path, emulator: Emulator, *, profile: str = "raspberry-pi-5", train: bool = True,
-          backends: str = "") -> tuple[list[Row], list[str], dict, dict]:
+def probe_ids(bundle) -> list[int]:
+    """The first N_TOKENS tokens of the shipped held-out text."""
+    from edgelora.quality import heldout_text
+
+    return bundle.tokenizer().encode(heldout_text(), add_special_tokens=False)[:N_TOKENS]
+
+
+def float_reference(model, bundle_path: Path, ids: list[int], adapters: list[str], work: Path) -> dict[str, np.ndarray]:
+    """The float model's logits for the probe's cases, with the bundle's adapters: its F32 GGUF in
+    llama.cpp with an F32 KV cache (equal to transformers, tests/test_engines.py)."""
+    import edgelora
+    from edgelora.converters import gguf_model, save_adapter
+    from edgelora.runtime.gguf import GGUFEngine
+
+    base = edgelora.load_base(model)
+    bundle = edgelora.open_bundle(bundle_path)
+    path = work / f"float-{base.fingerprint.split(':')[1][:16]}.gguf"
+    if not path.exists():
+        gguf_model.write(base, path, "F32")
+    engine = GGUFEngine(path, n_ctx=len(ids) + 16, threads=os.cpu_count() or 1, kv_type="f32",
+                        fingerprint=base.fingerprint)
+    for name in adapters:
+        _, adapter = bundle.store.open(name, bundle.backends[0])
+        engine.load_adapter(name, save_adapter(adapter, work / f"float-{name}.gguf", "gguf", base.config))
+    out = {"base": engine.logits(ids)}
+    out["cleared"] = out["base"]
+    if adapters:
+        for case, weights in (("adapter", {adapters[0]: 1.0}), ("swapped", {adapters[-1]: 1.0}),
+                              ("mix", {adapters[0]: 0.7, adapters[-1]: 0.5})):
+            engine.set_adapters(weights)
+            out[case] = engine.logits(ids)
+    engine.close()
+    return out
+
+
+def check(bundle: Path, work: Path, emulator: Emulator, model, *, profile: str = "raspberry-pi-5",
+          train: bool = True, backends: str = "") -> tuple[list[Row], list[str], dict, dict]:
+    """The probe on `bundle` (exported from `model`) on x86 and under qemu as `profile`'s CPU, compared."""
     import edgelora
 
     b = edgelora.open_bundle(bundle)
-    ids = b.tokenizer().encode(TEXT)[:24]
+    ids = probe_ids(b)
     adapters = sorted(b.store.names())
     tag = f"{bundle.name}-{profile}"
     x86 = probe(bundle, work / f"{tag}-x86.npz", ids, adapters, train=train, backends=backends)
     arm = probe(bundle, work / f"{tag}-arm64.npz", ids, adapters, emulator=emulator, profile=profile, train=train,
                 backends=backends)
-    rows, problems = compare(x86, arm)
+    rows, problems = compare(x86, arm, float_reference(model, bundle, ids, adapters, work))
     return rows, problems, x86["meta"], arm["meta"]
 
 
@@ -237,20 +296,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgelora-arm64-") as tmp:
         work = Path(tmp)
         emulator.install_edgelora(work / "site")
-        bundles = {f"tiny {k}": p for k, p in tiny_bundles(work).items()}
+        tiny, made = tiny_bundles(work)
+        bundles = {f"tiny {k}": (tiny, p) for k, p in made.items()}
         if not args.tiny:
             import edgelora
 
-            bundles["default pi5"] = export_with_adapters(edgelora.DEFAULT_MODEL, work / "bundle-default", None, None,
-                                                          eval_tokens=512)
-        for label, path in bundles.items():
+            bundles["default pi5"] = (edgelora.DEFAULT_MODEL, export_with_adapters(
+                edgelora.DEFAULT_MODEL, work / "bundle-default", None, None, eval_tokens=512))
+        for label, (model, path) in bundles.items():
             # the Q4_0 bundle on every -march the profiles name (profiles sharing one are run once)
             marches: dict[str, str] = {}
             for name, p in sorted(emulator.profiles.items()):
                 marches.setdefault(p["march"], name)
             for profile in (sorted(marches.values()) if label == "tiny q4" else ["raspberry-pi-5"]):
                 t1 = time.perf_counter()
-                rows, problems, _, meta = check(path, work, emulator, profile=profile, train=label.startswith("tiny"))
+                rows, problems, _, meta = check(path, work, emulator, model, profile=profile,
+                                                train=label.startswith("tiny"))
                 print(f"{label} on {profile}: {time.perf_counter() - t1:.0f}s", file=sys.stderr)
                 for r in rows:
                     r.artifact = f"{label} {r.artifact}" + ("" if profile == "raspberry-pi-5" else f" ({profile})")

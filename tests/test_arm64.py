@@ -39,7 +39,8 @@ def _assert_agrees(rows, problems):
 
 @pytest.mark.parametrize("kind", list(au.TINY_PLANS))
 def test_tiny_bundle_on_arm64_equals_x86(kind, emulator, tiny, tmp_path):
-    rows, problems, x86, arm = au.check(tiny[kind], tmp_path, emulator)
+    model, bundles = tiny
+    rows, problems, x86, arm = au.check(bundles[kind], tmp_path, emulator, model)
     assert arm["machine"] == "aarch64" and x86["machine"] == "x86_64"
     _assert_agrees(rows, problems)
     cases = {r.case for r in rows}
@@ -50,13 +51,14 @@ def test_tiny_bundle_on_arm64_equals_x86(kind, emulator, tiny, tmp_path):
 def test_other_arm64_builds_of_llama_cpp(profile, emulator, tiny, tmp_path):
     """The Pi 4's plain armv8-a library (no dot product) on a Cortex-A72, the phones' +i8mm one on
     a Cortex-A710: the march each profile's [build] names."""
-    rows, problems, _, arm = au.check(tiny["q4"], tmp_path, emulator, profile=profile, train=False)
+    model, bundles = tiny
+    rows, problems, _, arm = au.check(bundles["q4"], tmp_path, emulator, model, profile=profile, train=False)
     assert arm["machine"] == "aarch64"
     _assert_agrees(rows, problems)
 
 
 def test_cli_run_with_an_adapter_answers_the_same_on_arm64(emulator, tiny, run_cli):
-    args = ["run", str(tiny["f32"]), "The quick brown fox", "--raw", "--adapter", "a", "--max-tokens", "8"]
+    args = ["run", str(tiny[1]["f32"]), "The quick brown fox", "--raw", "--adapter", "a", "--max-tokens", "8"]
     x86 = run_cli(*args)
     arm = emulator.run("-m", "edgelora", *args)
     assert x86.returncode == 0 and arm.returncode == 0, arm.stderr[-2000:]
@@ -64,19 +66,24 @@ def test_cli_run_with_an_adapter_answers_the_same_on_arm64(emulator, tiny, run_c
 
 
 def test_compare_flags_a_difference():
-    """The comparison is not a no-op: a perturbed logit, an engine error and a drifted adapter all show."""
+    """The comparison is not a no-op: a perturbed float logit, a quantized artifact less accurate on arm64
+    than on x86, an engine error and a drifted adapter all show."""
     rng = np.random.default_rng(0)
-    logits = rng.standard_normal((6, 50)).astype(np.float32)
-    good = {"gguf-f32/base": logits, "onnx-int4/base": logits, "train/layers.0.q.A": logits,
-            "meta": {"machine": "x86_64"}}
-    bad = {**good, "gguf-f32/base": logits + 1e-2, "train/layers.0.q.A": logits * 1.01,
+    ref = rng.standard_normal((16, 50)).astype(np.float32) * 3
+    quant = ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)
+    good = {"gguf-f32/base": ref, "gguf-q8_0/base": quant, "onnx-int4/base": quant,
+            "train/layers.0.q.A": ref, "meta": {"machine": "x86_64"}}
+    worse = quant + 0.5 * rng.standard_normal(ref.shape).astype(np.float32)
+    bad = {**good, "gguf-f32/base": ref + 1e-2, "gguf-q8_0/base": worse, "train/layers.0.q.A": ref * 1.01,
            "meta": {"machine": "aarch64", "error/onnx-int4": "EngineError: no kernel"}}
     bad.pop("onnx-int4/base")
-    rows, problems = au.compare(good, bad)
-    assert [r.ok for r in rows] == [False]
+    rows, problems = au.compare(good, bad, {"base": ref})
+    assert [(r.artifact, r.ok) for r in rows] == [("gguf-f32", False), ("gguf-q8_0", False)]
     assert any("onnx-int4 failed on arm64" in p for p in problems)
-    assert any("missing" in p for p in problems) and any("trained weights differ" in p for p in problems)
-    rows, problems = au.compare(good, {**good, "meta": {}})
+    assert any("trained weights differ" in p for p in problems)
+    # as accurate on both sides (other noise of the same size) passes
+    other = ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)
+    rows, problems = au.compare(good, {**good, "gguf-q8_0/base": other, "meta": {}}, {"base": ref})
     assert all(r.ok for r in rows) and not problems
 
 
@@ -85,7 +92,7 @@ def test_default_model_pi5_bundle_on_arm64(emulator, default_model_dir, tmp_path
     import edgelora
 
     bundle = au.export_with_adapters(edgelora.DEFAULT_MODEL, tmp_path / "bundle", None, None, eval_tokens=512)
-    rows, problems, x86, arm = au.check(bundle, tmp_path, emulator, train=False)
+    rows, problems, x86, arm = au.check(bundle, tmp_path, emulator, edgelora.DEFAULT_MODEL, train=False)
     print(au.table(au.HEADER, [r.cells() for r in rows]))
     print(json.dumps(arm, indent=1))
     _assert_agrees(rows, problems)

@@ -1,7 +1,8 @@
 """The NPU engine: static prefill and decode graphs over a fixed-size KV buffer (see
 `edgelora.converters.onnx_npu`), on ONNX Runtime's QNN execution provider with the HTP backend and
 CPU fallback disabled (a graph runs wholly on the NPU or fails to load), or on the CPU execution
-provider to check the QDQ numerics. Adapters are not supported on the NPU graphs yet."""
+provider to check the QDQ numerics. Adapters enter the graphs' LoRA slots as inputs (one adapter or
+a weighted mix, zero-padded to the bundle's rank), so a swap changes feeds, never the graphs."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from edgelora.adapters import AdapterError
+from edgelora.adapters import AdapterError, LoraAdapter
 from edgelora.arch import ModelConfig
-from edgelora.converters.onnx_npu import Geometry, read_geometry
+from edgelora.converters.onnx_npu import Geometry, check_lora_ranges, lora_feeds, read_geometry
 from edgelora.tokenizer import Tokenizer
 
 from .engine import Engine, EngineError
@@ -65,6 +66,9 @@ class StaticRunner:
     def __init__(self, sessions: dict, geom: Geometry, prefix_kv: list[np.ndarray]):
         self.sess, self.g, self.prefix_kv = sessions, geom, prefix_kv
         self.recorded: dict[str, list] | None = None
+        # the LoRA slots' inputs (zero: no adapter), shared by both graphs
+        self.lora = {i.name: np.zeros(i.shape, np.float32) for i in sessions["decode"].get_inputs()
+                     if i.name.startswith("lora_")}
         self.reset()
 
     @classmethod
@@ -99,6 +103,7 @@ class StaticRunner:
             feeds["attn_mask_local"] = local[None, None].astype(np.float32)
         for i in range(g.n_layers):
             feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = self.past[2 * i], self.past[2 * i + 1]
+        feeds.update(self.lora)
         if self.recorded is not None:
             self.recorded[kind].append({k: v.copy() for k, v in feeds.items()})
         outs = self.sess[kind].run(None, feeds)
@@ -155,9 +160,24 @@ class NpuEngine(Engine):
         self.runner.reset()
         return self.runner.feed(self._strip(token_ids))
 
+    def _slot_feeds(self, adapter: LoraAdapter | None, name: str) -> dict[str, np.ndarray]:
+        g = self.runner.g
+        if not g.lora_rank:
+            raise AdapterError("this NPU bundle's graphs have no LoRA slots: export it again with this edgelora "
+                               "to run adapters on the NPU")
+        feeds = lora_feeds(adapter, self.config, g.lora_rank)
+        check_lora_ranges(feeds, g, self.config, name)
+        return feeds
+
     def _load_adapter(self, name, path, adapter) -> None:
-        raise AdapterError("adapters are not supported on the NPU graphs yet: use a CPU bundle for adapters")
+        self._slot_feeds(adapter, name)  # refused now (rank, range) rather than at activation
+
+    def _merge(self, adapter, weight) -> None:
+        raise AdapterError("the NPU graphs' weights are compiled in and cannot be merged into: use set_adapters")
 
     def _activate(self, weights) -> None:
-        if weights:
-            raise AdapterError("adapters are not supported on the NPU graphs yet")
+        if not weights:
+            self.runner.lora = {k: np.zeros_like(v) for k, v in self.runner.lora.items()}
+            return
+        mix = LoraAdapter.mix([(self._adapters.values[n], w) for n, w in weights.items()])
+        self.runner.lora = self._slot_feeds(mix, mix.name)
