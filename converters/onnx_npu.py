@@ -17,12 +17,14 @@ sample text. The first position of a Llama sequence carries "massive activations
 every per-tensor 16-bit scale; position 0 therefore always holds one fixed token (BOS) whose K/V
 are computed once in float32 at export and stored beside the graphs (``prefix_kv.npz``).
 
-LoRA slots: each projection adds ``(x @ a) @ b`` with a = A^T and b = (scale * B)^T fed as inputs
-(zero-padded to the bundle's rank R; a mix is its adapters' ranks side by side), so adapters swap
-without touching the graphs. Their 16-bit ranges are fixed at export: the calibration runs with a
-random and a trained adapter bound (and the trained one doubled), and each slot kind's input range is
-LORA_HEADROOM times the largest value seen; npu.json records them and the engine refuses an adapter
-beyond them, naming the module.
+LoRA slots: each projection adds ``((x @ a) @ b) * g``, fed as inputs: a = A^T / |A^T|max and
+b = (scale B)^T / |scale B|max, so both fill their fixed 16-bit range [-1, 1] (the HTP computes a
+MatMul's dynamic operands to about 8 bits of their range: a small adapter in a wide range would lose
+its digits), and the gain g = |A|max * |scale B|max restores the size; zero-padded to the bundle's
+rank R, a mix being its adapters' ranks side by side. Adapters swap without touching the graphs. The
+gains' ranges, and those of the slots' intermediate tensors, come from calibration with a random and
+a trained adapter bound (and the trained one doubled); a gain's range is LORA_HEADROOM times the
+largest seen. npu.json records them and the engine refuses an adapter beyond them, naming the module.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from . import keys
 # step of (scores + mask) too coarse.
 MASK_VALUE = -100.0
 GEOMETRY, PREFIX_KV = keys.NPU_GEOMETRY, keys.NPU_PREFIX_KV
-LORA_HEADROOM = 4.0  # a slot's input range over the largest calibration value
+LORA_HEADROOM = 2.0  # a gain's range over the largest calibration value
 
 
 class NpuExportError(EdgeloraError):
@@ -63,7 +65,7 @@ class Geometry:
     mask_value: float
     window: int | None = None  # sliding-window layers get a second mask hiding keys `window` or more back
     lora_rank: int = 0  # R: the LoRA slots' rank (0: no slots)
-    lora_ranges: dict[str, float] | None = None  # slot kind ("a.q", "b.down", ...) -> largest |value| its inputs take
+    lora_ranges: dict[str, float] | None = None  # slot kind ("a.q", "b.down", "g.up", ...) -> largest |value| its inputs take
 
     def lora_inputs(self, config) -> dict[str, tuple[str, tuple[int, int]]]:
         """Input name -> (slot kind, shape) for every LoRA input of the graphs."""
@@ -78,8 +80,8 @@ def read_geometry(root: Path) -> tuple[Geometry, list[np.ndarray]]:
 
 
 def lora_inputs(config, rank: int) -> dict[str, tuple[str, tuple[int, int]]]:
-    """The LoRA inputs of graphs with slots of `rank`: name -> (slot kind, shape), A^T then (scale B)^T
-    for each projection of each layer, in input order."""
+    """The LoRA inputs of graphs with slots of `rank`: name -> (slot kind, shape), the normalized A^T and
+    (scale B)^T and their gain for each projection of each layer, in input order."""
     from edgelora.adapters import LORA_TARGETS
 
     shapes = config.shapes()
@@ -89,12 +91,14 @@ def lora_inputs(config, rank: int) -> dict[str, tuple[str, tuple[int, int]]]:
             n_out, n_in = shapes[f"layers.{i}.{m}"]
             out[f"lora_a_{i}_{m}"] = (f"a.{m}", (n_in, rank))
             out[f"lora_b_{i}_{m}"] = (f"b.{m}", (rank, n_out))
+            out[f"lora_g_{i}_{m}"] = (f"g.{m}", (1,))
     return out
 
 
 def lora_feeds(adapter, config, rank: int) -> dict[str, np.ndarray]:
     """The slot inputs for `adapter` (a LoraAdapter; a mix is one too, `LoraAdapter.mix`): A^T and
-    (scale B)^T per projection, zero-padded to `rank`; zeros where it has no module (None: all zero)."""
+    (scale B)^T per projection, each scaled to a largest |value| of 1, and their gain; zero-padded to
+    `rank`; zeros where it has no module (None: all zero)."""
     from edgelora.adapters import AdapterError
 
     feeds = {name: np.zeros(shape, np.float32) for name, (_, shape) in lora_inputs(config, rank).items()}
@@ -109,8 +113,12 @@ def lora_feeds(adapter, config, rank: int) -> dict[str, np.ndarray]:
     for target in adapter.targets:
         t = adapter.tensors[target]
         i, m = target.split(".")[1:]
-        feeds[f"lora_a_{i}_{m}"][:, :t.rank] = t.A.T
-        feeds[f"lora_b_{i}_{m}"][:t.rank] = (adapter.scale(target) * t.B).T
+        a, b = t.A.T, (adapter.scale(target) * t.B).T
+        na, nb = float(np.abs(a).max()), float(np.abs(b).max())
+        if na and nb:
+            feeds[f"lora_a_{i}_{m}"][:, :t.rank] = a / na
+            feeds[f"lora_b_{i}_{m}"][:t.rank] = b / nb
+            feeds[f"lora_g_{i}_{m}"][0] = na * nb
     return feeds
 
 
@@ -123,8 +131,8 @@ def check_lora_ranges(feeds: dict[str, np.ndarray], geom: Geometry, config, name
     for input_name, (kind, _) in lora_inputs(config, geom.lora_rank).items():
         peak, limit = float(np.abs(feeds[input_name]).max()), geom.lora_ranges[kind]
         if peak > limit:
-            _, which, i, m = input_name.split("_")
-            problems.append(f"layers.{i}.{m} {'A' if which == 'a' else 'scale*B'} reaches {peak:.3g} (range {limit:.3g})")
+            _, _, i, m = input_name.split("_")
+            problems.append(f"layers.{i}.{m}'s gain |A|max*|scale*B|max is {peak:.3g} (range {limit:.3g})")
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise AdapterError(f"adapter {name} is outside the NPU graphs' calibrated LoRA ranges and would saturate: "
@@ -191,9 +199,10 @@ def static_decoder(base, max_positions: int, lora_rank: int = 0):
         def linear(self, x, name, bias=None, slots=None):
             y = torch.matmul(x, self.w(name).t())
             y = y + self.w(bias) if bias else y
-            if slots is not None:  # LoRA: (x a) b, with a and b graph inputs
+            if slots is not None:  # LoRA: ((x a) b) g, with a, b and g graph inputs
                 i, m = name.split(".")[1:]
-                y = y + torch.matmul(torch.matmul(x, slots[f"lora_a_{i}_{m}"]), slots[f"lora_b_{i}_{m}"])
+                xab = torch.matmul(torch.matmul(x, slots[f"lora_a_{i}_{m}"]), slots[f"lora_b_{i}_{m}"])
+                y = y + xab * slots[f"lora_g_{i}_{m}"]
             return y
 
         @staticmethod
@@ -350,14 +359,18 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], ranges: dic
 
 
 def lora_ranges(feeds: dict[str, list[dict]], config, rank: int) -> dict[str, float]:
-    """Each slot kind's range: LORA_HEADROOM times the largest |value| its inputs took in calibration."""
+    """Each slot kind's range: 1 for the normalized A and B; LORA_HEADROOM times the largest gain seen
+    in calibration for the gains."""
     peaks: dict[str, float] = {}
     for name, (kind, _) in lora_inputs(config, rank).items():
-        peak = max(float(np.abs(f[name]).max()) for fs in feeds.values() for f in fs)
-        peaks[kind] = max(peaks.get(kind, 0.0), peak)
+        if kind.startswith("g."):
+            peak = max(float(np.abs(f[name]).max()) for fs in feeds.values() for f in fs)
+            peaks[kind] = max(peaks.get(kind, 0.0), LORA_HEADROOM * peak)
+        else:
+            peaks[kind] = 1.0
     if not all(peaks.values()):
         raise NpuExportError("the NPU calibration bound no adapter, so the LoRA slots have no ranges")
-    return {k: LORA_HEADROOM * v for k, v in peaks.items()}
+    return peaks
 
 
 def export(base, out_dir: str | os.PathLike, *, prefill_len: int, ctx: int, prefix_tokens: list[int],

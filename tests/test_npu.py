@@ -1,13 +1,17 @@
 """The mobile-NPU bundle: static QDQ graphs that run wholly on the QNN HTP backend (simulated on this
 CPU by onnxruntime-qnn) with CPU fallback disabled."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import edgelora
 from edgelora.runtime.engine import EngineError
 from edgelora.runtime.npu import qnn_htp_session
-from tests.peft_util import base_logits
+from tests.peft_util import base_logits, peft_logits
+
+DATA = Path(edgelora.__file__).parent / "data"
 
 pytest.importorskip("onnxruntime_qnn")
 
@@ -48,12 +52,76 @@ def test_graph_with_ops_the_npu_lacks_fails_to_load(tiny_llama, tmp_path):
         qnn_htp_session(path)
 
 
-def test_npu_refuses_adapters(npu_bundle):
-    from edgelora.adapters import AdapterError, random_adapter
+@pytest.fixture(scope="module")
+def npu_adapters(npu_bundle, tiny_llama, tmp_path_factory):
+    """Two adapters in the NPU bundle's store, and the same as PEFT dirs for the float reference: one
+    trained on the shipped pirate chats (not the persona chats the export calibrated with), one random."""
+    from edgelora.adapters import random_adapter
+    from edgelora.converters import save_adapter
+    from edgelora.train import train_adapter
+
+    tmp = tmp_path_factory.mktemp("npu-adapters")
+    trained = train_adapter(edgelora.load_base(tiny_llama), DATA / "pirate_train.jsonl", "pirate", install=False,
+                            steps=40, lr=3e-3, rank=8, seq_len=1024, val_fraction=0).adapter
+    adapters = {"pirate": trained, "noise": random_adapter(npu_bundle.config, rank=4, seed=5, scale=0.03,
+                                                            targets=("q", "v", "down"), name="noise")}
+    peft = {}
+    for name, a in adapters.items():
+        a.base_fingerprint = npu_bundle.fingerprint
+        npu_bundle.store.install(a, name, replace=True)
+        peft[name] = save_adapter(a, tmp / f"peft-{name}", "peft", npu_bundle.config)
+    return peft
+
+
+def _kl(ref, got):
+    lr = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
+    lg = got - np.log(np.exp(got - got.max(-1, keepdims=True)).sum(-1, keepdims=True)) - got.max(-1, keepdims=True)
+    return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
+
+
+def test_adapters_in_the_npu_graphs_match_float_plus_adapter(npu_bundle, npu_adapters, tiny_llama):
+    """The LoRA slots: one adapter, a swap and a weighted mix, on HTP and on the QDQ graph on CPU, against
+    transformers + PEFT; the empty slot is the base."""
+    tok = npu_bundle.tokenizer()
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What's the capital of France?"}]),
+                     add_special_tokens=False)
+    htp, cpu = npu_bundle.engine(), npu_bundle.engine(provider="cpu")
+    base_ref = base_logits(tiny_llama, ids)[1:]
+    for weights in ({"pirate": 1.0}, {"noise": 1.0}, {"pirate": 0.7, "noise": 0.5}, {}):
+        for e in (htp, cpu):
+            e.set_adapters(weights)
+        ref = peft_logits(tiny_llama, {n: npu_adapters[n] for n in weights}, ids, weights)[1:] if weights else base_ref
+        on_htp, on_cpu = htp.logits(ids), cpu.logits(ids)
+        spread = float(ref.max() - ref.min())
+        # the HTP computes what the QDQ graph says (to its fixed-point rounding)
+        assert np.abs(on_htp - on_cpu).max() < 0.05 * spread, weights
+        # the QDQ graph with the adapter is the float model with the adapter, to quantization error: far
+        # closer to it than to the base (the adapter's effect survives the 16-bit slots)
+        kl = _kl(ref, on_cpu)
+        assert (on_cpu.argmax(-1) == ref.argmax(-1)).mean() >= 0.9 and kl < 1e-3, (weights, kl)
+        if weights:
+            assert _kl(ref, base_ref) > 20 * kl, weights
+
+
+def test_npu_adapter_refusals(npu_bundle, npu_adapters):
+    from edgelora.adapters import AdapterError, LoraTensor, random_adapter
 
     engine = npu_bundle.engine(provider="cpu")
-    with pytest.raises(AdapterError, match="not supported on the NPU"):
-        engine.load_adapter("x", "/dev/null", random_adapter(npu_bundle.config, fingerprint=npu_bundle.fingerprint))
+    with pytest.raises(AdapterError, match=r"rank 32 at layers\.0\.q, over the NPU graphs' LoRA rank 16"):
+        engine.load_adapter("big", "/dev/null", random_adapter(npu_bundle.config, rank=32, fingerprint=npu_bundle.fingerprint))
+    loud = random_adapter(npu_bundle.config, rank=4, scale=0.03, fingerprint=npu_bundle.fingerprint, name="loud")
+    loud.tensors["layers.1.down"] = LoraTensor(loud.tensors["layers.1.down"].A, 100 * loud.tensors["layers.1.down"].B, 8.0)
+    with pytest.raises(AdapterError, match=r"adapter loud is outside .* layers\.1\.down's gain"):
+        engine.load_adapter("loud", "/dev/null", loud)
+    # a mix over the slots' rank: 8 + 4 fit 16, three times 8 do not
+    engine.set_adapters({"pirate": 1.0, "noise": 1.0})
+    npu_bundle.store.install(random_adapter(npu_bundle.config, rank=16, scale=0.01, fingerprint=npu_bundle.fingerprint,
+                                            name="wide"), "wide", replace=True)
+    with pytest.raises(AdapterError, match="over the NPU graphs' LoRA rank 16"):
+        engine.set_adapters({"pirate": 1.0, "wide": 1.0})
+    assert engine.active_adapters == {"pirate": 1.0, "noise": 1.0}  # a refused mix changes nothing
+    with pytest.raises(AdapterError, match="cannot be merged"):
+        engine.merge("pirate")
 
 
 @pytest.mark.slow
