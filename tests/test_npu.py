@@ -148,3 +148,16 @@ def test_default_model_on_htp(default_model_dir, tmp_path):
     print(f"HTP greedy {got} vs float {ref}: agreement {agree:.2f} in {seconds:.0f}s; "
           f"QDQ on CPU: perplexity {q['perplexity_change']:+.2%}, top-1 {q['top1_agreement']:.1%}")
     assert len(got) == 4 and got[0] == ref[0]
+
+
+def test_cli_runs_an_npu_bundle_with_an_adapter(npu_bundle, npu_adapters, run_cli):
+    """`edgelora run` on the NPU bundle answers with the adapter on the HTP, as the engine does."""
+    prompt = "What's the capital of France?"
+    engine = npu_bundle.engine()
+    engine.set_adapters({"pirate": 1.0})
+    want = engine.generate([{"role": "user", "content": prompt}], max_tokens=6).text
+    r = run_cli("run", str(npu_bundle.root), prompt, "--adapter", "pirate", "--max-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want.strip()
+    base = run_cli("run", str(npu_bundle.root), prompt, "--max-tokens", "6")
+    assert base.returncode == 0 and base.stdout != r.stdout
