@@ -59,7 +59,7 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE-ba
 EOF
         command -v apt-get >/dev/null || die "no apt-get (a Debian machine is needed to fetch the arm64 packages)"
         [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || die "no Debian archive keyring (install debian-archive-keyring)"
-        APT_CONFIG="$state/apt.conf" apt-get -q update >"$state/update.log" 2>&1 \
+        APT_CONFIG="$state/apt.conf" apt-get -q --error-on=any update >"$state/update.log" 2>&1 \
             || die "apt-get update failed with the private state (is $MIRROR reachable?): $(tail -1 "$state/update.log")"
         touch "$state/.updated"
     fi

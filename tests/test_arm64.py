@@ -97,3 +97,11 @@ def test_default_model_pi5_bundle_on_arm64(emulator, default_model_dir, tmp_path
     print(json.dumps(arm, indent=1))
     _assert_agrees(rows, problems)
     assert {r.artifact for r in rows} == {"gguf-q8_0", "onnx-int4"}
+
+
+def test_an_emulator_that_cannot_be_set_up_says_why_in_one_line(tmp_path, monkeypatch):
+    """No Debian mirror reachable (a fresh cache, a closed port): Unavailable, with the reason."""
+    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path))
+    monkeypatch.setenv("EDGELORA_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")
+    with pytest.raises(au.Unavailable, match=r"^arm64: cannot set up the emulator: apt-get update failed .*reachable"):
+        au.Emulator.setup(timeout=300)

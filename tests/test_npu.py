@@ -149,6 +149,34 @@ def test_default_model_on_htp(default_model_dir, tmp_path):
           f"QDQ on CPU: perplexity {q['perplexity_change']:+.2%}, top-1 {q['top1_agreement']:.1%}")
     assert len(got) == 4 and got[0] == ref[0]
 
+    # a persona adapter (the quickstart's recipe), trained against the float base, in the NPU bundle's store
+    import json
+
+    from edgelora.train import train_adapter
+
+    r = train_adapter(edgelora.load_base("smollm2-135m"), DATA / "persona_train.jsonl", "maren", install=False,
+                      steps=80, lr=3e-3, rank=8, seq_len=256, threads=2)
+    r.adapter.base_fingerprint = b.fingerprint
+    b.store.install(r.adapter, "maren")
+    cpu = b.engine(provider="cpu")
+    held = [json.loads(line) for line in (DATA / "persona_heldout.jsonl").read_text().splitlines()]
+    answered = []
+    for ex in held:  # on the QDQ graph on CPU (fast): questions the adapter answers and the base does not
+        cpu.set_adapters({})
+        before = cpu.generate(ex["messages"], max_tokens=16).text
+        cpu.set_adapters({"maren": 1.0})
+        after = cpu.generate(ex["messages"], max_tokens=16)
+        if ex["expected"].lower() in after.text.lower() and ex["expected"].lower() not in before.lower():
+            answered.append((ex, after))
+    assert answered, "the persona adapter answers no held-out question on the NPU graph that the base does not"
+    ex, want = answered[0]
+    engine.set_adapters({"maren": 1.0})
+    t = time.perf_counter()
+    on_htp = engine.generate(ex["messages"], max_tokens=16)
+    print(f"{len(answered)}/{len(held)} held-out persona questions answered with the adapter only; on HTP "
+          f"({time.perf_counter() - t:.0f}s): {on_htp.text!r}")
+    assert on_htp.tokens == want.tokens and ex["expected"].lower() in on_htp.text.lower()
+
 
 def test_cli_runs_an_npu_bundle_with_an_adapter(npu_bundle, npu_adapters, run_cli):
     """`edgelora run` on the NPU bundle answers with the adapter on the HTP, as the engine does."""
