@@ -7,8 +7,13 @@ their blocks: once with the layers kept expanded that the profile's memory budge
 default) and once with only two (the smallest footprint); PEFT trains the float checkpoint.
 
     python bench/train.py [--steps 12] [--seq 256] [--rank 8] [--threads 1,2]
+    python bench/train.py --load 1,2 --threads 2     # under contention: N busy processes beside it
 
-Writes bench/out/train.json and bench/out/train.png (the loss curves).
+With --load, N other processes spin on the cores while each side trains (a phone or a Pi runs other
+apps too): edgelora with a fixed thread count, edgelora with its CoreGovernor (the default: fewer
+threads while cores are busy), and PEFT+torch, each against itself unloaded.
+
+Writes bench/out/train.json (train-load.json) and bench/out/train.png (the loss curves).
 """
 
 from __future__ import annotations
@@ -48,8 +53,14 @@ if side.startswith("numpy"):
     base = type("B", (), {"config": config})
     lora = LoraParams(base.config, LoraSpec(rank, 2.0 * rank)).init_random(np.random.default_rng(0))
     opt, ws = AdamW(lr=1e-3), Workspace()
+    governor = None
+    if side == "numpy-adaptive":
+        from edgelora.train import CoreGovernor
+        governor = CoreGovernor(threads, every_s=1.0)
     for b in batches:
         t = time.perf_counter()
+        if governor is not None:
+            governor.tick()
         loss, g = loss_and_grads(w, lora, b[None], np.ones((1, seq), bool), base.config, workspace=ws)
         opt.step(lora.flat, g)
         times.append(time.perf_counter() - t); losses.append(loss)
@@ -83,14 +94,43 @@ def run(side: str, threads: int, steps: int, seq: int, rank: int, bundle_dir: st
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def under_load(args, bundle_dir: str) -> None:
+    """Each side unloaded and beside N spinning processes; tokens/s and the loaded/unloaded ratio."""
+    results, rows = [], []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for load in [0, *[int(n) for n in args.load.split(",")]]:
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+            try:
+                got = {side: run(side, threads, args.steps, args.seq, args.rank, bundle_dir)
+                       for side in ("numpy", "numpy-adaptive", "torch")}
+            finally:
+                for sp in spinners:
+                    sp.kill()
+                    sp.wait()
+            results.append({"threads": threads, "load": load, **got})
+    for r in results:
+        base = next(x for x in results if x["threads"] == r["threads"] and x["load"] == 0)
+        rows.append((r["threads"], r["load"], *[f"{r[s]['tokens_per_s']:.0f} ({r[s]['tokens_per_s'] / base[s]['tokens_per_s']:.2f}x)"
+                                                for s in ("numpy", "numpy-adaptive", "torch")],
+                     f"{r['numpy-adaptive']['tokens_per_s'] / r['torch']['tokens_per_s']:.2f}x"))
+    print(common.table(("threads (max)", "busy processes", "edgelora fixed tok/s", "edgelora adaptive tok/s",
+                        "PEFT+torch tok/s", "adaptive / torch"), rows))
+    print(f"SmolLM2-135M, LoRA r={args.rank}, sequence {args.seq}, {args.steps} steps, median step time; in brackets "
+          f"each against itself with no load; {os.cpu_count()} cores.")
+    print(f"wrote {common.write_json('train-load', {'args': vars(args), 'machine': common.machine(), 'results': results})}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--load", default="", help="busy processes beside the training, e.g. 1,2")
     args = ap.parse_args()
     bundle_dir = str(common.bundle("raspberry-pi-5", "gguf", "q8_0").root)
+    if args.load:
+        return under_load(args, bundle_dir)
     results, rows = [], []
     for threads in [int(t) for t in args.threads.split(",")]:
         trio = {side: run(side, threads, args.steps, args.seq, args.rank, bundle_dir)

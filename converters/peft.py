@@ -51,6 +51,22 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def _check_config(where: Path, cfg: Any) -> None:
+    """One line for a config that parses but is not a LoRA config edgelora can follow."""
+    if not isinstance(cfg, dict):
+        raise CorruptFileError(f"{where}: must be a JSON object, got {type(cfg).__name__}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for key, ok in (("lora_alpha", number), ("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                    ("alpha_pattern", lambda v: v is None or isinstance(v, dict) and all(map(number, v.values()))),
+                    ("rank_pattern", lambda v: v is None or isinstance(v, dict)
+                     and all(isinstance(x, int) and x > 0 for x in v.values()))):
+        if key in cfg and not ok(cfg[key]):
+            raise CorruptFileError(f"{where}: {key} is {cfg[key]!r}, not a valid value; fix it or re-save the adapter")
+
+
 def _provenance(metadata: dict) -> dict:
     for key in (keys.PROVENANCE, *keys.LEGACY_PROVENANCE):
         if key in metadata:
@@ -65,6 +81,9 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
         cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(f"{path / CONFIG}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise CorruptFileError(f"{path / CONFIG}: cannot be read ({e.strerror})") from e
+    _check_config(path / CONFIG, cfg)
     kind = cfg.get("peft_type", "LORA")
     if kind != "LORA":
         raise UnsupportedFormatError(f"{path}: PEFT method {kind} is not supported; edgelora reads LoRA adapters only")
@@ -99,12 +118,21 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
                                          f"(targets: {', '.join(naming.PEFT_MODULES.values())}, Phi-3's qkv_proj, gate_up_proj)")
         pairs.setdefault(members, {})[m.group("ab")] = ref.load()
         modules[members] = m.group("module")
-    ranges = json.loads(metadata.get(keys.ADAPTER_FUSED_RANKS, "{}"))
+    try:
+        ranges = json.loads(metadata.get(keys.ADAPTER_FUSED_RANKS, "{}"))
+        provenance = _provenance(metadata)
+        assert isinstance(ranges, dict) and isinstance(provenance, dict)
+    except (ValueError, AssertionError):
+        raise CorruptFileError(f"{weights}: its metadata is malformed; re-save the adapter") from None
     tensors = {}
     for members, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise CorruptFileError(f"{path}: {modules[members]} has lora_{''.join(ab)} without its partner")
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, modules[members], cfg.get("lora_alpha", 8))
+        rank = _pattern_value(cfg.get("rank_pattern") or {}, modules[members], cfg.get("r"))
+        if rank is not None and ab["A"].ndim == 2 and ab["A"].shape[0] != rank:
+            raise CorruptFileError(f"{path}: {CONFIG} gives {modules[members]} rank {rank}, its tensors have rank "
+                                   f"{ab['A'].shape[0]}; fix r (or rank_pattern) in {CONFIG}")
         pair = LoraTensor(ab["A"], ab["B"], float(alpha))
         if len(members) == 1:
             tensors[members[0]] = pair
@@ -120,8 +148,7 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
     fingerprint = keys.fingerprint_of(metadata) or keys.fingerprint_of(cfg)
     try:
         return LoraAdapter(tensors, base_fingerprint=fingerprint, use_rslora=bool(cfg.get("use_rslora")),
-                           name=path.name, provenance={"format": "peft", "source": str(path),
-                                                       **_provenance(metadata)})
+                           name=path.name, provenance={"format": "peft", "source": str(path), **provenance})
     except AdapterError as e:
         raise CorruptFileError(f"{path}: {e}") from e
 

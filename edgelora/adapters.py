@@ -18,6 +18,7 @@ from .arch import ModelConfig
 from .errors import EdgeloraError
 from .naming import LORA_TARGETS
 
+MAX_DELTA_RMS = 1.0
 _TARGET = re.compile(r"^layers\.(\d+)\.(\w+)$")
 
 
@@ -65,6 +66,9 @@ class LoraAdapter:
                 raise AdapterError(f"adapter target {target}: A {t.A.shape} and B {t.B.shape} do not form a LoRA pair (A r x in, B out x r)")
             if not (np.isfinite(t.A).all() and np.isfinite(t.B).all()):
                 raise AdapterError(f"adapter target {target}: A or B holds NaN or Inf")
+            if not (isinstance(t.alpha, (int, float, np.floating, np.integer)) and math.isfinite(t.alpha) and t.alpha > 0):
+                raise AdapterError(f"adapter target {target}: alpha {t.alpha!r} is not a positive finite number")
+            t.alpha = float(t.alpha)
 
     # -- derived -----------------------------------------------------------------------------
 
@@ -105,7 +109,26 @@ class LoraAdapter:
     def nbytes(self) -> int:
         return 4 * self.num_parameters()
 
+    def delta_rms(self, target: str) -> float:
+        """The root mean square of the module's update scale * B @ A, without forming it
+        (||B A||_F^2 = sum((B^T B) * (A A^T)), in float64 so that extreme values do not overflow)."""
+        t = self.tensors[target]
+        a, b = t.A.astype(np.float64), t.B.astype(np.float64)
+        sq = float(((b.T @ b) * (a @ a.T)).sum())
+        return abs(self.scale(target)) * math.sqrt(max(sq, 0.0) / (a.shape[1] * b.shape[0]))
+
     # -- checks ------------------------------------------------------------------------------
+
+    def check_values(self) -> None:
+        """Refuses an update no base weight could take: a module whose scale * B @ A has an RMS over
+        MAX_DELTA_RMS (base weights of these models have RMS ~0.01-0.1; a trained adapter's update
+        ~1e-3), or that overflows. A corrupt file or a wrong alpha shows here."""
+        for target in self.targets:
+            rms = self.delta_rms(target)
+            if not rms <= MAX_DELTA_RMS:
+                raise AdapterError(
+                    f"adapter {self.name or '(unnamed)'}: {target}'s update (scale * B @ A) has RMS {rms:.3g}, beyond "
+                    f"any base weight (limit {MAX_DELTA_RMS:g}); the file is corrupt or its alpha is wrong")
 
     def check_fits(self, config: ModelConfig, fingerprint: str | None = None) -> None:
         """Refuses an adapter made for another base, or whose names or shapes do not fit `config`,
@@ -129,6 +152,7 @@ class LoraAdapter:
         if problems:
             raise AdapterMismatchError(
                 f"adapter {self.name or '(unnamed)'} does not fit the base ({len(problems)} problems): {'; '.join(problems)}")
+        self.check_values()
 
     # -- mixing ------------------------------------------------------------------------------
 

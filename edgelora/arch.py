@@ -102,6 +102,12 @@ def _f32(x: float) -> float:
     return float(f"{x:.7g}")
 
 
+# Upper bounds of a config's sizes, far above any model a device runs (Gemma 3's 262k vocabulary, 128k
+# contexts): a value beyond them is a corrupt config.json, refused before anything is allocated.
+_SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_layers": 1024,
+                "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024, "max_position_embeddings": 1 << 24}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -127,11 +133,13 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is this**-0.5, not head_dim**-0.5 (Gemma 3)
 
     def __post_init__(self) -> None:
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for f, limit in _SIZE_LIMITS.items():
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise UnsupportedArchitectureError(f"invalid model config: {f} must be a positive integer, got {v!r}")
+            if v > limit:  # a corrupt value, not a model: it would allocate without end
+                raise UnsupportedArchitectureError(f"invalid model config: {f} is {v}, beyond any model edgelora runs "
+                                                   f"(at most {limit})")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedArchitectureError(
                 f"invalid model config: {self.num_heads} attention heads are not a multiple of {self.num_kv_heads} KV heads")
@@ -244,7 +252,11 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise UnsupportedArchitectureError(f"config.json must be a JSON object, got {type(cfg).__name__}")
         model_type = cfg.get("model_type")
+        if not isinstance(model_type, str):
+            raise UnsupportedArchitectureError(f"config.json has no model_type string (got {model_type!r}); "
+                                               "is it a Hugging Face model config?")
         archs = cfg.get("architectures") or []
+        archs = archs if isinstance(archs, list) else [archs]
         named = f"{model_type!r}" + (f" ({', '.join(map(str, archs))})" if archs else "")
         if model_type in _REFUSED:
             raise UnsupportedArchitectureError(f"unsupported architecture {named}: {_REFUSED[model_type]}")

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .arch import ModelConfig
-from .errors import UnsupportedFormatError
+from .errors import CorruptFileError, UnsupportedFormatError
 from .tokenizer import Tokenizer
 
 Loader = Callable[[], np.ndarray]
@@ -59,7 +59,7 @@ class BaseModel:
     def fingerprint(self) -> str:
         """"sha256:<hex>" over the architecture and the float32 weights in canonical order."""
         if self._fingerprint is None:
-            self._fingerprint = compute_fingerprint(self.config, self.weights)
+            self._fingerprint = compute_fingerprint(self.config, self.weights, where=self.source)
         return self._fingerprint
 
     @property
@@ -80,7 +80,9 @@ class BaseModel:
         }
 
 
-def compute_fingerprint(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> str:
+def compute_fingerprint(config: ModelConfig, weights: Mapping[str, np.ndarray], where: str = "the model") -> str:
+    """The fingerprint; on the way every tensor is checked to be finite (a NaN or Inf weight is a corrupt
+    checkpoint: refused here, at intake, naming the tensor, rather than deep in a quantizer)."""
     h = hashlib.sha256()
     h.update(b"edgelora-fingerprint-v1\n")
     h.update(json.dumps(config.identity(), sort_keys=True).encode())
@@ -88,6 +90,10 @@ def compute_fingerprint(config: ModelConfig, weights: Mapping[str, np.ndarray]) 
         w = np.ascontiguousarray(weights[name], dtype="<f4")
         if w.shape != shape:
             raise UnsupportedFormatError(f"tensor {name} has shape {w.shape}, the config says {shape}")
+        if not np.isfinite(w).all():
+            bad = int(w.size - np.isfinite(w).sum())
+            raise CorruptFileError(f"{where}: tensor {name} holds {bad} NaN or Inf values; the checkpoint is corrupt "
+                                   "(re-download or re-save it)")
         h.update(f"\n{name}:{','.join(map(str, shape))}\n".encode())
         h.update(memoryview(w).cast("B"))
     return "sha256:" + h.hexdigest()

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import quality as _quality
 from ._io import atomic_dir, sha256_file, write_bytes_atomic
@@ -426,6 +426,20 @@ class Bundle:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
+    def verify(self, files: Iterable[str] | None = None) -> None:
+        """Checks the size and sha256 of `files` (default: all) against the manifest."""
+        bad = []
+        for rel in self.manifest["files"] if files is None else files:
+            info, p = self.manifest["files"][rel], self.root / rel
+            if not p.exists():
+                bad.append(f"{rel} is missing")
+            elif p.stat().st_size != info["size"]:
+                bad.append(f"{rel} has {p.stat().st_size} bytes, expected {info['size']}")
+            elif sha256_file(p) != info["sha256"]:
+                bad.append(f"{rel} has the wrong sha256")
+        if bad:
+            raise CorruptFileError(f"{self.root}: {'; '.join(bad)}; re-export the bundle")
+
     def tokenizer(self):
         from .converters import hf
 
@@ -488,18 +502,21 @@ def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(f"{manifest_path}: not valid JSON ({e}); re-export the bundle") from e
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT \
+            or manifest.get("version") != BUNDLE_VERSION:
         raise UnsupportedFormatError(f"{root}: not an edgelora bundle of version {BUNDLE_VERSION}; re-export it")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(i, dict) and isinstance(i.get("size"), int) and isinstance(i.get("sha256"), str)
+            and not Path(rel).is_absolute() and ".." not in Path(rel).parts for rel, i in files.items()):
+        raise CorruptFileError(f"{manifest_path}: its file list is missing or malformed; re-export the bundle")
+    base, device, arts = manifest.get("base"), manifest.get("device"), manifest.get("artifacts")
+    if not (isinstance(base, dict) and isinstance(base.get("fingerprint"), str) and isinstance(base.get("architecture"), dict)
+            and isinstance(device, dict) and isinstance(device.get("name"), str) and isinstance(arts, list) and arts
+            and all(isinstance(a, dict) and {"backend", "quant", "files"} <= a.keys() for a in arts)):
+        raise CorruptFileError(f"{manifest_path}: its base, device or artifacts entry is missing or malformed; "
+                               "re-export the bundle")
+    bundle = Bundle(root, manifest)
     if verify:
-        bad = []
-        for rel, info in manifest["files"].items():
-            p = root / rel
-            if not p.exists():
-                bad.append(f"{rel} is missing")
-            elif p.stat().st_size != info["size"]:
-                bad.append(f"{rel} has {p.stat().st_size} bytes, expected {info['size']}")
-            elif sha256_file(p) != info["sha256"]:
-                bad.append(f"{rel} has the wrong sha256")
-        if bad:
-            raise CorruptFileError(f"{root}: {'; '.join(bad)}; re-export the bundle")
-    return Bundle(root, manifest)
+        bundle.verify()
+    return bundle

@@ -328,8 +328,9 @@ def _train_progress(quiet: bool):
             return
         val = f", val {p['val_loss']:.3f}" if p.get("val_loss") is not None else ""
         end = "\n" if p["step"] == p["steps"] or not sys.stderr.isatty() else ""
+        threads = f", {p['threads']} threads" if "threads" in p else ""
         sys.stderr.write(f"\rtrain step {p['step']}/{p['steps']}: loss {p['loss']:.3f}{val}, "
-                         f"{p['tokens_per_s']:.0f} tok/s, ~{p['eta_s']:.0f}s left   {end}")
+                         f"{p['tokens_per_s']:.0f} tok/s{threads}, ~{p['eta_s']:.0f}s left   {end}")
         sys.stderr.flush()
 
     return show
@@ -349,26 +350,36 @@ def train(
     last_layers: Optional[int] = typer.Option(_TRAIN.last_layers, "--last-layers", help="Train only the last k layers."),
     grad_accum: int = typer.Option(_TRAIN.grad_accum, "--grad-accum"),
     seed: int = typer.Option(_TRAIN.seed, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Default: the device profile's."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="At most this many (default: the device profile's)."),
+    adaptive_threads: bool = typer.Option(_TRAIN.adaptive_threads, "--adaptive-threads/--fixed-threads",
+                                          help="Use fewer threads while other programs keep cores busy."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Train against the bundle's gguf or onnx weights."),
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="Memory cap (default: the profile's budget)."),
     expanded_layers: Optional[int] = typer.Option(None, "--expanded-layers",
                                                   help="Layers kept expanded to float32 (default: as the memory cap allows)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (same settings and data)."),
     replace: bool = typer.Option(False, "--replace", help="Replace an installed adapter of the same name."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Default: BUNDLE/.train/NAME."),
+    checkpoint_every: int = typer.Option(_TRAIN.checkpoint_every, "--checkpoint-every", help="Checkpoint every N steps..."),
+    checkpoint_seconds: float = typer.Option(_TRAIN.checkpoint_seconds, "--checkpoint-seconds",
+                                             help="...and when this many seconds passed since the last (0: off)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a LoRA adapter on your own data, on this device, and install it into the bundle."""
     from .bundle import open_bundle
-    from .train import TrainConfig, train_adapter
+    from .train import CHECKPOINT, TrainConfig, train_adapter
 
-    b = open_bundle(bundle, verify=False)
+    b = open_bundle(bundle, verify=False)  # training checks the files of the artifact it reads
     cfg = TrainConfig(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
                       steps=steps, lr=lr, seq_len=seq_len, last_layers=last_layers, grad_accum=grad_accum, seed=seed,
-                      threads=threads or b.threads, backend=backend, memory_mb=memory_mb, expanded_layers=expanded_layers)
-    r = train_adapter(b, data, name, config=cfg, checkpoint_dir=checkpoint_dir or bundle / ".train" / name,
-                      resume=resume, replace=replace, progress=_train_progress(quiet))
+                      threads=threads or b.threads, backend=backend, memory_mb=memory_mb, expanded_layers=expanded_layers,
+                      checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+                      adaptive_threads=adaptive_threads)
+    checkpoint_dir = checkpoint_dir or bundle / ".train" / name
+    if resume and not (checkpoint_dir / CHECKPOINT).exists():
+        typer.echo(f"edgelora: no checkpoint in {checkpoint_dir}: starting from step 0", err=True)
+    r = train_adapter(b, data, name, config=cfg, checkpoint_dir=checkpoint_dir, resume=resume, replace=replace,
+                      progress=_train_progress(quiet))
     val = f", validation loss {r.val_losses[0][1]:.3f} -> {r.val_losses[-1][1]:.3f}" if r.val_losses else ""
     typer.echo(f"installed {name}: loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}{val}, "
                f"{r.tokens_per_second:.0f} tokens/s{' (stopped early)' if r.stopped_early else ''}")

@@ -4,11 +4,15 @@ Each installed adapter is a directory ``adapters/<name>/`` holding the files the
 load (``adapter.gguf``, ``adapter.onnx_adapter``) and ``manifest.json`` (base fingerprint, rank,
 alpha, targets, provenance, every file's size and sha256). An install is validated in full, built
 in a temporary directory (``adapters/.<name>.*``), fsynced and renamed into place: the rename is the
-commit, so a crash never leaves a half adapter listed.
+commit, so a crash never leaves a half adapter listed. Writers hold the store's lock
+(``adapters/.lock``, flock), so two installs of one name are serialized and the second is refused
+in one line; temporaries a killed writer left behind are removed when a store opens with no writer
+active.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,6 +33,9 @@ MANIFEST = "manifest.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # adapter names, here and on the service
 MAX_ADAPTER_MB = 64.0
 MAX_STORE_MB = 512.0
+LOCK = ".lock"
+LOCK_WAIT_S = 120.0
+_STALE = re.compile(r"^\..+\.(tmp|old|removing)$")  # what atomic_dir and remove leave if killed
 
 
 class StoreError(EdgeloraError):
@@ -51,6 +58,49 @@ class AdapterStore:
         self.limits = limits or StoreLimits()
         self.root.mkdir(parents=True, exist_ok=True)
         self._verified: dict[tuple[str, int, int], str] = {}  # file identity -> the sha256 it was checked against
+        self._remove_stale()
+
+    # -- the writers' lock --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self, wait: float | None = LOCK_WAIT_S):
+        """Holds the store's exclusive lock; yields False at once if `wait` is None and another
+        process holds it, or if the store is read-only (nothing can be written then anyway)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield True
+            return
+        try:
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            yield False
+            return
+        try:
+            deadline = time.monotonic() + (wait or 0.0)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if wait is None:
+                        yield False
+                        return
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"another process has been changing the store {self.root} for over "
+                                         f"{wait:g} s; try again when it finishes") from None
+                    time.sleep(0.05)
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _remove_stale(self) -> None:
+        """Removes temporaries of killed writers (only when no writer is active, so none is live)."""
+        with self._lock(wait=None) as held:
+            if held:
+                for p in self.root.iterdir():
+                    if _STALE.match(p.name):
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -121,6 +171,11 @@ class AdapterStore:
         """Validates `source` (a path in any adapter format, or a LoraAdapter) against the base and
         installs it under `name`. Adapters without a fingerprint (plain PEFT) are bound to this base."""
         self.check_name(name, replace)
+        with self._lock():
+            return self._install(source, name, replace)
+
+    def _install(self, source: str | os.PathLike | LoraAdapter, name: str, replace: bool) -> dict[str, Any]:
+        self.check_name(name, replace)  # again: another writer may have installed it while we waited
         target = self.root / name
         adapter = source if isinstance(source, LoraAdapter) else load_adapter(source, config=self.config)
         bound_here = adapter.base_fingerprint is None
@@ -152,8 +207,9 @@ class AdapterStore:
         return manifest
 
     def remove(self, name: str) -> None:
-        self.manifest(name)  # raises if absent
-        doomed = self.root / f".{name}.removing"
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(self.root / name, doomed)  # unlisted at once
-        shutil.rmtree(doomed, ignore_errors=True)
+        with self._lock():
+            self.manifest(name)  # raises if absent
+            doomed = self.root / f".{name}.removing"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(self.root / name, doomed)  # unlisted at once
+            shutil.rmtree(doomed, ignore_errors=True)

@@ -76,7 +76,7 @@ def test_refusals_install_nothing(bundle, tiny_llama, tmp_path):
     with pytest.raises(StoreError, match="already installed"):
         bundle.store.install(random_adapter(bundle.config), "one")
     assert bundle.store.names() == ["one"]
-    assert not [p for p in bundle.store.root.iterdir() if p.name.startswith(".")]
+    assert not [p for p in bundle.store.root.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
 def test_a_killed_install_leaves_nothing_listed(bundle, tmp_path):
@@ -93,8 +93,10 @@ def test_a_killed_install_leaves_nothing_listed(bundle, tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == -signal.SIGKILL
+    root = bundle.root / "adapters"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".half.")]  # the debris, hidden from listings
     assert bundle.store.names() == []
-    assert [p.name for p in bundle.store.root.iterdir() if p.name.startswith(".half.")]  # the debris is hidden
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".half.")]  # and gone once a store opens
     bundle.store.install(random_adapter(bundle.config), "half")
     assert bundle.store.names() == ["half"]
 

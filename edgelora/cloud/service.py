@@ -359,6 +359,7 @@ class Service:
         if job["kind"] == "examples":
             cfg = TrainConfig(rank=p["rank"], alpha=2.0 * p["rank"], steps=p["steps"], lr=p["lr"], seq_len=p["seq_len"],
                               seed=p["seed"], checkpoint_every=self.config.checkpoint_every, threads=self.config.threads,
+                              adaptive_threads=False,  # a job resumed after a restart makes the very same adapter
                               val_fraction=0.1 if job["examples"] >= 10 else 0.0, eval_every=max(p["steps"] // 4, 1))
             r = train_adapter(base.source, jdir / "examples.jsonl", job["name"], config=cfg, checkpoint_dir=jdir,
                               resume=True, install=False,

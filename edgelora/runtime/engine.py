@@ -4,6 +4,7 @@ bookkeeping. A backend supplies `_reset`, `_feed` (tokens -> logits of the last 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,19 @@ from edgelora.tokenizer import Tokenizer
 
 
 class EngineError(EdgeloraError):
+    """A runtime that fails (or produces non-finite logits) on input it accepted."""
+
     exit_code = 1
+
+
+class EngineInputError(EngineError):
+    """A request the engine refuses: token ids out of range, a prompt over the context, bad
+    sampling settings, a closed engine."""
+
+    exit_code = 2
+
+
+MAX_ADAPTER_WEIGHT = 16.0  # |weight| of an adapter in set_adapters: beyond it a mix is a mistake, not a choice
 
 
 @dataclass
@@ -73,6 +86,7 @@ class Engine:
         self._adapters = _AdapterState()
         self.resolver = None  # name -> (file, validated adapter), for names not loaded yet (a bundle's store)
         self.merged: tuple[str, float] | None = None
+        self._closed = False
 
     # -- backend hooks -----------------------------------------------------------------------
 
@@ -103,12 +117,25 @@ class Engine:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits (len(token_ids) x vocab) of one sequence from an empty cache, under the active adapters."""
+        ids = self._check_ids(token_ids)
+        if len(ids) > self.n_ctx:
+            raise EngineInputError(f"{len(ids)} tokens do not fit the context of {self.n_ctx}")
+        return _finite(self._logits(ids))
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """The ids as a list, or one line naming the first that is not a token of this model."""
+        if self._closed:
+            raise EngineInputError("this engine is closed; open another (bundle.engine())")
+        if isinstance(token_ids, (str, bytes)):
+            raise EngineInputError("token ids must be a sequence of ints; pass text to generate() or stream()")
         ids = list(token_ids)
         if not ids:
-            raise EngineError("logits() needs at least one token")
-        if len(ids) > self.n_ctx:
-            raise EngineError(f"{len(ids)} tokens do not fit the context of {self.n_ctx}")
-        return self._logits(ids)
+            raise EngineInputError("the prompt is empty: give at least one token")
+        vocab = self.config.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
+                raise EngineInputError(f"token {i} of the prompt ({t!r}) is not a token id of this model (0..{vocab - 1})")
+        return [int(t) for t in ids]
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -140,9 +167,13 @@ class Engine:
         reloaded; the KV cache is reset, since it was computed under the old adapters."""
         if weights is None:
             weights = {}
+        elif isinstance(weights, str):
+            raise AdapterError(f"set_adapters takes a list of names or a {{name: weight}} mapping, not a string: "
+                               f"use [{weights!r}]")
         elif not isinstance(weights, Mapping):
             weights = {n: 1.0 for n in weights}
-        weights = {n: float(w) for n, w in weights.items() if w != 0}
+        weights = {n: _weight(n, w) for n, w in weights.items()}
+        weights = {n: w for n, w in weights.items() if w != 0}
         if self.merged and weights:
             raise AdapterError(f"adapter {self.merged[0]} is merged into the base: unmerge() before activating adapters")
         if self.resolver is not None:
@@ -192,18 +223,26 @@ class Engine:
     def stream(self, prompt: str | Sequence[Mapping[str, str]] | Sequence[int], max_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                stats: dict | None = None) -> Iterator[int]:
-        """Yields generated token ids one by one."""
-        ids = list(prompt) if prompt and isinstance(prompt, (list, tuple)) and isinstance(prompt[0], int) \
-            else self.encode_prompt(prompt)
+        """Yields generated token ids one by one. `prompt` is text (completed as it is, with no chat
+        template), a list of chat messages ({"role", "content"}: the model's chat template is
+        applied), or token ids."""
+        _check_sampling(max_tokens, temperature, top_p, top_k)
+        if self._closed:
+            raise EngineInputError("this engine is closed; open another (bundle.engine())")
+        if isinstance(prompt, str) and not prompt:
+            raise EngineInputError("the prompt is empty")
+        is_ids = isinstance(prompt, (list, tuple, np.ndarray)) and (not len(prompt) or not isinstance(prompt[0], Mapping))
+        ids = self._check_ids(prompt if is_ids else self.encode_prompt(prompt))
         if len(ids) + max_tokens > self.n_ctx:
             max_tokens = max(self.n_ctx - len(ids), 0)
             if max_tokens == 0:
-                raise EngineError(f"the prompt ({len(ids)} tokens) fills the context of {self.n_ctx}")
+                raise EngineInputError(f"the prompt ({len(ids)} tokens) fills the context of {self.n_ctx}; "
+                                       "shorten it or export with a longer context")
         rng = np.random.default_rng(seed)
         eos = self.tokenizer.eos_token_id if self.tokenizer else None
         self._reset()
         t0 = time.perf_counter()
-        logits = self._feed(ids)
+        logits = _finite(self._feed(ids))
         t1 = time.perf_counter()
         stopped = "length"
         n = 0
@@ -214,7 +253,7 @@ class Engine:
                 break
             yield tok
             if n + 1 < max_tokens:
-                logits = self._feed([tok])
+                logits = _finite(self._feed([tok]))
         if stats is not None:
             stats.update(prompt_tokens=len(ids), seconds_prefill=t1 - t0, seconds_decode=time.perf_counter() - t1,
                          stopped=stopped)
@@ -228,6 +267,12 @@ class Engine:
                           stats["stopped"])
 
     def close(self) -> None:
+        """Frees the runtime's memory; the engine refuses work afterwards."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def _close(self) -> None:
         pass
 
     def __enter__(self) -> "Engine":
@@ -235,3 +280,34 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _finite(logits: np.ndarray) -> np.ndarray:
+    """`logits`, or an error if any row is NaN/Inf or constant over the whole vocabulary (what llama.cpp
+    returns when its computation overflowed: no model answers that, and sampling it gives token 0)."""
+    if not np.isfinite(logits).all() or (np.ptp(logits, axis=-1) == 0).any():
+        raise EngineError("the model produced NaN or Inf logits (an adapter or mix weight with extreme values, or "
+                          "a corrupt base); clear the adapters or re-export the bundle")
+    return logits
+
+
+def _weight(name: str, w: object) -> float:
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        raise AdapterError(f"adapter {name}: weight {w!r} is not a number") from None
+    if not math.isfinite(w) or abs(w) > MAX_ADAPTER_WEIGHT:
+        raise AdapterError(f"adapter {name}: weight {w:g} is out of range; use a finite weight within "
+                           f"±{MAX_ADAPTER_WEIGHT:g}")
+    return w
+
+
+def _check_sampling(max_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+        raise EngineInputError(f"max_tokens must be a whole number >= 0, not {max_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise EngineInputError(f"temperature must be a finite number >= 0 (0 = greedy), not {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise EngineInputError(f"top_p must be in (0, 1], not {top_p!r}")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise EngineInputError(f"top_k must be a whole number >= 0 (0 = off), not {top_k!r}")

@@ -70,7 +70,10 @@ class GGUFEngine(Engine):
         for i in range(0, len(ids), self.n_batch):
             chunk = list(ids[i:i + self.n_batch])
             self.llm._batch.set_batch(batch=chunk, n_past=self.n_past, logits_all=all_logits)
-            self.llm._ctx.decode(self.llm._batch)
+            try:
+                self.llm._ctx.decode(self.llm._batch)
+            except RuntimeError as e:  # llama-cpp-python's report of a non-zero llama_decode
+                raise EngineError(f"llama.cpp could not evaluate the tokens ({e})") from None
             self.n_past += len(chunk)
             if all_logits:
                 ptr = self._lib.llama_get_logits(self.llm.ctx)
@@ -155,7 +158,7 @@ class GGUFEngine(Engine):
         if handle is not None:
             self._lib.llama_adapter_lora_free(handle)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if getattr(self, "llm", None) is not None:
             self._unmerge()
             self._activate({})

@@ -270,7 +270,7 @@ class OnnxEngine(Engine):
         self.n_past = 0
         self._decode_io = None
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self.session = None
         self._base_session = None
         self._ort_adapters.clear()

@@ -5,8 +5,10 @@
 The frozen base is read from the bundle's own artifact (a GGUF file dequantized block by block, so
 the adapter learns against the quantization error the device will see). The loop is AdamW with
 gradient clipping, warm-up and a cosine schedule, gradient accumulation, a validation split and
-early stopping; it is deterministic under a seed and checkpoints atomically every N steps, so a
-run killed mid-way resumes (``resume=True``) to the very adapter an uninterrupted run makes.
+early stopping; it is deterministic under a seed (with a fixed thread count: `adaptive_threads=False`)
+and checkpoints atomically every N steps and every `checkpoint_seconds`, so a run killed mid-way
+resumes (``resume=True``) to the very adapter an uninterrupted run makes. A checkpoint records what defines its run (the settings, the data's and the
+base's hashes); resuming with any of them changed is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -46,16 +48,23 @@ class TrainConfig:
     eval_every: int = 25
     patience: int = 0  # evaluations without improvement before stopping (0: never stop early)
     checkpoint_every: int = 25
+    checkpoint_seconds: float = 30.0  # also checkpoint when this long has passed since the last one (0: off)
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None  # BLAS threads at most (default: the library's)
+    adaptive_threads: bool = True  # fewer threads while other processes keep cores busy (CoreGovernor);
+    # off: a fixed count, for bitwise-reproducible runs
     backend: str | None = None  # which bundle artifact to train against: "gguf" or "onnx" (default: gguf if present)
     memory_mb: float | None = None  # the trainer's memory cap (default: the device profile's memory budget)
     expanded_layers: int | None = None  # float32 layers kept expanded (default: as many as memory_mb allows, >= 2)
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.steps < 1 or self.grad_accum < 1 or self.seq_len < 2:
-            raise TrainerError("rank, steps, grad_accum must be >= 1 and seq_len >= 2")
-        if not 0 <= self.val_fraction < 1:
+        if self.rank < 1 or self.steps < 1 or self.grad_accum < 1 or self.seq_len < 2 or self.checkpoint_every < 1:
+            raise TrainerError("rank, steps, grad_accum, checkpoint_every must be >= 1 and seq_len >= 2")
+        for f in ("lr", "alpha", "weight_decay", "clip", "checkpoint_seconds"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise TrainerError(f"{f} must be a finite number >= 0, not {v!r}")
+        if not 0 <= self.val_fraction < 1:  # also refuses NaN
             raise TrainerError("val_fraction must be in [0, 1)")
         self.targets = tuple(self.targets)
 
@@ -147,9 +156,21 @@ def split(examples: list, cfg: TrainConfig) -> tuple[list, list, np.random.Gener
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]], rng
 
 
+# Settings that do not change the adapter a run makes: a resumed run may change them.
+RUN_FREE = ("threads", "adaptive_threads", "memory_mb", "expanded_layers", "checkpoint_every", "checkpoint_seconds")
+
+
+def run_identity(cfg: TrainConfig, data_sha256: str, fingerprint: str) -> dict:
+    """What a checkpoint must match to be resumed: the settings that shape the run, the data, the base."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_FREE}
+    settings["targets"] = list(settings["targets"])
+    return {"settings": settings, "data_sha256": data_sha256, "base_fingerprint": fingerprint}
+
+
 @dataclass
 class TrainState:
-    """Everything a run needs to continue: parameters, optimizer moments, the data generator, history."""
+    """Everything a run needs to continue: parameters, optimizer moments, the data generator, history,
+    and the identity of the run (`run_identity`) that a checkpoint must match to be resumed."""
     lora: LoraParams
     opt: AdamW
     rng: np.random.Generator
@@ -157,28 +178,52 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     best: tuple[float, int] = (float("inf"), 0)
+    identity: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         """Atomically (a killed run keeps its previous checkpoint)."""
         from edgelora._io import atomic_file
 
         state = {"step": self.step, "rng": self.rng.bit_generator.state, "losses": self.losses, "val": self.val_losses,
-                 "best": list(self.best), "adam_step": self.opt.step_count}
+                 "best": list(self.best), "adam_step": self.opt.step_count, "identity": self.identity}
         opt = self.opt
         with atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, flat=self.lora.flat, m=opt.m if opt.m is not None else np.zeros(0, np.float32),
                      v=opt.v if opt.v is not None else np.zeros(0, np.float32), state=np.array(json.dumps(state)))
 
     def restore(self, path: Path) -> None:
-        with np.load(path) as z:
-            state = json.loads(str(z["state"]))
-            self.lora.flat[:] = z["flat"]
-            if z["m"].size:
-                self.opt.m, self.opt.v = z["m"].copy(), z["v"].copy()
+        """Continues from `path`, refusing a checkpoint of another run (settings, data or base)."""
+        try:
+            with np.load(path) as z:
+                state = json.loads(str(z["state"]))
+                flat, m, v = z["flat"], z["m"], z["v"]
+        except Exception as e:  # a truncated or foreign file: numpy/zipfile raise many kinds
+            raise TrainerError(f"{path}: not a readable checkpoint ({e}); delete it to start over") from None
+        self._check_identity(path, state.get("identity", {}))
+        if flat.shape != self.lora.flat.shape:
+            raise TrainerError(f"{path}: the checkpoint holds {flat.size} parameters, this run has "
+                               f"{self.lora.flat.size}; delete it to start over")
+        self.lora.flat[:] = flat
+        if m.size:
+            self.opt.m, self.opt.v = m.copy(), v.copy()
         self.opt.step_count = state["adam_step"]
         self.step, self.losses = state["step"], state["losses"]
         self.val_losses, self.best = [tuple(x) for x in state["val"]], tuple(state["best"])
         self.rng.bit_generator.state = state["rng"]
+
+    def _check_identity(self, path: Path, saved: dict) -> None:
+        mine = self.identity
+        if saved == mine:
+            return
+        diffs = []
+        if saved.get("base_fingerprint") != mine.get("base_fingerprint"):
+            diffs.append("the base model")
+        if saved.get("data_sha256") != mine.get("data_sha256"):
+            diffs.append("the data (its sha256)")
+        old, new = saved.get("settings", {}), mine.get("settings", {})
+        diffs += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise TrainerError(f"{path} is a checkpoint of another run (changed: {', '.join(diffs) or 'unknown'}); resume "
+                           "with the same settings, or delete the checkpoint to start over")
 
 
 def random_batches(examples: list, rng: np.random.Generator) -> Iterator:
@@ -197,6 +242,7 @@ def train_loop(state: TrainState, cfg: TrainConfig, loss_and_grad: Callable, bat
     lora, opt = state.lora, state.opt
     best_flat = lora.flat.copy()
     t0, tokens, stopped, start = time.monotonic(), 0, False, state.step
+    saved_at = t0
     for step in range(start, cfg.steps):
         grad = np.zeros_like(lora.flat)
         step_loss = 0.0
@@ -221,8 +267,10 @@ def train_loop(state: TrainState, cfg: TrainConfig, loss_and_grad: Callable, bat
                 best_flat = lora.flat.copy()
             elif cfg.patience and (done - state.best[1]) >= cfg.patience * cfg.eval_every:
                 stopped = True
-        if checkpoint and (done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped):
+        due = cfg.checkpoint_seconds and time.monotonic() - saved_at >= cfg.checkpoint_seconds
+        if checkpoint and (done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped or due):
             state.save(checkpoint)
+            saved_at = time.monotonic()
         if progress:
             elapsed = time.monotonic() - t0
             progress({"step": done, "steps": cfg.steps, "loss": state.losses[-1], "lr": opt.lr,
@@ -235,13 +283,64 @@ def train_loop(state: TrainState, cfg: TrainConfig, loss_and_grad: Callable, bat
     return tokens, stopped
 
 
+class CoreGovernor:
+    """BLAS threads that follow the cores other processes leave free. A BLAS call split over threads
+    waits for its slowest part, so a thread that shares its core with another program stalls every
+    matmul for a scheduler slice: on this machine, 2 threads with both cores loaded trained at a
+    fraction of 1 thread's speed (`bench/train.py --load`). Every `every_s` it reads the machine's busy
+    CPU time (/proc/stat) less this process's own, and sets the thread count to the cores left free
+    (at least 1, at most `max_threads`). Where /proc/stat is missing it keeps `max_threads`. OpenBLAS
+    blocks a matmul differently for another thread count, so results then differ in the last bits:
+    a run is bitwise reproducible (and resumes to the very adapter) with fixed threads only."""
+
+    def __init__(self, max_threads: int, every_s: float = 5.0):
+        self.max_threads, self.every_s = max_threads, every_s
+        self.ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.threads = max_threads
+        self._last = self._sample()
+        if self._last is not None and max_threads > 1:
+            time.sleep(0.2)  # the first reading, before this process adds any load
+            self._update()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        """(wall, the machine's busy CPU seconds, this process's CPU seconds)."""
+        try:
+            with open("/proc/stat") as f:
+                fields = [float(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        own = os.times()
+        return time.monotonic(), (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), \
+            own.user + own.system
+
+    def _update(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        now = self._sample()
+        if now is None or self._last is None or now[0] - self._last[0] <= 0:
+            return
+        others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / (now[0] - self._last[0])
+        threads = max(1, min(self.max_threads, int(self.ncpu - others + 0.25)))
+        if threads != self.threads:
+            threadpool_limits(threads)
+            self.threads = threads
+        self._last = now
+
+    def tick(self) -> None:
+        if self.max_threads > 1 and self._last is not None and time.monotonic() - self._last[0] >= self.every_s:
+            self._update()
+
+
 def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, config: TrainConfig | None = None,
                   checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, install: bool = True,
                   replace: bool = False, progress: Callable[[dict], None] | None = None, **overrides) -> TrainResult:
     """Trains a LoRA adapter on `data` against `source` (a Bundle or BaseModel); with a Bundle and
     `install`, the adapter lands in the bundle's store, usable at once by its engines. The name is
     checked before any work: one the store refuses, or one installed already unless `replace`, is an
-    error. BLAS threads are limited to `cfg.threads` for the run and restored after it."""
+    error. BLAS threads are limited to `cfg.threads` for the run (fewer while other programs keep cores
+    busy, unless `adaptive_threads` is off) and restored after it."""
     from contextlib import nullcontext
 
     from threadpoolctl import threadpool_limits
@@ -252,19 +351,22 @@ def train_adapter(source, data: str | os.PathLike, name: str = "personal", *, co
     if isinstance(source, Bundle) and install:
         source.store.check_name(name, replace)
     with threadpool_limits(cfg.threads) if cfg.threads else nullcontext():
-        return _train(source, data, name, cfg, checkpoint_dir, resume, install, progress)
+        governor = CoreGovernor(cfg.threads) if cfg.threads and cfg.adaptive_threads else None
+        return _train(source, data, name, cfg, checkpoint_dir, resume, install, progress, governor)
 
 
 def _train(source, data, name: str, cfg: TrainConfig, checkpoint_dir, resume: bool, install: bool,
-           progress) -> TrainResult:
+           progress, governor: CoreGovernor | None = None) -> TrainResult:
     from edgelora.bundle import Bundle
 
-    model_config, weights, fingerprint = base_weights(source, cfg)
     tokenizer = source.tokenizer() if isinstance(source, Bundle) else source.tokenizer
-    train, val, rng = split(_data.load(data, tokenizer, cfg.seq_len), cfg)
+    train, val, rng = split(_data.load(data, tokenizer, cfg.seq_len), cfg)  # bad data fails before the base is read
+    data_sha = _sha(data)
+    model_config, weights, fingerprint = base_weights(source, cfg)
     lora = LoraParams(model_config, LoraSpec(cfg.rank, cfg.alpha, tuple(cfg.targets))).init_random(
         np.random.default_rng(cfg.seed + 1))
-    state = TrainState(lora, AdamW(lr=cfg.lr, weight_decay=cfg.weight_decay), rng)
+    state = TrainState(lora, AdamW(lr=cfg.lr, weight_decay=cfg.weight_decay), rng,
+                       identity=run_identity(cfg, data_sha, fingerprint))
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     if resume and ckpt and ckpt.exists():
         state.restore(ckpt)
@@ -272,6 +374,8 @@ def _train(source, data, name: str, cfg: TrainConfig, checkpoint_dir, resume: bo
     ws = Workspace()
 
     def loss_and_grad(ex):
+        if governor is not None:
+            governor.tick()
         loss, g = loss_and_grads(weights, lora, ex.tokens[None], ex.mask[None], model_config,
                                  train_last=cfg.last_layers, workspace=ws)
         return loss, g, len(ex.tokens)
@@ -281,9 +385,13 @@ def _train(source, data, name: str, cfg: TrainConfig, checkpoint_dir, resume: bo
                    for ex in val) / len(val)
 
     t0 = time.monotonic()
+    report = progress
+    if progress and governor is not None:
+        def report(p: dict) -> None:
+            progress({**p, "threads": governor.threads})
     tokens, stopped = train_loop(state, cfg, loss_and_grad, random_batches(train, rng), evaluate if val else None,
-                                 ckpt, progress)
-    provenance = {"method": "edgelora.train", "data_sha256": _sha(data), "config": asdict(cfg),
+                                 ckpt, report)
+    provenance = {"method": "edgelora.train", "data_sha256": data_sha, "config": asdict(cfg),
                   "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     adapter = to_adapter(lora, cfg, fingerprint, name, provenance)
     if isinstance(source, Bundle) and install:

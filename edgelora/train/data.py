@@ -67,8 +67,14 @@ def load(path: str | Path, tokenizer: Tokenizer, max_len: int) -> list[Example]:
     path = Path(path)
     if not path.exists():
         raise SourceNotFoundError(f"no such training data file: {path}")
+    if not path.is_file():
+        raise DataError(f"{path} is not a file; give a JSONL file of chats or prompt/completion pairs")
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8") from None
         if not line.strip():
             continue
         where = f"{path}:{n}"

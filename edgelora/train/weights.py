@@ -180,6 +180,7 @@ def for_bundle(bundle, backend: str | None = None, *, keep_layers: int = 2) -> t
     art = arts[backend]
     if art.quant == "qdq":
         raise UnsupportedFormatError(f"{bundle.root}: NPU (QDQ) graphs cannot be trained against; export a CPU bundle")
+    bundle.verify(art.files)  # a corrupt base would train on garbage and fail only at the end
     path = bundle.path(art.main)
     if backend == "gguf":
         return from_gguf(path, keep_layers=keep_layers), backend
