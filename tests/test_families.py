@@ -368,7 +368,7 @@ def test_npu_bundle_runs_wholly_on_htp(family, isolated_cache, tmp_path):
     assert (got.argmax(-1) == qdq.argmax(-1)).mean() >= 0.85
     # the QDQ graph's error with the adapter is a fraction of the adapter's own effect (measured 5-16% in
     # KL over the ten families, against ~1e-5 without an adapter; the fixed BOS prefix, whose K/V are
-    # the base's, is the likely cause: a known limit)
+    # the base's, is most of it: 6.5-7.8% in float on Llama 3 and Qwen3; a known limit)
     assert _kl(ref, qdq) < _kl(ref, base_ref) / 4, (_kl(ref, qdq), _kl(ref, base_ref))
 
 
