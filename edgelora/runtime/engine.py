@@ -260,6 +260,8 @@ class Engine:
 
     def generate(self, prompt: str | Sequence[Mapping[str, str]] | Sequence[int], max_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> Generation:
+        """The whole generation (see `stream`: text is completed as it is; chat messages get the chat
+        template)."""
         stats: dict = {}
         tokens = list(self.stream(prompt, max_tokens, temperature, top_p, top_k, seed, stats=stats))
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else ""
