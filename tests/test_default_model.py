@@ -44,7 +44,9 @@ def test_gguf_and_float_checkpoint_have_one_fingerprint(default_model_dir):
     from_gguf = edgelora.load_base(models.gguf_path("smollm2-135m"))
     assert from_gguf.source_dtype == "Q4_1" and from_hf.source_dtype == "F32"
     assert from_hf.fingerprint == from_gguf.fingerprint
-    assert json.loads((default_model_dir / "config.json").read_text())["edgelora_fingerprint"] == from_hf.fingerprint
+    from edgelora.converters import keys
+
+    assert keys.fingerprint_of(json.loads((default_model_dir / "config.json").read_text())) == from_hf.fingerprint
 
 
 def test_float_checkpoint_equals_transformers_own_gguf_dequantization(default_model_dir):
