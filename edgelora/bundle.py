@@ -5,7 +5,8 @@
                            quality figures), every file's size and sha256
       tokenizer/           tokenizer.json, tokenizer_config.json, chat_template.jinja
       gguf/model-q8_0.gguf llama.cpp artifact(s)
-      onnx/int4/model.onnx ONNX Runtime artifact(s), with LoRA slots
+      onnx/int4/model.onnx ONNX Runtime artifact(s), with LoRA slots; beside it genai_config.json and
+                           the tokenizer files, so onnxruntime-genai apps load the directory as it is
       adapters/            the adapter store (empty at export)
 
 `export` builds it in a temporary directory beside the target and renames it into place, so an
@@ -161,7 +162,7 @@ def _build_gguf(ws: _ExportContext, quant: str, out: Path, threads: int) -> list
 
 
 def _build_onnx(ws: _ExportContext, quant: str, out: Path, threads: int) -> list[Path]:
-    from .converters import onnx_fused, onnx_model
+    from .converters import genai, onnx_fused, onnx_model
 
     target_dir = out / "onnx" / quant
     if quant == "qdq":
@@ -193,7 +194,10 @@ def _build_onnx(ws: _ExportContext, quant: str, out: Path, threads: int) -> list
         path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length)
     else:
         path = onnx_model.export(ws.hf_dir(), target_dir, ws.base.config, quant, progress=bar(f"ONNX {quant}", ws.progress))
-    return [path] + sorted(p for p in target_dir.iterdir() if p.is_file() and p != path)  # + external data
+    # what onnxruntime-genai apps need to load this directory as it is (converters/genai.py)
+    genai.write_model_dir(target_dir, ws.base.config, ws.base.tokenizer, filename=path.name,
+                          context_length=ws.profile.context_length, share_buffer=ws.onnx_graph == "fused")
+    return [path] + sorted(p for p in target_dir.iterdir() if p.is_file() and p != path)  # + external data, genai
 
 
 def npu_calibration_adapters(ws: _ExportContext, sequences: list[list[int]], threads: int) -> list[tuple[LoraAdapter, list]]:
@@ -466,8 +470,37 @@ class Bundle:
         """The bundle's adapter store (install, list, info, remove)."""
         from .store import AdapterStore
 
+        genai = next((a.graph for a in self.artifacts if a.backend == "onnx" and a.quant != "qdq"), None)
         return AdapterStore(self.root / "adapters", fingerprint=self.fingerprint, config=self.config,
-                            backends=self.backends)
+                            backends=self.backends, genai_graph=genai or None)
+
+    def export_app(self, out: str | os.PathLike, adapters: Iterable[str] = (), *, replace: bool = False) -> Path:
+        """What an onnxruntime-genai app ships, as one directory: the CPU ONNX graph with its
+        genai_config.json and tokenizer (``og.Model(out)``), and each adapter in `adapters` (names
+        installed in the store: checked against its sha256 and this base) as
+        ``adapters/NAME.onnx_adapter`` in the graph's slot layout (``og.Adapters(model).load``)."""
+        from .converters import genai
+
+        art = next((a for a in self.artifacts if a.backend == "onnx" and a.quant != "qdq"), None)
+        if art is None:
+            raise SourceNotFoundError(f"{self.root} has no CPU ONNX artifact for an onnxruntime-genai app "
+                                      f"(it has {', '.join(f'{a.backend} {a.quant}' for a in self.artifacts)})")
+        if genai.CONFIG not in {Path(f).name for f in art.files}:
+            raise UnsupportedFormatError(f"{self.root} was exported before bundles carried {genai.CONFIG}; re-export it")
+        self.verify(art.files)
+        store = self.store
+        chosen = {name: store.open(name, "onnx")[1] for name in dict.fromkeys(adapters)}  # sha256 and fit checked
+        out = Path(out)
+        if out.exists() and not replace:
+            raise UnsupportedFormatError(f"{out} already exists; pass another --out or --replace to overwrite it")
+        with atomic_dir(out, replace=replace) as tmp:
+            for rel in art.files:
+                shutil.copy2(self.path(rel), tmp / Path(rel).name)
+            if chosen:
+                (tmp / "adapters").mkdir()
+            for name, adapter in chosen.items():
+                genai.write_adapter(adapter, tmp / "adapters" / f"{name}.onnx_adapter", self.config, art.graph or "fused")
+        return out
 
     def engine(self, backend: str | None = None, *, threads: int | None = None, n_ctx: int | None = None, **kw):
         """An engine over this bundle's artifact for `backend`; adapters installed in the store (now

@@ -211,6 +211,21 @@ def adapter_rm(bundle: Path = typer.Argument(...), name: str = typer.Argument(..
     typer.echo(f"removed {name}")
 
 
+@adapter_app.command("export-app")
+def adapter_export_app(
+    bundle: Path = typer.Argument(..., help="The bundle directory (with a CPU ONNX artifact)."),
+    out: Path = typer.Option(..., "--out", help="The directory to write: what the app ships."),
+    adapter: list[str] = typer.Option([], "--adapter", help="An installed adapter to ship; repeat for more."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an existing --out."),
+) -> None:
+    """Write a directory an onnxruntime-genai app loads as it is (og.Model(DIR); og.Adapters for adapters/)."""
+    from .bundle import open_bundle
+
+    path = open_bundle(bundle, verify=False).export_app(out, adapter, replace=replace)
+    typer.echo(f"wrote {path}: og.Model({str(path)!r})" + "".join(
+        f"; adapters.load({str(path / 'adapters' / (n + '.onnx_adapter'))!r}, {n!r})" for n in dict.fromkeys(adapter)))
+
+
 def _parse_adapters(specs: list[str]) -> dict[str, float]:
     from .errors import EdgeloraError
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from ._io import atomic_dir, sha256_file
 from .adapters import LoraAdapter
-from .converters import keys, load_adapter, save_adapter
+from .converters import genai, keys, load_adapter, save_adapter
 from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError
 
 ADAPTER_FILES = keys.ADAPTER_FILES
@@ -50,11 +50,12 @@ class StoreLimits:
 
 class AdapterStore:
     def __init__(self, root: str | os.PathLike, *, fingerprint: str, config, backends: list[str],
-                 limits: StoreLimits | None = None):
+                 limits: StoreLimits | None = None, genai_graph: str | None = None):
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.config = config
         self.backends = backends
+        self.genai_graph = genai_graph  # the bundle's CPU ONNX graph ("fused"/"optimum"): genai apps load its adapters
         self.limits = limits or StoreLimits()
         self.root.mkdir(parents=True, exist_ok=True)
         self._verified: dict[tuple[str, int, int], str] = {}  # file identity -> the sha256 it was checked against
@@ -185,7 +186,8 @@ class AdapterStore:
             raise StoreError(f"adapter {name} is {adapter.nbytes() / (1 << 20):.1f} MB, over the limit of "
                              f"{self.limits.max_adapter_mb:g} MB per adapter")
         other = sum(f["size"] for m in self.list() if m["name"] != name for f in m["files"].values()) / (1 << 20)
-        expected = other + len(self.backends) * adapter.nbytes() / (1 << 20)
+        copies = len(self.backends) + (self.genai_graph == "fused")
+        expected = other + copies * adapter.nbytes() / (1 << 20)
         if expected > self.limits.max_store_mb:
             raise StoreError(f"installing {name} would grow the store to ~{expected:.1f} MB, over its limit of "
                              f"{self.limits.max_store_mb:g} MB; remove adapters first")
@@ -193,6 +195,11 @@ class AdapterStore:
             for backend in self.backends:
                 save_adapter(adapter, tmp / ADAPTER_FILES[backend], "gguf" if backend == "gguf" else "onnx", self.config,
                              check=False)  # checked above
+            genai_file = None
+            if self.genai_graph == "fused":  # onnxruntime-genai needs the grouped slots' names
+                genai_file = genai.write_adapter(adapter, tmp / keys.GENAI_ADAPTER, self.config, "fused").name
+            elif self.genai_graph == "optimum":  # the per-module file is already in the graph's slot names
+                genai_file = ADAPTER_FILES["onnx"]
             files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             ranks = sorted(set(adapter.ranks.values()))
@@ -200,7 +207,7 @@ class AdapterStore:
                 "name": name, "base_fingerprint": self.fingerprint, "bound_at_install": bound_here,
                 "rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": adapter.alpha, "rslora": adapter.use_rslora,
                 "targets": adapter.target_kinds, "modules": len(adapter.tensors), "parameters": adapter.num_parameters(),
-                "backends": self.backends, "files": files, "provenance": adapter.provenance,
+                "backends": self.backends, "genai": genai_file, "files": files, "provenance": adapter.provenance,
                 "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")

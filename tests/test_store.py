@@ -40,7 +40,9 @@ def test_install_list_info_remove(bundle, tiny_llama, tmp_path):
     peft = make_peft_adapter(tiny_llama, tmp_path / "p")
     m = bundle.store.install(peft, "style")
     assert m["bound_at_install"] and m["base_fingerprint"] == bundle.fingerprint
-    assert set(m["files"]) == {"adapter.gguf", "adapter.onnx_adapter", "adapter.onnx_adapter.json"}
+    assert set(m["files"]) == {"adapter.gguf", "adapter.onnx_adapter", "adapter.onnx_adapter.json",
+                               "adapter.genai.onnx_adapter"}  # the fused graph's slot layout, for genai apps
+    assert m["genai"] == "adapter.genai.onnx_adapter"
     assert bundle.store.names() == ["style"]
     assert bundle.store.verify("style")["rank"] == 8
     bundle.store.remove("style")
