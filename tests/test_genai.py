@@ -48,7 +48,7 @@ def ours(bundle, ids: list[int], active: str | None = None) -> list[int]:
         return e.generate(ids, max_tokens=MAX_NEW).tokens
 
 
-@pytest.fixture(scope="module", params=["f32", "int4"])
+@pytest.fixture(scope="module", params=["f32", "int8", "int4"])
 def bundle(request, tiny_llama, tmp_path_factory, isolated_cache):
     b = edgelora.export(tiny_llama, "x86-64", tmp_path_factory.mktemp("genai") / request.param, backend="onnx",
                         quant=request.param, eval_tokens=256, force=True, progress=False)
