@@ -20,15 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgelora.quality import mean_kl  # noqa: E402
+
 TEXT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models."
-
-
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    lp = p_logits - p_logits.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q_logits - q_logits.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def measure(family: str, tmp: Path) -> dict[str, dict[str, float]]:
@@ -57,7 +51,7 @@ def measure(family: str, tmp: Path) -> dict[str, dict[str, float]]:
     out["numpy trainer"] = forward_logits({n: base.weights[n] for n in base.weights}, None, np.array([ids]),
                                           base.config)[0]
     scale = float(np.abs(ref).max())
-    return {k: {"max_abs_err": float(np.abs(v - ref).max()), "scale": scale, "kl": kl(ref, v),
+    return {k: {"max_abs_err": float(np.abs(v - ref).max()), "scale": scale, "kl": mean_kl(ref, v),
                 "top1": float((v.argmax(-1) == ref.argmax(-1)).mean())} for k, v in out.items()}
 
 

@@ -16,19 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PROMPT, bundle, median_seconds, table, write_json  # noqa: E402
+from edgelora.quality import mean_kl  # noqa: E402
 
-
-def kl(p: np.ndarray, q: np.ndarray) -> float:
-    lp = p - p.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q - q.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def ensure_adapter(b, name: str = "maren"):
@@ -96,9 +88,9 @@ def main() -> None:
         cpu.set_adapters(weights)
         want = ref.logits(prefix + ids)[1:]
         got = cpu.logits(prefix + ids)
-        acc[label] = {"kl": kl(want, got), "top1": float((want.argmax(-1) == got.argmax(-1)).mean())}
+        acc[label] = {"kl": mean_kl(want, got), "top1": float((want.argmax(-1) == got.argmax(-1)).mean())}
     ref.set_adapters({})
-    acc["adapter effect (float)"] = {"kl": kl(ref.logits(prefix + ids)[1:], want), "top1": float("nan")}
+    acc["adapter effect (float)"] = {"kl": mean_kl(ref.logits(prefix + ids)[1:], want), "top1": float("nan")}
     out["accuracy"] = acc
     print(f"{b.root}: decode graph {nodes} nodes, LoRA rank {json_rank(root)}")
     print(table(("provider", "swap", "per token, no adapter", f"per token, {name}", "ratio"), rows))

@@ -54,6 +54,18 @@ class QualityReport:
         return self.perplexity_change <= max_increase and self.top1_agreement >= min_agreement
 
 
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(softmax p || softmax q) over positions, in nats (float64: small divergences survive)."""
+    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def windows(tokens: Sequence[int], window: int) -> list[list[int]]:
     tokens = list(tokens)
     return [tokens[i:i + window] for i in range(0, len(tokens) - 1, window) if len(tokens[i:i + window]) > 1]

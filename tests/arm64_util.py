@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.quality import mean_kl
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("arm64_probe.py")
 CHATS = [("What's my dog called?", "Your dog is called Pepper."), ("Where did I grow up?", "You grew up in Dunmore."),
@@ -109,17 +111,6 @@ def probe(bundle: Path, out: Path, ids: list[int], adapters: list[str], *, emula
     return result
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def _kl(ref: np.ndarray, got: np.ndarray) -> float:
-    """Mean KL(ref || got) per position, in nats."""
-    lr, lg = _log_softmax(ref), _log_softmax(got)
-    return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
-
 
 def _top1(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
@@ -170,14 +161,14 @@ def compare(x86: dict, arm: dict, reference: dict[str, np.ndarray] | None = None
         diff = float(np.abs(a - b).max())
         rel = diff / float(a.max() - a.min())
         ref = reference.get(case) if reference else None
-        kl_float = (_kl(ref, a), _kl(ref, b)) if ref is not None else None
+        kl_float = (mean_kl(ref, a), mean_kl(ref, b)) if ref is not None else None
         top1_float = (_top1(ref, a), _top1(ref, b)) if ref is not None else None
         if _exact(artifact):
             ok = rel <= FLOAT_REL
         else:
             ok = (kl_float is not None and kl_float[1] <= KL_RATIO * kl_float[0] + KL_FLOOR
                   and top1_float[1] >= top1_float[0] - TOP1_DROP)
-        rows.append(Row(artifact, case, diff, rel, _kl(a, b), _top1(a, b), kl_float, top1_float, ok))
+        rows.append(Row(artifact, case, diff, rel, mean_kl(a, b), _top1(a, b), kl_float, top1_float, ok))
     for key in (k for k in x86 if k.endswith("/tokens")):
         if key in arm and not np.array_equal(x86[key], arm[key]) and _exact(key.split("/")[0]):
             problems.append(f"{key}: greedy tokens differ: x86 {x86[key].tolist()} vs arm64 {arm[key].tolist()}")

@@ -14,6 +14,7 @@ from edgelora.converters import load_adapter, save_adapter
 from edgelora.converters import gguf_model, onnx_model
 from edgelora.runtime.gguf import GGUFEngine
 from edgelora.train.model import LORA_KINDS, LoraParams, LoraSpec, loss_and_grads, masked_loss
+from edgelora.quality import mean_kl
 from tests.families import FAMILY_NAMES, PEFT_TARGETS, build_family
 from tests.peft_util import base_logits, make_peft_adapter, peft_logits, peft_loss_and_grads
 
@@ -82,7 +83,7 @@ def test_optimum_onnx_quantized_keeps_its_slots_and_the_logits(family, quant):
     graph = onnx_model.export(path, tmp / f"optimum-{quant}", base.config, quant)
     with OnnxEngine(graph, base.config, threads=1, n_ctx=128) as e:
         assert e.slots  # the slots survived quantization
-        assert _kl(base_logits(path, ids), e.logits(ids)) < QUANT_KL[quant]
+        assert mean_kl(base_logits(path, ids), e.logits(ids)) < QUANT_KL[quant]
 
 
 def _engine(kind, base, tmp):
@@ -218,15 +219,6 @@ def test_other_familys_adapter_is_refused(family, tmp_path_factory):
         adapter.check_fits(base.config, base.fingerprint)
 
 
-def _kl(p_logits, q_logits):
-    """Mean KL(p || q) over positions."""
-    lp = p_logits - p_logits.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q_logits - q_logits.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-
-
 # int8/int4 of random tiny weights against the float model (measured: int8 KL <= 1e-5, int4 <= 9e-4;
 # a wrong op, e.g. a norm without its (1+w), gives KL far above 1e-2)
 QUANT_KL = {"int8": 5e-5, "int4": 3e-3}
@@ -248,7 +240,7 @@ def test_fused_onnx_logits_equal_transformers(family, quant):
     if quant == "f32":
         np.testing.assert_allclose(out, ref, rtol=0, atol=5e-5)
     else:
-        assert _kl(ref, out) < QUANT_KL[quant]
+        assert mean_kl(ref, out) < QUANT_KL[quant]
 
 
 @pytest.fixture(scope="module")
@@ -369,16 +361,8 @@ def test_npu_bundle_runs_wholly_on_htp(family, isolated_cache, tmp_path):
     # the QDQ graph's error with the adapter is a fraction of the adapter's own effect (measured 5-16% in
     # KL over the ten families, against ~1e-5 without an adapter; the fixed BOS prefix, whose K/V are
     # the base's, is most of it: 6.5-7.8% in float on Llama 3 and Qwen3; a known limit)
-    assert _kl(ref, qdq) < _kl(ref, base_ref) / 4, (_kl(ref, qdq), _kl(ref, base_ref))
+    assert mean_kl(ref, qdq) < mean_kl(ref, base_ref) / 4, (mean_kl(ref, qdq), mean_kl(ref, base_ref))
 
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    """Mean KL(softmax p || softmax q) over positions."""
-    lp = p - p.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q - q.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def test_sliding_window_llama_cpp_would_ignore_is_refused(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import edgelora
+from edgelora.quality import mean_kl
 from edgelora.runtime.engine import EngineError
 from edgelora.runtime.npu import qnn_htp_session
 from tests.peft_util import base_logits, peft_logits
@@ -73,11 +74,6 @@ def npu_adapters(npu_bundle, tiny_llama, tmp_path_factory):
     return peft
 
 
-def _kl(ref, got):
-    lr = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
-    lg = got - np.log(np.exp(got - got.max(-1, keepdims=True)).sum(-1, keepdims=True)) - got.max(-1, keepdims=True)
-    return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
-
 
 def test_adapters_in_the_npu_graphs_match_float_plus_adapter(npu_bundle, npu_adapters, tiny_llama):
     """The LoRA slots: one adapter, a swap and a weighted mix, on HTP and on the QDQ graph on CPU, against
@@ -97,10 +93,10 @@ def test_adapters_in_the_npu_graphs_match_float_plus_adapter(npu_bundle, npu_ada
         assert np.abs(on_htp - on_cpu).max() < 0.05 * spread, weights
         # the QDQ graph with the adapter is the float model with the adapter, to quantization error: far
         # closer to it than to the base (the adapter's effect survives the 16-bit slots)
-        kl = _kl(ref, on_cpu)
+        kl = mean_kl(ref, on_cpu)
         assert (on_cpu.argmax(-1) == ref.argmax(-1)).mean() >= 0.9 and kl < 1e-3, (weights, kl)
         if weights:
-            assert _kl(ref, base_ref) > 20 * kl, weights
+            assert mean_kl(ref, base_ref) > 20 * kl, weights
 
 
 def test_npu_adapter_refusals(npu_bundle, npu_adapters):

@@ -385,12 +385,11 @@ def _train(source, data, name: str, cfg: TrainConfig, checkpoint_dir, resume: bo
                    for ex in val) / len(val)
 
     t0 = time.monotonic()
-    report = progress
-    if progress and governor is not None:
-        def report(p: dict) -> None:
-            progress({**p, "threads": governor.threads})
+    def report(p: dict) -> None:  # the progress, with the thread count the governor chose
+        progress({**p, "threads": governor.threads} if governor is not None else p)
+
     tokens, stopped = train_loop(state, cfg, loss_and_grad, random_batches(train, rng), evaluate if val else None,
-                                 ckpt, report)
+                                 ckpt, report if progress else None)
     provenance = {"method": "edgelora.train", "data_sha256": data_sha, "config": asdict(cfg),
                   "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     adapter = to_adapter(lora, cfg, fingerprint, name, provenance)
