@@ -70,16 +70,14 @@ def config(model_config: ModelConfig, tokenizer: Tokenizer, *, filename: str, co
 
 
 def write_model_dir(model_dir: Path, model_config: ModelConfig, tokenizer: Tokenizer, *, filename: str,
-                    context_length: int, share_buffer: bool) -> list[Path]:
-    """Writes genai_config.json and the tokenizer files into `model_dir`; returns their paths."""
+                    context_length: int, share_buffer: bool) -> None:
+    """Writes genai_config.json and the tokenizer files into `model_dir`."""
     from .hf import write_tokenizer
 
     model_dir = Path(model_dir)
     cfg = config(model_config, tokenizer, filename=filename, context_length=context_length, share_buffer=share_buffer)
     (model_dir / CONFIG).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    before = set(model_dir.iterdir())
     write_tokenizer(tokenizer, model_dir)
-    return [model_dir / CONFIG, *sorted(set(model_dir.iterdir()) - before)]
 
 
 def adapter_parameters(adapter: LoraAdapter, model_config: ModelConfig, graph: str) -> dict[str, np.ndarray]:

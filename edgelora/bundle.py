@@ -209,9 +209,8 @@ def npu_calibration_adapters(ws: _ExportContext, sequences: list[list[int]], thr
     from .adapters import LoraTensor, random_adapter
     from .train import train_adapter
 
-    # seq_len: a cap, not a length (the shipped chats are ~100 tokens; tiny test tokenizers make more)
-
     with resources.as_file(resources.files("edgelora.data").joinpath("persona_train.jsonl")) as data:
+        # seq_len: a cap, not a length (the shipped chats are ~100 tokens; tiny test tokenizers make more)
         trained = train_adapter(ws.base, data, "calibration", install=False, steps=30, lr=3e-3, rank=8,
                                 seq_len=1024, val_fraction=0, threads=threads).adapter
     doubled = LoraAdapter({t: LoraTensor(2 * v.A, 2 * v.B, v.alpha) for t, v in trained.tensors.items()},
@@ -470,9 +469,13 @@ class Bundle:
         """The bundle's adapter store (install, list, info, remove)."""
         from .store import AdapterStore
 
-        genai = next((a.graph for a in self.artifacts if a.backend == "onnx" and a.quant != "qdq"), None)
+        cpu_onnx = self._cpu_onnx_artifact()
         return AdapterStore(self.root / "adapters", fingerprint=self.fingerprint, config=self.config,
-                            backends=self.backends, genai_graph=genai or None)
+                            backends=self.backends, genai_graph=(cpu_onnx.graph or None) if cpu_onnx else None)
+
+    def _cpu_onnx_artifact(self) -> Artifact | None:
+        """The ONNX artifact a CPU runtime (and an onnxruntime-genai app) loads: not the NPU's QDQ graphs."""
+        return next((a for a in self.artifacts if a.backend == "onnx" and a.quant != "qdq"), None)
 
     def export_app(self, out: str | os.PathLike, adapters: Iterable[str] = (), *, replace: bool = False) -> Path:
         """What an onnxruntime-genai app ships, as one directory: the CPU ONNX graph with its
@@ -481,7 +484,7 @@ class Bundle:
         ``adapters/NAME.onnx_adapter`` in the graph's slot layout (``og.Adapters(model).load``)."""
         from .converters import genai
 
-        art = next((a for a in self.artifacts if a.backend == "onnx" and a.quant != "qdq"), None)
+        art = self._cpu_onnx_artifact()
         if art is None:
             raise SourceNotFoundError(f"{self.root} has no CPU ONNX artifact for an onnxruntime-genai app "
                                       f"(it has {', '.join(f'{a.backend} {a.quant}' for a in self.artifacts)})")

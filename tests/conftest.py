@@ -100,6 +100,26 @@ def default_model_dir() -> Path:
     return edgelora.models.ensure_model(edgelora.DEFAULT_MODEL, progress=False)
 
 
+def train_killed_at(bundle_root: Path, data: Path, name: str, checkpoint_dir: Path, step: int, **kw):
+    """Runs train_adapter on the bundle in a subprocess that SIGKILLs itself once step `step` is done
+    (what a crash or a phone's OOM killer does); returns the CompletedProcess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, edgelora
+        from edgelora.train import train_adapter
+        b = edgelora.open_bundle({str(bundle_root)!r})
+        def progress(p):
+            if p["step"] == {step}:
+                os.kill(os.getpid(), 9)
+        train_adapter(b, {str(data)!r}, {name!r}, install=False, checkpoint_dir={str(checkpoint_dir)!r},
+                      progress=progress, **{kw!r})
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, env=os.environ.copy())
+
+
 def _run_cli(*args: str, env: dict | None = None, timeout: float = 900):
     """Runs the real `edgelora` command in a subprocess; returns CompletedProcess."""
     import subprocess

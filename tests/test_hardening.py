@@ -27,6 +27,7 @@ from edgelora.errors import CorruptFileError, EdgeloraError
 from edgelora.runtime.engine import EngineError, EngineInputError
 from edgelora.train import TrainerError, train_adapter
 from edgelora.train.data import DataError
+from tests.conftest import train_killed_at
 from tests.peft_util import make_peft_adapter
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -256,16 +257,7 @@ def test_a_run_killed_before_its_first_step_checkpoint_resumes_from_a_timed_one(
     data, ck = _chats(tmp_path / "d.jsonl"), tmp_path / "ck"
     kw = dict(steps=8, lr=1e-2, rank=2, seq_len=64, checkpoint_every=1000, checkpoint_seconds=1e-6, seed=4)
     whole = train_adapter(bundle, data, "w", install=False, **kw).adapter
-    script = textwrap.dedent(f"""
-        import os, edgelora
-        from edgelora.train import train_adapter
-        b = edgelora.open_bundle({str(bundle.root)!r})
-        def progress(p):
-            if p["step"] == 5:
-                os.kill(os.getpid(), 9)
-        train_adapter(b, {str(data)!r}, "k", install=False, checkpoint_dir={str(ck)!r}, progress=progress, **{kw!r})
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    proc = train_killed_at(bundle.root, data, "k", ck, 5, **kw)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     resumed = train_adapter(bundle, data, "k", install=False, checkpoint_dir=ck, resume=True, **kw)
     assert resumed.steps == 8 and len(resumed.losses) == 8

@@ -2,11 +2,7 @@
 the loop's determinism, kill-and-resume, data errors, and the adapter it installs."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +11,7 @@ import edgelora
 from edgelora.train import TrainConfig, train_adapter
 from edgelora.train.data import DataError
 from edgelora.train.model import LoraParams, LoraSpec, loss_and_grads, masked_loss
+from tests.conftest import train_killed_at
 from tests.ort_util import onnxruntime_logits
 from tests.peft_util import make_peft_adapter, peft_loss_and_grads
 
@@ -216,16 +213,7 @@ def test_same_seed_same_adapter_and_kill_resume(gguf_bundle, tmp_path):
     for t in a.targets:
         np.testing.assert_array_equal(a.tensors[t].B, b.tensors[t].B)
     ckpt = tmp_path / "ckpt"
-    script = textwrap.dedent(f"""
-        import os, edgelora
-        from edgelora.train import train_adapter
-        b = edgelora.open_bundle({str(gguf_bundle.root)!r})
-        def progress(p):
-            if p["step"] == 7:
-                os.kill(os.getpid(), 9)
-        train_adapter(b, {str(data)!r}, "c", install=False, checkpoint_dir={str(ckpt)!r}, progress=progress, **{kw!r})
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env=os.environ.copy())
+    proc = train_killed_at(gguf_bundle.root, data, "c", ckpt, 7, **kw)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     resumed = train_adapter(gguf_bundle, data, "c", install=False, checkpoint_dir=ckpt, resume=True, **kw)
     for t in a.targets:

@@ -227,8 +227,6 @@ class Engine:
         template), a list of chat messages ({"role", "content"}: the model's chat template is
         applied), or token ids."""
         _check_sampling(max_tokens, temperature, top_p, top_k)
-        if self._closed:
-            raise EngineInputError("this engine is closed; open another (bundle.engine())")
         if isinstance(prompt, str) and not prompt:
             raise EngineInputError("the prompt is empty")
         is_ids = isinstance(prompt, (list, tuple, np.ndarray)) and (not len(prompt) or not isinstance(prompt[0], Mapping))

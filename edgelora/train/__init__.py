@@ -385,6 +385,7 @@ def _train(source, data, name: str, cfg: TrainConfig, checkpoint_dir, resume: bo
                    for ex in val) / len(val)
 
     t0 = time.monotonic()
+
     def report(p: dict) -> None:  # the progress, with the thread count the governor chose
         progress({**p, "threads": governor.threads} if governor is not None else p)
 
