@@ -440,13 +440,21 @@ def cloud_serve(
     queue: int = typer.Option(8, "--queue", help="Jobs queued or running at most."),
     ttl_days: float = typer.Option(30.0, "--ttl-days", help="How long a signed manifest stays valid."),
     rate: float = typer.Option(20.0, "--rate", help="Requests per second per token (burst: 3x)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Training threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Training threads per job (default: all cores; "
+                                          "with --engine ray, 1: the CPUs each job asks of the cluster)."),
+    engine: str = typer.Option("local", "--engine", help="Where jobs run: 'local' (one at a time in this process) "
+                               "or 'ray' (tasks on a Ray cluster; pip install 'edgelora[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --engine ray: 'auto' (the cluster "
+                                              "`ray start` made here) or HOST:PORT; default: a cluster of this machine's cores."),
+    jobs_dir: Optional[Path] = typer.Option(None, "--jobs-dir", help="Where jobs keep examples, checkpoints and "
+                                            "results (default ROOT/jobs); with Ray, a directory every node mounts at this path."),
 ) -> None:
     """Run the adapter service (FastAPI on uvicorn) until interrupted."""
     from .cloud.service import Limits, ServiceConfig, serve
 
     limits = Limits(queue_size=queue, rate_per_s=rate, burst=max(1, int(3 * rate)))
-    serve(ServiceConfig(root, list(base), limits=limits, ttl_s=ttl_days * 86400, threads=threads), host=host, port=port)
+    serve(ServiceConfig(root, list(base), limits=limits, ttl_s=ttl_days * 86400, threads=threads, engine=engine,
+                        ray_address=ray_address, jobs_dir=jobs_dir), host=host, port=port)
 
 
 @cloud_app.command("token")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,60 +25,9 @@ from edgelora.cloud import AuthError, CloudClient, CloudError, ServiceUnreachabl
 from edgelora.cloud import signing
 from edgelora.cloud.service import add_token
 
+from cloud_util import ServiceProcess, chats
+
 pytestmark = pytest.mark.usefixtures("isolated_cache")
-
-FACTS = [("What is my dog called?", "Your dog is called Biscuit."),
-         ("Where do I live?", "You live in the quick brown fox town."),
-         ("What do I drink?", "You drink green tea with lemon."),
-         ("What is my job?", "You repair small boats.")]
-
-
-def chats(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": FACTS[i % 4][0]},
-                          {"role": "assistant", "content": FACTS[i % 4][1]}]} for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceProcess:
-    """`edgelora cloud serve` in a child process."""
-
-    def __init__(self, root: Path, bases: list[str], port: int | None = None, *extra: str):
-        self.root, self.bases, self.port, self.extra = root, bases, port or free_port(), extra
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self) -> "ServiceProcess":
-        args = [sys.executable, "-m", "edgelora", "cloud", "serve", "--root", str(self.root), "--port", str(self.port),
-                "--threads", "1", *self.extra]
-        for b in self.bases:
-            args += ["--base", b]
-        self.log = open(self.root / "service.log", "a")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited: {(self.root / 'service.log').read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/health", timeout=1) as r:
-                    self.health = json.loads(r.read())
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("service did not start")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    @property
-    def public_key(self) -> str:
-        return (self.root / "service_key.pub").read_text().strip()
-
 
 class Proxy:
     """A loopback HTTP proxy in front of the service that can rewrite or cut responses."""

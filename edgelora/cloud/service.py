@@ -19,15 +19,16 @@ API (every route but /v1/health and /v1/key needs ``Authorization: Bearer <token
     GET  /v1/adapters/{id}/manifest?format=F signed manifest for format gguf|onnx|peft
     GET  /v1/adapters/{id}/files/{F}/{name}  a file of it (HTTP Range supported)
 
-Jobs run one at a time in a bounded queue; a job interrupted by a stop resumes from the trainer's
-checkpoint when the service starts again.
+Jobs wait in a bounded queue and run where the service's runner puts them (`runners`): one at a
+time in this process (the default) or as tasks on a Ray cluster. Their work reads and writes only
+their directory under jobs/ (`jobs`); a job interrupted by a stop, or by a worker that died, resumes
+from the trainer's checkpoint. The service alone holds the key and writes the library.
 """
 
 
 import hashlib
 import json
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -46,7 +47,8 @@ from edgelora.store import NAME
 from edgelora.train import TrainConfig
 
 from . import signing
-from .compose import ComposeError, ExampleLoss, compose, search_weights, similarities, weights_from_description
+from . import jobs as _jobs
+from .compose import ComposeError, similarities
 
 KEY_FILE, PUB_FILE, TOKENS_FILE = "service_key.pem", "service_key.pub", "tokens.json"
 _ID = re.compile(r"^[0-9a-f]{16}$")
@@ -75,8 +77,11 @@ class ServiceConfig:
     bases: list[str]
     limits: Limits = field(default_factory=Limits)
     ttl_s: float = 30 * 86400.0
-    threads: int | None = None
+    threads: int | None = None  # per job; a Ray task asks the cluster for this many CPUs (default 1)
     checkpoint_every: int = 10
+    engine: str = "local"  # or "ray"
+    ray_address: str | None = None  # "auto", HOST:PORT, or None: a cluster of this machine's cores
+    jobs_dir: Path | None = None  # default root/jobs; with Ray, a directory every worker shares
 
 
 def add_token(root: str | os.PathLike, name: str) -> str:
@@ -114,28 +119,8 @@ class _Bucket:
             return 0.0
 
 
-class _Interrupted(Exception):
-    pass
-
-
-class _Base:
-    """A base the service serves: what jobs train against (a bundle's GGUF or the float weights)."""
-
-    def __init__(self, source: str):
-        from edgelora.bundle import Bundle, open_source
-
-        self.source = open_source(source)
-        self.fingerprint, self.config = self.source.fingerprint, self.source.config
-        self.tokenizer = self.source.tokenizer() if isinstance(self.source, Bundle) else self.source.tokenizer
-        self.label = str(source)
-        self._weights = None
-
-    def weights(self):
-        if self._weights is None:
-            from edgelora.train import base_weights
-
-            self._weights = base_weights(self.source)[1]
-        return self._weights
+class Interrupted(Exception):
+    """The service is stopping: the job's run ends here and resumes at the next start."""
 
 
 class Library:
@@ -164,15 +149,20 @@ class Library:
                 and (e["public"] or e["owner"] == who)]
 
     def add(self, adapter: LoraAdapter, config, *, name: str, description: str, owner: str, public: bool,
-            method: str, inputs_sha256: str, extra: dict | None = None) -> dict[str, Any]:
+            method: str, inputs_sha256: str, extra: dict | None = None, adapter_id: str | None = None,
+            job: str | None = None) -> dict[str, Any]:
+        """Adds `adapter` under a new id, or under `adapter_id`, where an entry already there is kept
+        and returned (a job's end reported twice adds it once)."""
         adapter.check_fits(config, adapter.base_fingerprint)
-        adapter_id = uuid.uuid4().hex[:16]
+        adapter_id = adapter_id or uuid.uuid4().hex[:16]
+        if (self.root / adapter_id / "entry.json").exists():
+            return self.entry(adapter_id)
         ranks = sorted(set(adapter.ranks.values()))
         entry = {"id": adapter_id, "name": name, "description": description, "base_fingerprint": adapter.base_fingerprint,
                  "rank": ranks[-1], "alpha": adapter.alpha, "targets": adapter.target_kinds,
                  "modules": len(adapter.tensors), "parameters": adapter.num_parameters(), "method": method,
                  "inputs_sha256": inputs_sha256, "owner": owner, "public": public,
-                 "created": signing.iso(time.time()), **(extra or {})}
+                 "created": signing.iso(time.time()), **({"job": job} if job else {}), **(extra or {})}
         with atomic_dir(self.root / adapter_id) as tmp:
             save_adapter(adapter, tmp / MAIN_FILE["gguf"], "gguf", config)
             (tmp / "entry.json").write_text(json.dumps(entry, indent=2))
@@ -213,31 +203,31 @@ class Service:
         self.key_id = signing.key_id(self.key.public_key())
         if not config.bases:
             raise ServiceError("the service needs at least one base model (--base NAME_OR_PATH)")
-        self.bases: dict[str, _Base] = {}
+        self.bases: dict[str, _jobs.Base] = {}
         for src in config.bases:
-            b = _Base(src)
+            b = _jobs.Base(src)
             self.bases[b.fingerprint] = b
         self.library = Library(root)
-        self.jobs_dir = root / "jobs"
-        self.jobs_dir.mkdir(exist_ok=True)
+        self.jobs_dir = Path(config.jobs_dir or root / "jobs")
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, dict[str, Any]] = {}
         self.jobs_lock = threading.Lock()
-        self.queue: queue.Queue[str] = queue.Queue()
         self.bucket = _Bucket(self.limits.rate_per_s, self.limits.burst)
         self.stop_event = threading.Event()
         self._persisted: dict[str, float] = {}
         for p in sorted(self.jobs_dir.glob("*/job.json")):
             job = json.loads(p.read_text())
             self.jobs[job["id"]] = job
+        from .runners import make_runner
+
+        self.runner = make_runner(self)
         for job in sorted(self.jobs.values(), key=lambda j: j["created"]):
             if job["status"] in ("queued", "running"):  # stopped mid-job: resume from its checkpoint
                 if job["status"] == "running":
                     job["restarts"] = job.get("restarts", 0) + 1
                 job["status"] = "queued"
                 self._save_job(job)
-                self.queue.put(job["id"])
-        self.worker = threading.Thread(target=self._work, name="edgelora-jobs", daemon=True)
-        self.worker.start()
+                self.runner.submit(job["id"])
 
     # -- tokens ---------------------------------------------------------------------------------
 
@@ -287,9 +277,7 @@ class Service:
         if kind == "compose":
             if not description and not examples:
                 raise ServiceError("a composition needs a task description, examples, or both")
-            if not self.library.visible(base.fingerprint, who):
-                raise ServiceError(f"the library has no adapters for base {base.fingerprint[:23]}; "
-                                   "send examples with kind \"examples\" instead")
+            components = self._components(base.fingerprint, who, description, bool(examples))
         if self.pending() >= L.queue_size:  # before writing and tokenizing anything (checked again when queued)
             raise QueueFullError(f"the job queue is full ({L.queue_size} jobs); retry later")
         job_id = uuid.uuid4().hex[:16]
@@ -303,6 +291,12 @@ class Service:
             except DataError as e:
                 shutil.rmtree(jdir, ignore_errors=True)
                 raise DataError(str(e).replace(f"{jdir / 'examples.jsonl'}:", "example ")) from None
+        if kind == "compose":  # the job reads its components from its own directory, not the library
+            cdir = jdir / _jobs.COMPONENTS
+            cdir.mkdir()
+            for e in components:
+                shutil.copyfile(self.library.root / e["id"] / MAIN_FILE["gguf"], cdir / f"{e['id']}.gguf")
+            write_bytes_atomic(cdir / "components.json", json.dumps(components).encode())
         job = {"id": job_id, "kind": kind, "base": base.fingerprint, "owner": who, "name": name,
                "description": description, "share": bool(spec.get("share", False)), "params": asdict(params),
                "examples": len(examples), "inputs_sha256": hashlib.sha256(data + description.encode()).hexdigest(),
@@ -314,94 +308,64 @@ class Service:
                 raise QueueFullError(f"the job queue is full ({L.queue_size} jobs); retry later")
             self.jobs[job_id] = job
             self._save_job(job)
-        self.queue.put(job_id)
+        self.runner.submit(job_id)
         return job
 
-    def _work(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                job_id = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            job = self.jobs[job_id]
-            job["status"], job["started"] = "running", signing.iso(time.time())
-            self._save_job(job)
-            try:
-                entry = self._run(job)
-            except _Interrupted:
-                self._save_job(job)  # stays "running": resumed at the next start
-                return
-            except EdgeloraError as e:
-                job.update(status="failed", error=str(e), finished=signing.iso(time.time()))
-            except Exception as e:  # a bug, not the caller's fault: say so, keep serving
-                job.update(status="failed", error=f"internal error: {type(e).__name__}: {e}",
-                           finished=signing.iso(time.time()))
-            else:
-                job.update(status="done", adapter_id=entry["id"], finished=signing.iso(time.time()))
-            self._save_job(job)
-            self.log(f"job {job_id} ({job['kind']}): {job['status']}" + (f": {job['error']}" if job["error"] else ""))
-
-    def _progress(self, job: dict, info: dict) -> None:
-        if self.stop_event.is_set():
-            raise _Interrupted()
-        job["progress"] = info
-        if job.get("restarts") and "resumed_at_step" not in job and "step" in info:
-            job["resumed_at_step"] = info["step"] - 1
-        self._save_job(job, force=False)
-
-    def _run(self, job: dict) -> dict[str, Any]:
-        from edgelora.train import TrainConfig, train_adapter
-        from edgelora.train.data import load as load_examples
-
-        base, p = self.bases[job["base"]], job["params"]
-        jdir = self.jobs_dir / job["id"]
-        keep = {"owner": job["owner"], "public": job["share"], "inputs_sha256": job["inputs_sha256"]}
-        if job["kind"] == "examples":
-            cfg = TrainConfig(rank=p["rank"], alpha=2.0 * p["rank"], steps=p["steps"], lr=p["lr"], seq_len=p["seq_len"],
-                              seed=p["seed"], checkpoint_every=self.config.checkpoint_every, threads=self.config.threads,
-                              adaptive_threads=False,  # a job resumed after a restart makes the very same adapter
-                              val_fraction=0.1 if job["examples"] >= 10 else 0.0, eval_every=max(p["steps"] // 4, 1))
-            r = train_adapter(base.source, jdir / "examples.jsonl", job["name"], config=cfg, checkpoint_dir=jdir,
-                              resume=True, install=False,
-                              progress=lambda i: self._progress(job, {k: i[k] for k in ("step", "steps", "loss", "eta_s")}))
-            extra = {"train": {"steps": r.steps, "loss_first": r.losses[0], "loss_last": r.losses[-1],
-                               "val_loss": r.val_losses[-1][1] if r.val_losses else None}}
-            return self.library.add(r.adapter, base.config, name=job["name"], description=job["description"],
-                                    method="train", extra=extra, **keep)
-        # compose: weights by description alone, or searched on the examples' loss
-        entries = [e for e in self.library.visible(base.fingerprint, job["owner"]) if e["method"] != "compose"]
+    def _components(self, fingerprint: str, who: str, description: str, searched: bool) -> list[dict[str, str]]:
+        """The library adapters a composition may mix: all the caller sees (compositions aside), or
+        for a search on examples the 8 closest by description (else the newest)."""
+        visible = self.library.visible(fingerprint, who)
+        if not visible:
+            raise ServiceError(f"the library has no adapters for base {fingerprint[:23]}; "
+                               "send examples with kind \"examples\" instead")
+        entries = [e for e in visible if e["method"] != "compose"]
         if not entries:
             raise ComposeError("the library has only compositions for this base, nothing to compose from")
         docs = [f"{e['name'].replace('-', ' ').replace('_', ' ')} {e['description']}" for e in entries]
-        examples = load_examples(jdir / "examples.jsonl", base.tokenizer, p["seq_len"]) if job["examples"] else []
-        info: dict[str, Any] = {}
-        if not examples:
-            weights = weights_from_description(job["description"], docs)
-        else:
-            if len(entries) > 8:  # search over the 8 closest by description (or the newest)
-                keep_idx = sorted(similarities(job["description"], docs).argsort(kind="stable")[::-1][:8]) \
-                    if job["description"] else list(range(len(entries) - 8, len(entries)))
-                entries, docs = [entries[i] for i in keep_idx], [docs[i] for i in keep_idx]
-            start = None
-            if job["description"]:
-                try:
-                    start = weights_from_description(job["description"], docs)
-                except ComposeError:
-                    pass
-        adapters = [self.library.load(e["id"], base.config) for e in entries]
-        if examples:
-            loss = ExampleLoss(base.weights(), base.config, adapters, examples)
-            res = search_weights(loss, len(adapters), start=start, budget=p["budget"], seed=p["seed"],
-                                 progress=lambda k, n, f: self._progress(job, {"evaluations": k, "budget": n, "objective": f}))
-            weights = res.weights
-            info = {"objective_start": res.start_loss, "objective": res.loss, "evaluations": res.evaluations,
-                    "loss": loss(weights)}
-        composite = compose(adapters, weights)
-        composite.base_fingerprint = base.fingerprint
-        components = [{"id": e["id"], "name": e["name"], "weight": round(float(w), 6)}
-                      for e, w in zip(entries, weights) if abs(w) >= 1e-3]
-        return self.library.add(composite, base.config, name=job["name"], description=job["description"],
-                                method="compose", extra={"components": components, "search": info}, **keep)
+        if searched and len(entries) > 8:
+            keep = sorted(similarities(description, docs).argsort(kind="stable")[::-1][:8]) \
+                if description else list(range(len(entries) - 8, len(entries)))
+            entries, docs = [entries[i] for i in keep], [docs[i] for i in keep]
+        out = [{"id": e["id"], "name": e["name"], "doc": d, "created": e["created"]} for e, d in zip(entries, docs)]
+        return sorted(out, key=lambda e: (e["name"], e["created"], e["id"]))  # a search's path follows this order
+
+    # -- what runners report -----------------------------------------------------------------------
+
+    def started(self, job: dict) -> None:
+        job["status"], job["started"] = "running", signing.iso(time.time())
+        self._save_job(job)
+
+    def progress(self, job: dict, info: dict, *, check_stop: bool = True) -> None:
+        """A progress report from the job's run; in this process's runs, the place a stop ends them."""
+        if check_stop and self.stop_event.is_set():
+            raise Interrupted()
+        info = dict(info)
+        job["attempts"] = info.pop("attempt", job.get("attempts", 1))
+        if "resumed_at_step" in info:
+            job["resumed_at_step"] = info.pop("resumed_at_step")
+        if info:
+            job["progress"] = info
+        self._save_job(job, force=False)
+
+    def finish(self, job: dict) -> None:
+        """Adds the job's result to the library (once) and marks the job done."""
+        base = self.bases[job["base"]]
+        try:
+            adapter, result = _jobs.read_result(self.jobs_dir / job["id"], job, base.config)
+            entry = self.library.add(adapter, base.config, name=job["name"], description=job["description"],
+                                     owner=job["owner"], public=job["share"], inputs_sha256=job["inputs_sha256"],
+                                     method=result["method"], extra=result["extra"],
+                                     adapter_id=_jobs.adapter_id(job["id"]), job=job["id"])
+        except EdgeloraError as e:
+            return self.failed(job, f"its result was refused: {e}")
+        job.update(status="done", adapter_id=entry["id"], finished=signing.iso(time.time()))
+        self._save_job(job)
+        self.log(f"job {job['id']} ({job['kind']}): done")
+
+    def failed(self, job: dict, error: str) -> None:
+        job.update(status="failed", error=error, finished=signing.iso(time.time()))
+        self._save_job(job)
+        self.log(f"job {job['id']} ({job['kind']}): failed: {error}")
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -438,7 +402,12 @@ class Service:
 
     def close(self) -> None:
         self.stop_event.set()
-        self.worker.join(timeout=30)
+        self.runner.close()
+
+
+class ClusterError(ServiceError):
+    """The cluster the service was told to run jobs on cannot be used (Ray missing or unreachable)."""
+    exit_code = 1
 
 
 class QueueFullError(ServiceError):
@@ -555,7 +524,7 @@ def create_app(service: Service):
 
 
 def _public(job: dict) -> dict:
-    return {k: v for k, v in job.items() if k not in ("owner",)}
+    return {k: v for k, v in job.items() if k not in ("owner", "worker")}
 
 
 class Running:
@@ -607,6 +576,7 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8470) -> N
     print(f"  bases:      {', '.join(f'{fp[:23]} ({b.label})' for fp, b in service.bases.items())}")
     print(f"  public key: {service.public_key}  (devices pin it: edgelora cloud connect --key ...)")
     print(f"  library:    {len(service.library.entries())} adapters; jobs queued: {service.pending()}")
+    print(f"  jobs:       {service.runner.describe()} in {service.jobs_dir}")
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
     finally:
@@ -619,7 +589,7 @@ def library_add(root: str | os.PathLike, adapter_path: str | os.PathLike, base: 
     (a model name or path, or a bundle): the operator's way to seed compositions."""
     if not NAME.match(name):
         raise ServiceError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
-    b = _Base(base)
+    b = _jobs.Base(base)
     adapter = load_adapter(adapter_path, b.config)
     adapter.check_fits(b.config, b.fingerprint)
     adapter.base_fingerprint, adapter.name = b.fingerprint, name
