@@ -71,7 +71,16 @@ def main() -> None:
                     help="the job engines to compare (ray needs edgelora[ray])")
     ap.add_argument("--jobs", type=int, default=4, help="jobs submitted at once for the throughput figure")
     ap.add_argument("--workers", default="1,2", help="CPUs of the Ray cluster (threads of the in-process runner)")
+    ap.add_argument("--engines-only", action="store_true", help="only the job engines' table")
     args = ap.parse_args()
+    if args.engines_only:
+        lines = resources.files("edgelora.data").joinpath("pirate_train.jsonl").read_text().splitlines()
+        tmp = Path(tempfile.mkdtemp(prefix="edgelora-bench-cloud-"))
+        engines = engine_table(args, common.bundle("raspberry-pi-5", "gguf", "q8_0"),
+                               [json.loads(x) for x in lines if x.strip()][:20], tmp)
+        print(f"\nwrote {common.write_json('cloud-engines', {'machine': common.machine(), 'engines': engines})}",
+              file=sys.stderr)
+        return
 
     from edgelora.adapters import random_adapter
     from edgelora.converters import save_adapter
@@ -199,14 +208,14 @@ def engine_table(args, bundle, examples, tmp: Path) -> list[dict]:
         for w in [int(x) for x in args.workers.split(",")]:
             root = tmp / f"engine-{engine}-{w}"
             token = add_token(root, "bench")
-            cluster = None
-            if engine == "ray":
-                cluster, address = start_cluster(w, tmp)
-                extra = ("--engine", "ray", "--ray-address", address, "--threads", "1", "--queue", str(args.jobs + 2))
-            else:
-                extra = ("--threads", str(w), "--queue", str(args.jobs + 2))
-            proc, url = start_service(root, bundle, *extra)
+            cluster = proc = None
             try:
+                if engine == "ray":
+                    cluster, address = start_cluster(w, tmp)
+                    extra = ("--engine", "ray", "--ray-address", address, "--threads", "1", "--queue", str(args.jobs + 2))
+                else:
+                    extra = ("--threads", str(w), "--queue", str(args.jobs + 2))
+                proc, url = start_service(root, bundle, *extra)
                 client = CloudClient(url, token, (root / "service_key.pub").read_text().strip(), bundle=bundle)
                 single = []
                 for k in range(2):
@@ -228,8 +237,9 @@ def engine_table(args, bundle, examples, tmp: Path) -> list[dict]:
                 batch = time.perf_counter() - t
                 print(f"  {engine} {w}: {args.jobs} jobs in {batch:.1f}s", file=sys.stderr)
             finally:
-                proc.terminate()
-                proc.wait(timeout=60)
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(timeout=60)
                 if cluster is not None:
                     os.killpg(cluster.pid, signal.SIGTERM)
                     cluster.wait(timeout=60)

@@ -76,11 +76,15 @@ def load_adapter(path: str | os.PathLike, config: "ModelConfig | None" = None) -
 
 
 def save_adapter(adapter: "LoraAdapter", path: str | os.PathLike, fmt: str, config: "ModelConfig", *,
-                 check: bool = True) -> Path:
+                 check: bool = True, precision: str = "f32") -> Path:
     """Writes `adapter` in format `fmt` ('peft', 'gguf' or 'onnx'), after checking it fits `config`
-    (`check=False` where the caller has just checked it)."""
+    (`check=False` where the caller has just checked it); GGUF files also in `precision` f16 or q8_0."""
     if fmt not in ADAPTER_FORMATS:
         raise UnsupportedFormatError(f"adapter format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if check:
         adapter.check_fits(config)
+    if precision != "f32":
+        if fmt != "gguf":
+            raise UnsupportedFormatError(f"{fmt} adapters are written in f32; f16 and q8_0 are for GGUF LoRA files")
+        return _module(ADAPTER_FORMATS[fmt]).write(adapter, path, config, precision)
     return _module(ADAPTER_FORMATS[fmt]).write(adapter, path, config)

@@ -60,9 +60,28 @@ def _pairs(adapter: LoraAdapter, config: ModelConfig) -> tuple[dict[str, tuple[L
     return pairs, ranges
 
 
-def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig) -> Path:
+PRECISIONS = ("f32", "f16", "q8_0")
+
+
+def _encode(gguf, x: np.ndarray, precision: str) -> tuple[np.ndarray, object | None]:
+    """A LoRA matrix as llama.cpp will read it: F32, F16, or Q8_0 where its rows split into blocks of
+    32 (A, whose rows are the input width), else F16 (B, whose rows are the rank)."""
+    x = np.ascontiguousarray(x, np.float32)
+    if precision == "q8_0" and x.shape[-1] % 32 == 0:
+        qt = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(x, qt), qt
+    if precision in ("f16", "q8_0"):
+        return x.astype(np.float16), None
+    return x, None
+
+
+def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig, precision: str = "f32") -> Path:
+    """Writes `adapter` for llama.cpp, its matrices in `precision` (f32, f16, or q8_0: A in Q8_0 and B,
+    whose rows are only rank long, in F16)."""
     import gguf
 
+    if precision not in PRECISIONS:
+        raise UnsupportedFormatError(f"GGUF LoRA precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     path = Path(path)
     heads = (config.num_heads, config.num_kv_heads)
     pairs, ranges = _pairs(adapter, config)
@@ -89,8 +108,9 @@ def write(adapter: LoraAdapter, path: str | Path, config: ModelConfig) -> Path:
             B = t.B if simple else t.B * np.float32(scale / (file_alpha / t.rank))
             base = name[: -len(".weight")]
             members = naming.members_of(name, naming.GGUF, config.family)
-            w.add_tensor(f"{base}.weight.lora_a", np.ascontiguousarray(t.A, np.float32))
-            w.add_tensor(f"{base}.weight.lora_b", np.ascontiguousarray(_permute(config.spec.gguf_rope_permute, members[0], B, heads), np.float32))
+            for suffix, x in (("lora_a", t.A), ("lora_b", _permute(config.spec.gguf_rope_permute, members[0], B, heads))):
+                data, qtype = _encode(gguf, x, precision)
+                w.add_tensor(f"{base}.weight.{suffix}", data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -134,10 +154,14 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
         members = naming.members_of(base_name, naming.GGUF, family.name)
         if members is None or members[0].rsplit(".", 1)[-1] not in naming.LORA_TARGETS:
             raise UnsupportedFormatError(f"{path}: LoRA on {base_name} is not supported")
-        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            raise UnsupportedFormatError(f"{path}: {t.name} is {t.tensor_type.name}; edgelora reads F32/F16 LoRA tensors")
-        data = np.asarray(t.data, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
-        pairs.setdefault(base_name, {})[ab] = data.copy()
+        shape = tuple(int(s) for s in reversed(t.shape))
+        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        elif t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = np.asarray(t.data, dtype=np.float32).reshape(shape)
+        else:
+            raise UnsupportedFormatError(f"{path}: {t.name} is {t.tensor_type.name}; edgelora reads F32/F16/Q8_0 LoRA tensors")
+        pairs.setdefault(base_name, {})[ab] = np.array(data, np.float32)
     if not pairs:
         raise CorruptFileError(f"{path}: the adapter has no tensors")
     alphas = json.loads(fields[keys.ADAPTER_ALPHAS]) if keys.ADAPTER_ALPHAS in fields else None

@@ -4,6 +4,7 @@ the cloud tests of each runner."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -32,10 +33,10 @@ def free_port() -> int:
 class ServiceProcess:
     """`edgelora cloud serve` in a child process."""
 
-    def __init__(self, root: Path, bases: list[str], port: int | None = None, *extra: str):
+    def __init__(self, root: Path, bases: list[str], port: int | None = None, *extra: str, env: dict | None = None):
         self.root, self.bases, self.port, self.extra = root, bases, port or free_port(), extra
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
+        self.proc, self.env = None, env
 
     def start(self) -> "ServiceProcess":
         args = [sys.executable, "-m", "edgelora", "cloud", "serve", "--root", str(self.root), "--port", str(self.port),
@@ -43,7 +44,8 @@ class ServiceProcess:
         for b in self.bases:
             args += ["--base", b]
         self.log = open(self.root / "service.log", "a")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -72,19 +74,24 @@ class ServiceProcess:
 
 class RayCluster:
     """A local Ray cluster of `cpus` CPUs (`ray start --head --block`) that outlives the services
-    pointed at it; stopped with the process that holds it."""
+    pointed at it; stopped with the process that holds it. It takes a token of its own (Ray's token
+    authentication), which services get through `env` (RAY_AUTH_TOKEN_PATH), whatever ~/.ray holds."""
 
     def __init__(self, cpus: int = 2):
+        import secrets
         import tempfile
 
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.temp = Path(tempfile.mkdtemp(prefix="elray-", dir="/tmp"))  # short: Ray's socket paths must fit
+        (self.temp / "token").write_text(secrets.token_hex(32))
+        self.env = {"RAY_AUTH_TOKEN_PATH": str(self.temp / "token"), "RAY_USAGE_STATS_ENABLED": "0"}
         ray = Path(sys.executable).with_name("ray")
         self.log = open(self.temp / "head.log", "w")
         self.proc = subprocess.Popen([str(ray), "start", "--head", "--block", f"--port={self.port}", f"--num-cpus={cpus}",
                                       "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp}"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **self.env, "RAY_AUTH_MODE": "token"})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -95,7 +102,6 @@ class RayCluster:
         raise RuntimeError("ray start did not finish in 120 s")
 
     def stop(self) -> None:
-        import os
         import shutil
 
         if self.proc.poll() is None:

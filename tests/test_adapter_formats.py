@@ -149,3 +149,46 @@ def test_sniff_refuses_pickle_and_unknown(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(UnsupportedFormatError, match="not an adapter edgelora reads"):
         load_adapter(tmp_path / "a.txt")
+
+
+@pytest.mark.parametrize("precision", ["f16", "q8_0"])
+def test_gguf_lora_in_fewer_bits_keeps_the_adapters_effect_in_llama_cpp(precision, tiny_llama, base, tmp_path):
+    """A in Q8_0 (B, rank-long rows, in F16) or both in F16: llama.cpp loads the file, and the
+    adapter's effect on its logits stays within 1% of the f32 file's; edgelora reads it back."""
+    from llama_cpp import Llama
+
+    from edgelora._native import quiet_native
+    from edgelora.converters import gguf_model
+
+    bundle = edgelora.export(str(tiny_llama), "x86-64", tmp_path / "b", backend="gguf", quant="f32", progress=False)
+    model = bundle.root / next(a.main for a in bundle.artifacts if a.backend == "gguf")
+    adapter = random_adapter(base.config, rank=8, alpha=16, seed=3, scale=0.3, fingerprint=base.fingerprint)
+    paths = {p: save_adapter(adapter, tmp_path / f"a-{p}.gguf", "gguf", base.config, precision=p)
+             for p in ("f32", precision)}
+    types = {t.name: t.tensor_type.name for t in gguf_model.open_reader(paths[precision]).tensors}
+    want_a = "Q8_0" if precision == "q8_0" else "F16"
+    assert types["blk.0.attn_q.weight.lora_a"] == want_a and types["blk.0.attn_q.weight.lora_b"] == "F16"
+    assert paths[precision].stat().st_size < 0.6 * paths["f32"].stat().st_size
+    ids = [1, 17, 42, 99, 7, 250, 31, 5]
+
+    def logits(lora=None):
+        with quiet_native():
+            llm = Llama(str(model), n_ctx=64, n_threads=1, logits_all=True, verbose=False, lora_path=lora,
+                        type_k=0, type_v=0)
+        llm.eval(ids)
+        out = np.array(llm.scores[: len(ids)], np.float64)
+        llm.close()
+        return out
+
+    plain = logits()
+    effect = logits(str(paths["f32"])) - plain
+    assert np.abs(effect).max() > 0.05  # the adapter does something worth keeping
+    err = (logits(str(paths[precision])) - plain) - effect
+    assert np.linalg.norm(err) / np.linalg.norm(effect) < 0.01
+    again = load_adapter(paths[precision], base.config)
+    for t in adapter.targets:
+        np.testing.assert_allclose(again.delta(t), adapter.delta(t), atol=0.01 * np.abs(adapter.delta(t)).max())
+    with pytest.raises(UnsupportedFormatError, match="precision must be one of"):
+        save_adapter(adapter, tmp_path / "x.gguf", "gguf", base.config, precision="q4_0")
+    with pytest.raises(UnsupportedFormatError, match="f16 and q8_0 are for GGUF"):
+        save_adapter(adapter, tmp_path / "x.onnx_adapter", "onnx", base.config, precision="f16")

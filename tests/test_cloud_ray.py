@@ -56,7 +56,7 @@ def world(tmp_path_factory, tiny_llama, cluster):
         for path, name, desc in seeds:
             library_add(root, path, str(tiny_llama), name=name, description=desc)
         extra = ("--engine", "ray", "--ray-address", cluster.address, "--queue", "4") if engine == "ray" else ()
-        svcs[engine] = ServiceProcess(root, [str(tiny_llama)], None, *extra).start()
+        svcs[engine] = ServiceProcess(root, [str(tiny_llama)], None, *extra, env=cluster.env).start()
     clients = {e: CloudClient(svcs[e].url, tokens[e], svcs[e].public_key, bundle=bundle) for e in svcs}
     ray_client = CloudClient.connect(bundle, svcs["ray"].url, tokens["ray"], svcs["ray"].public_key)
     yield {"svcs": svcs, "clients": clients, "device": ray_client, "bundle": bundle, "base": base, "tmp": tmp,

@@ -106,6 +106,12 @@ def _ray_job(jdir: str, job: dict, base_label: str, threads: int, checkpoint_eve
     return {}
 
 
+def _token_available() -> bool:
+    """A Ray cluster token this process could present (where Ray's own loader looks)."""
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
 def _probe(address: str | None) -> None:
     """Refuses at once a HOST:PORT nobody listens on (ray.init would wait minutes for it)."""
     from .service import ClusterError
@@ -128,21 +134,28 @@ class RayRunner:
     def __init__(self, service: "Service", address: str | None = None, max_retries: int = 3):
         from .service import ClusterError
 
-        try:
-            import ray
-        except ImportError:
-            raise ClusterError("--engine ray needs Ray, which is not installed: pip install 'edgelora[ray]'") from None
-        self.ray, self.service, self.max_retries = ray, service, max_retries
-        self.threads = service.config.threads or 1
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ClusterError("--engine ray needs Ray, which is not installed: pip install 'edgelora[ray]'")
         _probe(address)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage unless told not to; we do not opt users in
+        if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
+            # `ray start` turns token authentication on when it finds a token, and ray.init does the
+            # same for "auto", but not for an explicit address; a token client also joins a cluster without it.
+            # Ray reads it when imported, so before that.
+            os.environ["RAY_AUTH_MODE"] = "token"
+        import ray
+        self.ray, self.service, self.max_retries = ray, service, max_retries
+        self.threads = service.config.threads or 1
         try:
             ray.init(address=address, namespace="edgelora", include_dashboard=False, log_to_driver=False,
                      logging_level="error", ignore_reinit_error=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"at {address}" if address else "here"
-            raise ClusterError(f"cannot start or reach a Ray cluster {where} ({str(e).splitlines()[0]}); "
-                               "start one with `ray start --head` or drop --ray-address") from None
+            raise ClusterError(f"cannot start or reach a Ray cluster {where} ({str(e).splitlines()[0]}); start one with "
+                               "`ray start --head`, and if it uses token authentication give the service its token "
+                               "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
         self.task = ray.remote(num_cpus=self.threads, max_retries=max_retries)(_ray_job)
         self.inflight: dict = {}  # ObjectRef -> job id
         self.seen: dict[str, float] = {}  # job id -> mtime of the progress.json last read
