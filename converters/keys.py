@@ -31,6 +31,7 @@ ENCODINGS = "edgelora.encodings"  # how many linears each weight encoding holds
 NPU_GEOMETRY = "npu.json"
 NPU_PREFIX_KV = "prefix_kv.npz"
 ADAPTER_FILES = {"gguf": "adapter.gguf", "onnx": "adapter.onnx_adapter"}  # an installed adapter, per backend
+GGUF_ADAPTER_IN = "adapter.{precision}.gguf"  # what llama.cpp loads when the bundle's GGUF adapters are f16 or q8_0
 GENAI_ADAPTER = "adapter.genai.onnx_adapter"  # an installed adapter in the fused graph's slot layout (onnxruntime-genai)
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

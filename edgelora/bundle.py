@@ -294,11 +294,17 @@ def npu_reference(ws: _ExportContext, tokens: list[int], window: int, prefix: li
 def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out: str | os.PathLike, *,
            backend: str | None = None, quant: str | None = None, force: bool = False, replace: bool = False,
            eval_tokens: int | None = None, threads: int | None = None, progress: bool = True,
-           onnx_graph: str | None = None) -> "Bundle":
+           onnx_graph: str | None = None, adapter_precision: str = "f32") -> "Bundle":
     """Exports `model` for the device profile `device` into the bundle directory `out`.
 
     `onnx_graph`: "fused" (edgelora's graph built from the weights with ONNX Runtime's fused
-    kernels; the default) or "optimum" (optimum's export plus LoRA slots)."""
+    kernels; the default) or "optimum" (optimum's export plus LoRA slots). `adapter_precision`:
+    what llama.cpp computes installed adapters in, f32, f16 or q8_0 (the store keeps each adapter's
+    f32 value beside)."""
+    from .converters.gguf_lora import PRECISIONS
+
+    if adapter_precision not in PRECISIONS:
+        raise UnsupportedFormatError(f"adapter precision must be one of {', '.join(PRECISIONS)}, got {adapter_precision!r}")
     profile = get_profile(device)
     plan = resolve_plan(profile, backend, quant)
     onnx_graph = onnx_graph or profile.backends.onnx_graph
@@ -321,7 +327,8 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
         (tmp / "tokenizer").mkdir()
         hf.write_tokenizer(base.tokenizer, tmp / "tokenizer")
         (tmp / "adapters").mkdir()
-        write_bytes_atomic(tmp / MANIFEST, json.dumps(_manifest(tmp, base, profile, artifacts, tokens), indent=2).encode())
+        write_bytes_atomic(tmp / MANIFEST, json.dumps(_manifest(tmp, base, profile, artifacts, tokens, adapter_precision),
+                                                        indent=2).encode())
     return open_bundle(out)
 
 
@@ -362,7 +369,8 @@ def _build_artifact(ws: _ExportContext, b: str, q: str, tmp: Path, threads: int,
     return art
 
 
-def _manifest(tmp: Path, base: BaseModel, profile: DeviceProfile, artifacts: list[Artifact], tokens: list[int]) -> dict:
+def _manifest(tmp: Path, base: BaseModel, profile: DeviceProfile, artifacts: list[Artifact], tokens: list[int],
+              adapter_precision: str = "f32") -> dict:
     """bundle.json: the base, the profile, each artifact and every file's size and sha256."""
     from . import __version__
 
@@ -381,6 +389,7 @@ def _manifest(tmp: Path, base: BaseModel, profile: DeviceProfile, artifacts: lis
         "evaluation": {"text": f"edgelora/data/{_quality.HELDOUT}", "tokens": len(tokens), "window": EVAL_WINDOW,
                        "reference": "float32 model (F32 GGUF, llama.cpp, F32 KV cache)"},
         "files": files,
+        "adapters": {"gguf_precision": adapter_precision},
     }
 
 
@@ -471,7 +480,13 @@ class Bundle:
 
         cpu_onnx = self._cpu_onnx_artifact()
         return AdapterStore(self.root / "adapters", fingerprint=self.fingerprint, config=self.config,
-                            backends=self.backends, genai_graph=(cpu_onnx.graph or None) if cpu_onnx else None)
+                            backends=self.backends, genai_graph=(cpu_onnx.graph or None) if cpu_onnx else None,
+                            gguf_precision=self.adapter_precision)
+
+    @property
+    def adapter_precision(self) -> str:
+        """What llama.cpp computes installed adapters in: f32, f16 or q8_0 (chosen at export)."""
+        return self.manifest.get("adapters", {}).get("gguf_precision", "f32")
 
     def _cpu_onnx_artifact(self) -> Artifact | None:
         """The ONNX artifact a CPU runtime (and an onnxruntime-genai app) loads: not the NPU's QDQ graphs."""

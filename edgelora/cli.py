@@ -119,13 +119,15 @@ def export(
     force: bool = typer.Option(False, "--force", help="Write the bundle even if it is over the quality budget."),
     replace: bool = typer.Option(False, "--replace", help="Replace an existing bundle at --out."),
     eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Evaluate quality on the first N held-out tokens only."),
+    adapter_precision: str = typer.Option("f32", "--adapter-precision", help="What llama.cpp computes installed "
+                                          "adapters in: f32, f16 (half the bytes per token) or q8_0."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Export a base model as a self-contained bundle for one device profile, with its quality measured."""
     from .bundle import export as do_export
 
     bundle = do_export(model, device, out, backend=backend, quant=quant, force=force, replace=replace,
-                       eval_tokens=eval_tokens, progress=not quiet)
+                       eval_tokens=eval_tokens, progress=not quiet, adapter_precision=adapter_precision)
     typer.echo(f"bundle: {bundle.root}  (base {bundle.fingerprint[:23]}..., device {bundle.manifest['device']['name']})")
     _table(*bundle.artifact_table())
 

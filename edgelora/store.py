@@ -50,8 +50,9 @@ class StoreLimits:
 
 class AdapterStore:
     def __init__(self, root: str | os.PathLike, *, fingerprint: str, config, backends: list[str],
-                 limits: StoreLimits | None = None, genai_graph: str | None = None):
+                 limits: StoreLimits | None = None, genai_graph: str | None = None, gguf_precision: str = "f32"):
         self.root = Path(root)
+        self.gguf_precision = gguf_precision  # what llama.cpp computes with; adapter.gguf keeps the f32 value
         self.fingerprint = fingerprint
         self.config = config
         self.backends = backends
@@ -148,13 +149,22 @@ class AdapterStore:
             self._verified[key] = want
         return path, load_adapter(path, self.config)
 
-    def path(self, name: str, backend: str) -> Path:
-        return self.root / name / self._file(name, backend)[1]
+    def path(self, name: str, backend: str, *, engine: bool = False) -> Path:
+        """The adapter's file for `backend`: the f32 value, or with `engine` the one its engine loads."""
+        return self.root / name / self._file(name, backend, engine)[1]
 
-    def _file(self, name: str, backend: str) -> tuple[dict[str, Any], str]:
-        """The adapter's manifest and the file name its `backend` loads."""
+    def _gguf_copy(self) -> bool:
+        return "gguf" in self.backends and self.gguf_precision != "f32"
+
+    def _file(self, name: str, backend: str, engine: bool = True) -> tuple[dict[str, Any], str]:
+        """The adapter's manifest and the file name its `backend` loads (`engine`), or the one that
+        holds its f32 value. An adapter installed before the bundle's GGUF precision changed has no
+        copy in it: its f32 file serves (reinstall it for the speed)."""
         m = self.manifest(name)
         rel = ADAPTER_FILES[backend]
+        low = keys.GGUF_ADAPTER_IN.format(precision=m.get("gguf_precision", "f32"))
+        if engine and backend == "gguf" and low in m["files"]:
+            rel = low
         if rel not in m["files"]:
             raise StoreError(f"adapter {name} has no {backend} file (it was installed for {', '.join(m['backends'])})")
         return m, rel
@@ -186,7 +196,7 @@ class AdapterStore:
             raise StoreError(f"adapter {name} is {adapter.nbytes() / (1 << 20):.1f} MB, over the limit of "
                              f"{self.limits.max_adapter_mb:g} MB per adapter")
         other = sum(f["size"] for m in self.list() if m["name"] != name for f in m["files"].values()) / (1 << 20)
-        copies = len(self.backends) + (self.genai_graph == "fused")
+        copies = len(self.backends) + (self.genai_graph == "fused") + 0.5 * self._gguf_copy()
         expected = other + copies * adapter.nbytes() / (1 << 20)
         if expected > self.limits.max_store_mb:
             raise StoreError(f"installing {name} would grow the store to ~{expected:.1f} MB, over its limit of "
@@ -195,6 +205,9 @@ class AdapterStore:
             for backend in self.backends:
                 save_adapter(adapter, tmp / ADAPTER_FILES[backend], "gguf" if backend == "gguf" else "onnx", self.config,
                              check=False)  # checked above
+            if self._gguf_copy():  # the engine's copy in fewer bits
+                save_adapter(adapter, tmp / keys.GGUF_ADAPTER_IN.format(precision=self.gguf_precision), "gguf",
+                             self.config, check=False, precision=self.gguf_precision)
             genai_file = None
             if self.genai_graph == "fused":  # onnxruntime-genai needs the grouped slots' names
                 genai_file = genai.write_adapter(adapter, tmp / keys.GENAI_ADAPTER, self.config, "fused").name
@@ -207,7 +220,7 @@ class AdapterStore:
                 "name": name, "base_fingerprint": self.fingerprint, "bound_at_install": bound_here,
                 "rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": adapter.alpha, "rslora": adapter.use_rslora,
                 "targets": adapter.target_kinds, "modules": len(adapter.tensors), "parameters": adapter.num_parameters(),
-                "backends": self.backends, "genai": genai_file, "files": files, "provenance": adapter.provenance,
+                "backends": self.backends, "genai": genai_file, "gguf_precision": self.gguf_precision if self._gguf_copy() else "f32", "files": files, "provenance": adapter.provenance,
                 "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")

@@ -49,13 +49,14 @@ class ServiceProcess:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited: {(self.root / 'service.log').read_text()}")
+                raise RuntimeError(f"service exited: {(self.root / 'service.log').read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/v1/health", timeout=1) as r:
                     self.health = json.loads(r.read())
                     return self
             except OSError:
                 time.sleep(0.1)
+        self.stop()
         raise RuntimeError("service did not start")
 
     def kill(self) -> None:

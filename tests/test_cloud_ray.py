@@ -50,19 +50,22 @@ def world(tmp_path_factory, tiny_llama, cluster):
         edgelora.save_adapter(random_adapter(base.config, rank=4, seed=seed, scale=0.2, name=name), path, "gguf", base.config)
         seeds.append((path, name, desc))
     svcs, tokens = {}, {}
-    for engine in ("local", "ray"):
-        root = tmp / engine
-        tokens[engine] = add_token(root, "phone-1")
-        for path, name, desc in seeds:
-            library_add(root, path, str(tiny_llama), name=name, description=desc)
-        extra = ("--engine", "ray", "--ray-address", cluster.address, "--queue", "4") if engine == "ray" else ()
-        svcs[engine] = ServiceProcess(root, [str(tiny_llama)], None, *extra, env=cluster.env).start()
-    clients = {e: CloudClient(svcs[e].url, tokens[e], svcs[e].public_key, bundle=bundle) for e in svcs}
-    ray_client = CloudClient.connect(bundle, svcs["ray"].url, tokens["ray"], svcs["ray"].public_key)
-    yield {"svcs": svcs, "clients": clients, "device": ray_client, "bundle": bundle, "base": base, "tmp": tmp,
-           "tiny": tiny_llama, "cluster": cluster, "tokens": tokens}
-    for s in svcs.values():
-        s.stop()
+    try:
+        for engine in ("local", "ray"):
+            root = tmp / engine
+            tokens[engine] = add_token(root, "phone-1")
+            for path, name, desc in seeds:
+                library_add(root, path, str(tiny_llama), name=name, description=desc)
+            extra = ("--engine", "ray", "--ray-address", cluster.address, "--queue", "4") if engine == "ray" else ()
+            svcs[engine] = ServiceProcess(root, [str(tiny_llama)], None, *extra, env=cluster.env)
+            svcs[engine].start()
+        clients = {e: CloudClient(svcs[e].url, tokens[e], svcs[e].public_key, bundle=bundle) for e in svcs}
+        ray_client = CloudClient.connect(bundle, svcs["ray"].url, tokens["ray"], svcs["ray"].public_key)
+        yield {"svcs": svcs, "clients": clients, "device": ray_client, "bundle": bundle, "base": base, "tmp": tmp,
+               "tiny": tiny_llama, "cluster": cluster, "tokens": tokens}
+    finally:
+        for s in svcs.values():
+            s.stop()
 
 
 def library_adapter(svc: ServiceProcess, adapter_id: str, config):

@@ -143,3 +143,38 @@ def test_an_adapter_changed_after_install_is_refused_when_an_engine_loads_it(bun
         path.write_bytes(bytes(data))
         with bundle.engine(backend) as engine, pytest.raises(CorruptFileError, match="changed since it was installed"):
             engine.set_adapters({"x": 1.0})
+
+
+def test_a_bundle_whose_gguf_adapters_run_in_f16_keeps_their_f32_value(tiny_llama, tmp_path, run_cli):
+    """--adapter-precision f16: llama.cpp loads a half-size copy; the store keeps the f32 file (what
+    export, the cloud and the ONNX engine read) and the engine's effect stays within 1% of PEFT's."""
+    r = run_cli("export", "--model", str(tiny_llama), "--device", "x86-64", "--out", str(tmp_path / "b"),
+                "--backend", "gguf", "--quant", "f32", "--eval-tokens", "256", "--adapter-precision", "f16", "-q")
+    assert r.returncode == 0, r.stderr
+    b = edgelora.open_bundle(tmp_path / "b")
+    assert b.adapter_precision == "f16"
+    peft = make_peft_adapter(tiny_llama, tmp_path / "p", seed=5)
+    m = b.store.install(peft, "lean")
+    assert m["gguf_precision"] == "f16" and set(m["files"]) == {"adapter.gguf", "adapter.f16.gguf"}
+    assert m["files"]["adapter.f16.gguf"]["size"] < 0.6 * m["files"]["adapter.gguf"]["size"]
+    assert b.store.path("lean", "gguf").name == "adapter.gguf"
+    assert b.store.path("lean", "gguf", engine=True).name == "adapter.f16.gguf"
+    value, want = load_adapter(b.store.path("lean", "gguf"), b.config), load_adapter(peft)
+    for t in want.targets:
+        np.testing.assert_allclose(value.delta(t), want.delta(t), rtol=1e-5, atol=1e-7)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = b.tokenizer().encode("The quick brown fox")
+    with torch.no_grad():
+        ref_plain = AutoModelForCausalLM.from_pretrained(tiny_llama)(torch.tensor([ids])).logits[0].numpy()
+    ref = peft_logits(tiny_llama, {"lean": peft}, ids)
+    e = b.engine("gguf")
+    plain = e.logits(ids)
+    e.set_adapters({"lean": 1.0})
+    err = (e.logits(ids) - plain) - (ref - ref_plain)
+    assert np.linalg.norm(err) / np.linalg.norm(ref - ref_plain) < 0.01
+    e.close()
+    with pytest.raises(edgelora.errors.UnsupportedFormatError, match="adapter precision must be one of"):
+        edgelora.export(str(tiny_llama), "x86-64", tmp_path / "c", backend="gguf", quant="f32", adapter_precision="int4",
+                        progress=False)
