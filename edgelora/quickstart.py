@@ -45,6 +45,7 @@ def run(model: str = _models.DEFAULT_MODEL, device: str = "raspberry-pi-5", out:
     from .bundle import export as do_export
     from .models import load_base
     from .quality import heldout_text
+    from .runtime.engine import decode_rates
     from .train import train_adapter
 
     report = report or Report()
@@ -92,18 +93,22 @@ def run(model: str = _models.DEFAULT_MODEL, device: str = "raspberry-pi-5", out:
                   seq_len=256, threads=threads, progress=report.progress)
     prompt = [{"role": "user", "content": "What do I like to do on weekends, and what should I cook tonight?"}]
     rows = []
+    settings = {"base": {}, "maren": {"maren": 1.0}, "pirate": {"pirate": 1.0}, "maren+pirate": {"maren": 0.7, "pirate": 0.7}}
     for backend in ("gguf", "onnx"):
         e = engine if backend == "gguf" else bundle.engine("onnx")
-        for label, weights in (("base", {}), ("maren", {"maren": 1.0}), ("pirate", {"pirate": 1.0}),
-                               ("maren+pirate", {"maren": 0.7, "pirate": 0.7})):
+        answers = {}
+        for label, weights in settings.items():
             t = time.perf_counter()
             e.set_adapters(weights)
             swap_ms = 1e3 * (time.perf_counter() - t)
-            g = e.generate(prompt, max_tokens=40)
-            rows.append((backend, label, f"{swap_ms:.1f}", f"{g.decode_tokens_per_second:.0f}",
-                         g.text.strip().replace("\n", " ")[:70]))
+            answers[label] = (swap_ms, e.generate(prompt, max_tokens=40).text.strip().replace("\n", " ")[:70])
+        rates = decode_rates(e, settings, tokens=48, rounds=3)
+        for label, (swap_ms, text) in answers.items():
+            rows.append((backend, label, f"{swap_ms:.1f}", f"{rates[label]:.0f}", f"{rates[label] / rates['base']:.2f}x", text))
         e.close()
-    table(("engine", "adapters", "swap ms", "tok/s", "answer"), rows)
+    table(("engine", "adapters", "swap ms", "tok/s", "x base", "answer"), rows)
+    say("    tok/s: median of 3 interleaved 48-token answers to one long-answer prompt per setting (one short answer's "
+        "rate swings by 10%)")
     sizes = {m["name"]: sum(f["size"] for f in m["files"].values()) for m in bundle.store.list()}
     say("    adapter files: " + ", ".join(f"{n} {s / 1e6:.1f} MB" for n, s in sizes.items()) +
         f" (the base: {sum(f['size'] for f in bundle.manifest['files'].values()) / 1e6:.0f} MB, loaded once)")

@@ -282,6 +282,22 @@ class Engine:
         self.close()
 
 
+SPEED_PROMPT = [{"role": "user", "content": "Write a short paragraph about why small language models are useful on phones."}]
+
+
+def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], *, tokens: int = 64, rounds: int = 5,
+                 prompt=SPEED_PROMPT) -> dict[str, float]:
+    """Median decode tokens/s of `engine` under each adapter setting (label -> weights), the settings
+    taken in turn each round so that a machine's drift hits them alike, on a prompt whose answer runs
+    long. One short answer is no measure: its rate swings by 10% from one call to the next."""
+    rates: dict[str, list[float]] = {k: [] for k in settings}
+    for _ in range(rounds):
+        for label, weights in settings.items():
+            engine.set_adapters(dict(weights))
+            rates[label].append(engine.generate(prompt, max_tokens=tokens).decode_tokens_per_second)
+    return {k: float(np.median(v)) for k, v in rates.items()}
+
+
 def _finite(logits: np.ndarray) -> np.ndarray:
     """`logits`, or an error if any row is NaN/Inf or constant over the whole vocabulary (what llama.cpp
     returns when its computation overflowed: no model answers that, and sampling it gives token 0)."""
