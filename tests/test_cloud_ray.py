@@ -18,7 +18,7 @@ import pytest
 
 import edgelora
 from edgelora.adapters import random_adapter
-from edgelora.cloud import CloudClient
+from edgelora.cloud import CloudClient, CloudError
 from edgelora.cloud.service import add_token, library_add
 from edgelora.converters import load_adapter
 from edgelora.models import load_base
@@ -110,9 +110,19 @@ def test_a_ray_job_makes_the_same_adapter_bit_for_bit_as_the_local_runner(world,
     assert worker["pid"] != world["svcs"]["ray"].proc.pid
 
 
+def test_a_job_that_cannot_succeed_fails_once_with_its_reason(world):
+    """An application error comes back from the task as the job's error: not retried, not hidden."""
+    c = world["clients"]["ray"]
+    job = c.request(name="nothing", description="zebra quantum origami")
+    with pytest.raises(CloudError, match="failed on the service"):
+        c.wait(job["id"], timeout=120)
+    st = c.status(job["id"])
+    assert st["status"] == "failed" and "shares a word" in st["error"] and st["attempts"] == 1, st
+
+
 def test_a_worker_killed_mid_training_is_retried_from_its_checkpoint(world):
     svc, device = world["svcs"]["ray"], world["device"]
-    spec = dict(name="killed", examples=chats(8), kind="examples", steps=300, seed=7)
+    spec = dict(name="killed", examples=chats(8), kind="examples", steps=1200, seed=7)  # ~5 s: time to kill it
     job = device.request(**spec)
     info = wait_for(lambda: (p := progress_file(svc, job["id"])).get("step", 0) >= 25 and p, what="step 25")
     os.kill(info["worker"]["pid"], signal.SIGKILL)
@@ -130,7 +140,7 @@ def test_a_worker_killed_mid_training_is_retried_from_its_checkpoint(world):
 
 def test_four_jobs_on_two_cpus_survive_a_service_restart_and_each_ends_once(world):
     svc, c = world["svcs"]["ray"], world["clients"]["ray"]
-    ids = [c.request(name=f"four-{i}", examples=chats(8), kind="examples", steps=300, seed=i)["id"] for i in range(4)]
+    ids = [c.request(name=f"four-{i}", examples=chats(8), kind="examples", steps=1200, seed=i)["id"] for i in range(4)]
     # the queue holds 4: a fifth is refused at once with 503 and Retry-After, as with the local runner
     req = urllib.request.Request(svc.url + "/v1/jobs", method="POST", data=json.dumps(
         {"kind": "examples", "base": svc.health["bases"][0], "examples": chats(2)}).encode(),

@@ -177,32 +177,40 @@ class RayRunner:
             self.inflight[ref] = job_id
 
     def _watch(self) -> None:
-        ray, svc = self.ray, self.service
+        svc = self.service
         while not svc.stop_event.is_set():
             with self.lock:
                 refs = list(self.inflight)
             if not refs:
                 svc.stop_event.wait(0.2)
                 continue
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
-            for ref in refs:
-                self._read_progress(self.inflight[ref])
-            for ref in ready:
-                with self.lock:
-                    job_id = self.inflight.pop(ref)
-                job = svc.jobs[job_id]
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    if svc.stop_event.is_set():
-                        return  # the service is stopping: the job resumes at the next start
-                    svc.failed(job, f"its worker died {self.max_retries + 1} times "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-                    continue
-                if out.get("error"):
-                    svc.failed(job, out["error"])
-                else:
-                    svc.finish(job)
+            try:
+                self._watch_once(refs)
+            except Exception as e:  # noqa: BLE001  (a lost cluster, a bug: said, and the watch goes on)
+                svc.log(f"watching the Ray jobs: {type(e).__name__}: {e}")
+                svc.stop_event.wait(2.0)
+
+    def _watch_once(self, refs: list) -> None:
+        ray, svc = self.ray, self.service
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
+        for ref in refs:
+            self._read_progress(self.inflight[ref])
+        for ref in ready:
+            with self.lock:
+                job_id = self.inflight.pop(ref)
+            job = svc.jobs[job_id]
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                if svc.stop_event.is_set():
+                    return  # the service is stopping: the job resumes at the next start
+                svc.failed(job, f"its worker died {self.max_retries + 1} times "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                continue
+            if out.get("error"):
+                svc.failed(job, out["error"])
+            else:
+                svc.finish(job)
 
     def _read_progress(self, job_id: str) -> None:
         path = self.service.jobs_dir / job_id / jobs.PROGRESS
