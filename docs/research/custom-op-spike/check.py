@@ -1,6 +1,7 @@
 import numpy as np, onnx, onnxruntime as ort, time, sys
 from onnx import helper, TensorProto
-LIB = sys.argv[1] if len(sys.argv) > 1 else "libq41.so"  # g++ -O2 -std=c++17 -fPIC -shared -I INCLUDE/onnxruntime q41.cc -o libq41.so
+import os
+LIB = os.environ.get("Q41_LIB", "libq41.so")  # g++ -O2 -std=c++17 -fPIC -shared -I INCLUDE/onnxruntime q41.cc -o libq41.so
 rng = np.random.default_rng(0)
 
 def pack(codes):  # (N, K) codes -> (N, K/32, 16) bytes: low nibbles k..k+15, high k+16..k+31
@@ -45,6 +46,7 @@ def case(M, K, N):
     print(f"M={M} K={K} N={N}: float op {np.abs(y32 - ref).max() / scale:.1e}; int8 op vs its emulation "
           f"{np.abs(y8 - emu).max() / scale:.1e}, vs float {np.abs(y8 - ref).max() / scale:.1e}; "
           f"one row {dt * 1e3:.2f} ms ({N * K / 2 / dt / 1e9:.2f} GB/s of codes)")
-print("onnxruntime", ort.__version__)
-for M, K, N in ((1, 64, 48), (7, 576, 1536), (3, 1536, 576), (1, 2048, 8192), (5, 96, 7)):
-    case(M, K, N)
+if __name__ == "__main__":
+    print("onnxruntime", ort.__version__)
+    for M, K, N in ((1, 64, 48), (7, 576, 1536), (3, 1536, 576), (1, 2048, 8192), (5, 96, 7)):
+        case(M, K, N)
