@@ -1,7 +1,7 @@
 import numpy as np, onnx, onnxruntime as ort, time, statistics, sys
 from onnx import helper, TensorProto
 rng = np.random.default_rng(0)
-LIB = "/work/scratch/customop/libq41h.so"
+LIB = __import__("os").environ.get("Q41_LIB", "libq41h.so")  # from q41h.cc: q41.cc plus MatMulQ41I8H (d and m in fp16)
 threads = int(sys.argv[1]); K, N = int(sys.argv[2]), int(sys.argv[3]); blocks = K // 32
 codes = rng.integers(0, 16, (N, K), dtype=np.uint8)
 d = rng.uniform(0.001, 0.02, (N, blocks)).astype(np.float16); m = rng.uniform(-0.1, 0, (N, blocks)).astype(np.float16)
