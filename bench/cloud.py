@@ -94,18 +94,8 @@ def main() -> None:
     legal = tmp / "legal.gguf"
     save_adapter(random_adapter(bundle.config, rank=8, seed=3, scale=0.01, name="legal"), legal, "gguf", bundle.config)
     library_add(root, legal, str(bundle.root), name="legal", description="formal legal contract language")
-    port = free_port()
-    log = open(tmp / "service.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "edgelora", "cloud", "serve", "--root", str(root), "--base",
-                             str(bundle.root), "--port", str(port), "--rate", "1000"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_service(root, bundle)
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/v1/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         client = CloudClient.connect(bundle, url, token, (root / "service_key.pub").read_text().strip())
         for name in ("cloud-pirate", "cloud-composed", "cloud-searched"):
             if name in bundle.store.names():

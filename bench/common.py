@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from edgelora.runtime.engine import SPEED_PROMPT
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
-PROMPT = [{"role": "user", "content": "Write a short paragraph about why small language models are useful on phones."}]
+PROMPT = SPEED_PROMPT  # a chat prompt whose answer runs long: what decode speeds are measured on
 
 
 def bundle(device: str, backend: str, quant: str, *, name: str | None = None):

@@ -156,12 +156,12 @@ def read(path: str | Path, config: ModelConfig | None = None) -> LoraAdapter:
             raise UnsupportedFormatError(f"{path}: LoRA on {base_name} is not supported")
         shape = tuple(int(s) for s in reversed(t.shape))
         if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
-            data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         elif t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = np.asarray(t.data, dtype=np.float32).reshape(shape)
+            data = np.array(t.data, dtype=np.float32).reshape(shape)  # a copy: the file's memory map closes
         else:
             raise UnsupportedFormatError(f"{path}: {t.name} is {t.tensor_type.name}; edgelora reads F32/F16/Q8_0 LoRA tensors")
-        pairs.setdefault(base_name, {})[ab] = np.array(data, np.float32)
+        pairs.setdefault(base_name, {})[ab] = data
     if not pairs:
         raise CorruptFileError(f"{path}: the adapter has no tensors")
     alphas = json.loads(fields[keys.ADAPTER_ALPHAS]) if keys.ADAPTER_ALPHAS in fields else None

@@ -31,12 +31,13 @@ from typing import Any, Callable, Iterator
 
 from edgelora._io import atomic_dir, write_bytes_atomic
 from edgelora.adapters import LoraAdapter
-from edgelora.converters import load_adapter, save_adapter
+from edgelora.converters import keys, load_adapter, save_adapter
 from edgelora.errors import EdgeloraError
 
 from .compose import ComposeError, ExampleLoss, compose, search_weights, weights_from_description
 
 RESULT, PROGRESS, ATTEMPTS, LOCK = "result", "progress.json", "attempts", ".run.lock"
+ADAPTER = keys.ADAPTER_FILES["gguf"]  # the result's adapter, as the library keeps it
 COMPONENTS = "components"
 _TRAIN_KEYS = ("step", "steps", "loss", "eta_s")
 
@@ -65,6 +66,11 @@ class Base:
         return self._weights
 
 
+def error_of(e: Exception) -> str:
+    """What a job that raised `e` reports: an EdgeloraError's own line, anything else as a bug."""
+    return str(e) if isinstance(e, EdgeloraError) else f"internal error: {type(e).__name__}: {e}"
+
+
 def adapter_id(job_id: str) -> str:
     """The library id of a job's adapter: one job, one entry, however often its end is reported."""
     return hashlib.sha256(f"edgelora-job:{job_id}".encode()).hexdigest()[:16]
@@ -76,7 +82,7 @@ def has_result(jdir: Path) -> bool:
 
 def read_result(jdir: Path, job: dict, config) -> tuple[LoraAdapter, dict[str, Any]]:
     """The adapter a job made and what the library records of how (method, extra)."""
-    adapter = load_adapter(jdir / RESULT / "adapter.gguf", config)
+    adapter = load_adapter(jdir / RESULT / ADAPTER, config)
     adapter.base_fingerprint, adapter.name = job["base"], job["name"]
     return adapter, json.loads((jdir / RESULT / "result.json").read_text())
 
@@ -109,8 +115,9 @@ def exclusive(jdir: Path, wait_s: float = 600.0) -> Iterator[int]:
 def execute(job: dict, jdir: Path, base: Base, *, threads: int | None, checkpoint_every: int,
             progress: Callable[[dict], None]) -> None:
     """Runs `job` to its result in `jdir` (nothing if it is there already) on `threads` BLAS threads
-    (the same adapter, bit for bit, wherever it runs with as many). `progress` gets dicts with the attempt, the step or search evaluation, and `resumed_at_step` once when a later attempt
-    continues from a checkpoint. Raises EdgeloraError for a job that cannot succeed."""
+    (the same adapter, bit for bit, wherever it runs with as many). `progress` gets dicts with the
+    attempt, the step or search evaluation, and `resumed_at_step` once when a later attempt continues
+    from a checkpoint. Raises EdgeloraError for a job that cannot succeed."""
     from threadpoolctl import threadpool_limits
 
     with exclusive(jdir) as attempt, threadpool_limits(threads):
@@ -132,7 +139,7 @@ def execute(job: dict, jdir: Path, base: Base, *, threads: int | None, checkpoin
         else:
             adapter, result = _compose(job, jdir, base, report)
         with atomic_dir(jdir / RESULT) as tmp:
-            save_adapter(adapter, tmp / "adapter.gguf", "gguf", base.config)
+            save_adapter(adapter, tmp / ADAPTER, "gguf", base.config)
             (tmp / "result.json").write_text(json.dumps(result))
 
 

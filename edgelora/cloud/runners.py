@@ -20,8 +20,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgelora.errors import EdgeloraError
-
 from . import jobs
 
 if TYPE_CHECKING:
@@ -72,10 +70,8 @@ class LocalRunner:
                              checkpoint_every=svc.config.checkpoint_every, progress=lambda i, j=job: svc.progress(j, i))
             except Interrupted:
                 return  # stays "running": resumed at the next start
-            except EdgeloraError as e:
-                svc.failed(job, str(e))
-            except Exception as e:  # a bug, not the caller's fault: say so, keep serving
-                svc.failed(job, f"internal error: {type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001  (the caller's error or a bug: said on the job, serving goes on)
+                svc.failed(job, jobs.error_of(e))
             else:
                 svc.finish(job)
 
@@ -99,10 +95,8 @@ def _ray_job(jdir: str, job: dict, base_label: str, threads: int, checkpoint_eve
         report = jobs.ProgressFile(Path(jdir), pid=os.getpid(), host=socket.gethostname())
         jobs.execute(job, Path(jdir), base, threads=threads, checkpoint_every=checkpoint_every, progress=report)
         report.flush()
-    except EdgeloraError as e:
-        return {"error": str(e)}
     except Exception as e:  # noqa: BLE001  (reported on the job, not lost in a worker's log)
-        return {"error": f"internal error: {type(e).__name__}: {e}"}
+        return {"error": jobs.error_of(e)}
     return {}
 
 
