@@ -1,41 +1,64 @@
-"""One row (decode) of K x N: the spike's MatMulQ41I8 against onnxruntime's MatMulNBits int4 (block 32,
-accuracy level 4: int8 activations), with and without zero points; same threads; median of runs."""
-import numpy as np, onnx, onnxruntime as ort, time, statistics, sys
-from onnx import helper, TensorProto
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-from check import pack, session
-rng = np.random.default_rng(0)
-threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-K, N = int(sys.argv[2]) if len(sys.argv) > 2 else 2048, int(sys.argv[3]) if len(sys.argv) > 3 else 8192
-blocks = K // 32
-codes = rng.integers(0, 16, (N, K), dtype=np.uint8)
-d = rng.uniform(0.001, 0.02, (N, blocks)).astype(np.float32); m = rng.uniform(-0.1, 0, (N, blocks)).astype(np.float32)
-x = rng.standard_normal((1, K)).astype(np.float32)
-ours = session("MatMulQ41I8", K, pack(codes), d, m, threads)
+"""One row (decode) of K x N, interleaved so that no session keeps its weights in cache: the spike's
+ops (one column a pass, four columns a pass, fp16 d and m) against onnxruntime's MatMulNBits int4
+(block 32, accuracy level 4: int8 activations), with and without zero points; same threads.
 
-def nbits(zp: bool):
-    B = (codes.reshape(N, blocks, 16, 2)[..., 0] | (codes.reshape(N, blocks, 16, 2)[..., 1] << 4)).astype(np.uint8)
-    inits = [onnx.numpy_helper.from_array(B, "B"), onnx.numpy_helper.from_array(d.reshape(-1), "scales")]
-    ins = ["x", "B", "scales"]
-    if zp:
-        z = rng.integers(0, 16, (N, blocks), dtype=np.uint8)
-        zpad = np.concatenate([z, np.zeros((N, blocks % 2), np.uint8)], 1) if blocks % 2 else z
-        inits.append(onnx.numpy_helper.from_array((zpad[:, 0::2] | (zpad[:, 1::2] << 4)).astype(np.uint8).reshape(-1), "zp"))
-        ins.append("zp")
-    node = helper.make_node("MatMulNBits", ins, ["y"], domain="com.microsoft", K=K, N=N, bits=4, block_size=32, accuracy_level=4)
+    Q41_LIB=libq41.so python vs_nbits.py THREADS K N
+"""
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check import LIB, pack  # noqa: E402
+
+threads, K, N = (int(a) for a in sys.argv[1:4])
+blocks = K // 32
+rng = np.random.default_rng(0)
+codes = rng.integers(0, 16, (N, K), dtype=np.uint8)
+d = rng.uniform(0.001, 0.02, (N, blocks)).astype(np.float32)
+m = rng.uniform(-0.1, 0, (N, blocks)).astype(np.float32)
+x = rng.standard_normal((1, K)).astype(np.float32)
+dm = np.stack([d.astype(np.float16), m.astype(np.float16)], -1).view(np.uint16).reshape(N, blocks, 2)
+A = onnx.numpy_helper.from_array
+B = (codes.reshape(N, blocks, 16, 2)[..., 0] | (codes.reshape(N, blocks, 16, 2)[..., 1] << 4)).astype(np.uint8)
+z = rng.integers(0, 16, (N, blocks + blocks % 2), dtype=np.uint8)
+zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+
+
+def session(op, domain, inits, **attrs):
+    node = helper.make_node(op, ["x", *(t.name for t in inits)], ["y"], domain=domain, **attrs)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions(); so.intra_op_num_threads = threads
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.register_custom_ops_library(LIB)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-sessions = {"edgelora MatMulQ41I8 (exact Q4_1)": ours, "MatMulNBits int4, no zero point": nbits(False),
-            "MatMulNBits int4, uint8 zero points": nbits(True)}
+
+nbits = dict(K=K, N=N, bits=4, block_size=32, accuracy_level=4)
+q41 = [A(pack(codes), "codes"), A(d, "d"), A(m, "m")]
+sessions = {
+    "MatMulQ41I8 (one column a pass)": session("MatMulQ41I8", "edgelora", q41),
+    "MatMulQ41I8x4 (four columns a pass)": session("MatMulQ41I8x4", "edgelora", q41),
+    "MatMulQ41I8H (fp16 d, m)": session("MatMulQ41I8H", "edgelora", [A(pack(codes), "codes"), A(dm, "dm")]),
+    "MatMulNBits int4, no zero point": session("MatMulNBits", "com.microsoft", [A(B, "B"), A(d.reshape(-1), "scales")], **nbits),
+    "MatMulNBits int4, uint8 zero points": session("MatMulNBits", "com.microsoft",
+                                                   [A(B, "B"), A(d.reshape(-1), "scales"), A(zp, "zp")], **nbits),
+}
 times = {k: [] for k in sessions}
 for _ in range(30):
     for k, s in sessions.items():
-        t = time.perf_counter(); s.run(None, {"x": x}); times[k].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        s.run(None, {"x": x})
+        times[k].append(time.perf_counter() - t)
 base = statistics.median(times["MatMulNBits int4, no zero point"])
 for k, v in times.items():
     t = statistics.median(v)
-    print(f"{threads} thr {K}x{N}  {k:38s} {t*1e3:6.3f} ms  {N*K/2/t/1e9:5.2f} GB/s of codes  {base/t:.2f}x MatMulNBits")
+    print(f"{threads} thr {K}x{N}  {k:38s} {t * 1e3:6.3f} ms  {N * K / 2 / t / 1e9:5.2f} GB/s of codes  {base / t:.2f}x MatMulNBits")
