@@ -17,14 +17,94 @@ OUT = ROOT / "bench" / "out"
 PROMPT = SPEED_PROMPT  # a chat prompt whose answer runs long: what decode speeds are measured on
 
 
-def bundle(device: str, backend: str, quant: str, *, name: str | None = None):
-    """A bundle of the default model, exported once and kept in the cache."""
+SIZES = ("135m", "1b")
+# Llama-3.2-1B's shape (tied embeddings, llama3 rope scaling); its tokenizer is the default model's,
+# the embedding padded to Llama 3's 128256 rows as Llama 3's is (what a token costs includes them)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+                rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192})
+
+
+NAMES = {"135m": "SmolLM2-135M", "1b": "Llama-3.2-1B shape (random weights)"}
+
+
+def named(stem: str, size: str) -> str:
+    """An output file's stem: the 135M run keeps its old name, other sizes carry theirs."""
+    return stem if size == "135m" else f"{stem}-{size}"
+
+
+def hf_dir(size: str) -> str:
+    """The float Hugging Face checkpoint behind `size` (what PEFT+torch and genai's builder read)."""
     import edgelora
 
-    path = edgelora.models.cache_dir() / "bench" / (name or f"{device}-{backend}-{quant}")
+    return str(edgelora.models.ensure_model(edgelora.DEFAULT_MODEL)) if size == "135m" else model(size)
+
+
+def model(size: str = "135m") -> str:
+    """The model a benchmark runs at `size`: the default model, or a Llama-3.2-1B-shaped model with
+    random weights made here once (no download; decode and training speed do not depend on the
+    values, so its quality figures mean nothing and are not shown)."""
+    import edgelora
+
+    if size == "135m":
+        return edgelora.DEFAULT_MODEL
+    if size != "1b":
+        raise SystemExit(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
+    out = edgelora.models.cache_dir() / "bench" / "llama-3.2-1b-shape"
+    if not (out / "model.safetensors").exists():
+        import shutil
+        import tempfile
+
+        import torch
+        import transformers as tf
+
+        src = edgelora.models.ensure_model(edgelora.DEFAULT_MODEL)
+        print(f"making a Llama-3.2-1B-shaped model with random weights in {out} (once)", file=sys.stderr)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".1b-"))
+        for f in src.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, tmp / f.name)
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(bos_token_id=1, eos_token_id=2, **LLAMA_1B)
+        m = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)  # bf16, as Llama 3.2 ships
+        m.save_pretrained(tmp, safe_serialization=True, max_shard_size="10GB")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return str(out)
+
+
+def bundle(device: str, backend: str, quant: str, *, name: str | None = None, size: str = "135m"):
+    """A bundle of the model at `size`, exported once and kept in the cache."""
+    import edgelora
+
+    stem = name or f"{device}-{backend}-{quant}"
+    path = edgelora.models.cache_dir() / "bench" / named(stem, size)
     if (path / "bundle.json").exists():
         return edgelora.open_bundle(path, verify=False)
-    return edgelora.export(edgelora.DEFAULT_MODEL, device, path, backend=backend, quant=quant, force=True, replace=True)
+    return edgelora.export(model(size), device, path, backend=backend, quant=quant, force=True, replace=True,
+                           eval_tokens=None if size == "135m" else 256)
+
+
+def read_bandwidth(gib: float = 1.0) -> float:
+    """The machine's read bandwidth in bytes/s: numpy summing `gib` GiB (one thread), best of three.
+    A decode that reads B bytes per token at r tokens/s uses B*r of it."""
+    import numpy as np
+
+    a = np.ones(int(gib * (1 << 30)) // 8)
+    a.sum()
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        a.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def artifact_bytes(b, art) -> int:
+    """What one decoded token reads at least: every weight file of the artifact, once."""
+    return sum(b.manifest["files"][f]["size"] for f in art.files)
 
 
 def best_of(fn: Callable[[], float], repeat: int = 3) -> float:

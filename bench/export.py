@@ -3,9 +3,14 @@ change against float, top-1 agreement, and decode tokens/s at the same thread co
 edgelora's GGUF and ONNX outputs next to llama.cpp's own Q4_1 file (the one the model ships as)
 and onnxruntime-genai's int4 build of the same weights.
 
-    python bench/export.py [--threads 2] [--eval-tokens N] [--formats gguf:q8_0,onnx:int4,...]
+    python bench/export.py [--size 135m|1b] [--threads 2] [--eval-tokens N] [--formats gguf:q8_0,onnx:int4,...]
 
-Prints one table; writes bench/out/export.json and bench/out/export.png (decode speed against
+At --size 1b the model is Llama-3.2-1B-shaped with random weights (bench/common.py): speeds are real,
+quality figures mean nothing and are shown as n/a, and llama.cpp's row is its Q4_1 quantization of
+the same weights. Every speed is also given as the share of the machine's read bandwidth it uses
+(the weight bytes a token reads x tokens/s over numpy's one-thread read rate).
+
+Prints one table; writes bench/out/export[-1b].json and bench/out/export[-1b].png (decode speed against
 perplexity change, with the Pareto front).
 """
 
@@ -21,7 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-FORMATS = ["gguf:f16", "gguf:q8_0", "gguf:q4_0", "gguf:q4_k_m", "onnx:f32", "onnx:int8", "onnx:int4"]
+FORMATS = {"135m": ["gguf:f16", "gguf:q8_0", "gguf:q4_0", "gguf:q4_k_m", "onnx:f32", "onnx:int8", "onnx:int4"],
+           "1b": ["gguf:q8_0", "gguf:q4_0", "gguf:q4_k_m", "onnx:int4"]}
+LLAMA_FTYPE_Q4_1 = 3  # llama.h's LLAMA_FTYPE_MOSTLY_Q4_1: the shipped model's format
 
 
 def measure_engine(engine, tokens: int) -> float:
@@ -108,20 +115,25 @@ def quality_window() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=common.SIZES, default="135m", help="the default model, or a Llama-3.2-1B-shaped one")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens per speed measurement")
     ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for perplexity (default: all)")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=None, help="default: " + "; ".join(f"{k}: {','.join(v)}" for k, v in FORMATS.items()))
     ap.add_argument("--no-genai", action="store_true")
     ap.add_argument("--genai-python", default=sys.executable,
                     help="a Python whose onnxruntime_genai.models.builder runs (it needs transformers 5)")
     args = ap.parse_args()
+    args.formats = args.formats or ",".join(FORMATS[args.size])
+    if args.size != "135m" and args.eval_tokens is None:
+        args.eval_tokens = 256  # random weights: the quality figures are not shown, keep their cost small
 
     import edgelora
     from edgelora import bundle as B, models, quality
     from edgelora.runtime.gguf import GGUFEngine
 
-    base = edgelora.load_base(edgelora.DEFAULT_MODEL)
+    bandwidth = common.read_bandwidth()
+    base = edgelora.load_base(common.model(args.size))
     eval_ids = B._eval_tokens(base, args.eval_tokens)
     rows, h2h = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,16 +148,21 @@ def main() -> None:
             export_s = time.perf_counter() - t
             art = b.artifacts[0]
             engine = b.engine(backend, threads=args.threads, n_ctx=1024)
-            rows.append(dict(name=f"edgelora {backend} {quant}", size=sum(b.manifest["files"][f]["size"] for f in art.files),
+            rows.append(dict(name=f"edgelora {backend} {quant}", size=common.artifact_bytes(b, art),
                              export_s=export_s, ppl=art.quality["perplexity"], change=art.quality["perplexity_change"],
                              top1=art.quality["top1_agreement"], tok_s=measure_engine(engine, args.tokens)))
             engine.close()
-        # llama.cpp's own quantization of the model: the Q4_1 file it ships as
-        src = models.gguf_path(edgelora.DEFAULT_MODEL)
+        # llama.cpp's own quantization of the model: the Q4_1 file it ships as (at 1b: made by llama.cpp from float)
+        if args.size == "135m":
+            src, label = models.gguf_path(edgelora.DEFAULT_MODEL), "llama.cpp Q4_1 (shipped)"
+        else:
+            from edgelora.converters import gguf_quant
+
+            src, label = gguf_quant.quantize(ws.f32_gguf(), Path(tmp) / "q4_1.gguf", LLAMA_FTYPE_Q4_1), "llama.cpp Q4_1"
         engine = GGUFEngine(src, n_ctx=1024, threads=args.threads)
         scores = quality.score(lambda ids: engine.logits(ids), eval_ids, quality_window())
         rep = quality.compare(scores, reference, quality_window())
-        rows.append(dict(name="llama.cpp Q4_1 (shipped)", size=src.stat().st_size, export_s=float("nan"),
+        rows.append(dict(name=label, size=src.stat().st_size, export_s=float("nan"),
                          ppl=rep.perplexity, change=rep.perplexity_change, top1=rep.top1_agreement,
                          tok_s=measure_engine(engine, args.tokens)))
         engine.close()
@@ -160,20 +177,32 @@ def main() -> None:
                     engine = b.engine("onnx", threads=args.threads, n_ctx=1024)
                     h2h = head_to_head(engine, rate, args.tokens)
                     engine.close()
-    table = [(r["name"], f"{r['size'] / 1e6:.0f} MB", f"{r['export_s']:.0f}s", f"{r['ppl']:.3f}", f"{r['change']:+.2%}",
-              f"{r['top1']:.1%}", f"{r['tok_s']:.1f}") for r in rows]
-    print(common.table(("format", "file", "export", "perplexity", "vs float", "top-1", f"decode tok/s ({args.threads} thr)"), table))
-    print(f"float perplexity {reference.perplexity:.3f} on {len(eval_ids)} held-out tokens (windows of {quality_window()})")
+    real = args.size == "135m"  # quality of random weights means nothing
+    for r in rows:
+        r["bandwidth_fraction"] = r["size"] * r["tok_s"] / bandwidth
+    table = [(r["name"], f"{r['size'] / 1e6:.0f} MB", f"{r['export_s']:.0f}s",
+              *((f"{r['ppl']:.3f}", f"{r['change']:+.2%}", f"{r['top1']:.1%}") if real else ("n/a",) * 3),
+              f"{r['tok_s']:.1f}", f"{r['bandwidth_fraction']:.0%}") for r in rows]
+    print(common.table(("format", "file", "export", "perplexity", "vs float", "top-1", f"decode tok/s ({args.threads} thr)",
+                        "of bandwidth"), table))
+    print(f"{common.NAMES[args.size]}; bandwidth: file bytes x tok/s over the machine's {bandwidth / 1e9:.1f} GB/s "
+          "(numpy, one thread)")
+    if real:
+        print(f"float perplexity {reference.perplexity:.3f} on {len(eval_ids)} held-out tokens (windows of {quality_window()})")
     if h2h:
         print(f"head to head, interleaved: edgelora onnx int4 {h2h['edgelora']:.1f} tok/s, onnxruntime-genai int4 "
               f"{h2h['genai']:.1f} tok/s: {h2h['ratio']:.2f}x (target >= 1.00x at perplexity change <= +1.3%)")
-    path = common.write_json("export", {"threads": args.threads, "float_perplexity": reference.perplexity,
-                                        "machine": common.machine(), "rows": rows, "head_to_head": h2h})
-    plot(rows, common.OUT / "export.png", args.threads)
-    print(f"wrote {path} and {common.OUT / 'export.png'}")
+    stem = common.named("export", args.size)
+    path = common.write_json(stem, {"size": args.size, "threads": args.threads, "read_bandwidth": bandwidth,
+                                    "float_perplexity": reference.perplexity if real else None,
+                                    "machine": common.machine(), "rows": rows, "head_to_head": h2h})
+    plot(rows, common.OUT / f"{stem}.png", args.threads, args.size)
+    print(f"wrote {path} and {common.OUT / f'{stem}.png'}")
 
 
-def plot(rows: list[dict], path: Path, threads: int) -> None:
+def plot(rows: list[dict], path: Path, threads: int, size: str) -> None:
+    """135m: decode speed against perplexity change, with the Pareto front; 1b (random weights, no
+    quality): decode speed against file size."""
     try:
         import matplotlib
 
@@ -183,7 +212,8 @@ def plot(rows: list[dict], path: Path, threads: int) -> None:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(8, 5))
-    pts = [(100 * r["change"], r["tok_s"], r["name"]) for r in rows]
+    real = size == "135m"
+    pts = [(100 * r["change"] if real else r["size"] / 1e6, r["tok_s"], r["name"]) for r in rows]
     for x, y, name in pts:
         ax.scatter(x, y, color="tab:blue" if name.startswith("edgelora") else "tab:gray")
         ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -192,11 +222,12 @@ def plot(rows: list[dict], path: Path, threads: int) -> None:
         if y > best:
             front.append((x, y))
             best = y
-    ax.plot(*zip(*front), color="tab:orange", linestyle="--", label="Pareto front")
-    ax.set_xlabel("perplexity change vs float (%)")
+    if real:
+        ax.plot(*zip(*front), color="tab:orange", linestyle="--", label="Pareto front")
+        ax.legend()
+    ax.set_xlabel("perplexity change vs float (%)" if real else "weight bytes per token (MB)")
     ax.set_ylabel(f"decode tokens/s ({threads} threads)")
-    ax.set_title("SmolLM2-135M-Instruct: speed against quality")
-    ax.legend()
+    ax.set_title(f"{common.NAMES[size]}: speed against {'quality' if real else 'bytes'}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -27,17 +27,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from common import NAMES  # noqa: E402
 
 WORKER = r"""
 import json, os, resource, sys, time
-side, threads, steps, seq, rank, bundle_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+side, threads, steps, seq, rank, bundle_dir, hf_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7]
 import numpy as np
 import edgelora
 from edgelora.train.data import load
-base = edgelora.load_base(edgelora.DEFAULT_MODEL, progress=False)
 from importlib import resources
 data = resources.files("edgelora.data").joinpath("persona_train.jsonl")
-ex = load(data, base.tokenizer, 4096)
+bundle = edgelora.open_bundle(bundle_dir, verify=False)
+ex = load(data, bundle.tokenizer(), 4096)  # the bundle's tokenizer: no side reads the weights twice
 # the same token stream for both sides: chats concatenated and cut into sequences of `seq`
 stream = np.concatenate([e.tokens for e in ex])
 batches = [stream[i * seq:(i + 1) * seq] for i in range(steps)]
@@ -47,8 +48,6 @@ if side.startswith("numpy"):
     threadpool_limits(threads)
     from edgelora.train import TrainConfig, base_weights
     from edgelora.train.model import AdamW, LoraParams, LoraSpec, Workspace, loss_and_grads
-    del base
-    bundle = edgelora.open_bundle(bundle_dir, verify=False)
     config, w, _ = base_weights(bundle, TrainConfig(seq_len=seq, expanded_layers=2 if side == "numpy-compact" else None))
     base = type("B", (), {"config": config})
     lora = LoraParams(base.config, LoraSpec(rank, 2.0 * rank)).init_random(np.random.default_rng(0))
@@ -70,7 +69,7 @@ else:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    m = get_peft_model(AutoModelForCausalLM.from_pretrained(edgelora.models.hf_path(edgelora.DEFAULT_MODEL)),
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32),
                        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                   "gate_proj", "up_proj", "down_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
@@ -87,21 +86,21 @@ print(json.dumps({"side": side, "threads": threads, "tokens_per_s": seq / steady
 """
 
 
-def run(side: str, threads: int, steps: int, seq: int, rank: int, bundle_dir: str) -> dict:
+def run(side: str, threads: int, steps: int, seq: int, rank: int, bundle_dir: str, hf_dir: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-c", WORKER, side, str(threads), str(steps), str(seq), str(rank), bundle_dir],
+    out = subprocess.run([sys.executable, "-c", WORKER, side, str(threads), str(steps), str(seq), str(rank), bundle_dir, hf_dir],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def under_load(args, bundle_dir: str) -> None:
+def under_load(args, bundle_dir: str, hf_dir: str) -> None:
     """Each side unloaded and beside N spinning processes; tokens/s and the loaded/unloaded ratio."""
     results, rows = [], []
     for threads in [int(t) for t in args.threads.split(",")]:
         for load in [0, *[int(n) for n in args.load.split(",")]]:
             spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
             try:
-                got = {side: run(side, threads, args.steps, args.seq, args.rank, bundle_dir)
+                got = {side: run(side, threads, args.steps, args.seq, args.rank, bundle_dir, hf_dir)
                        for side in ("numpy", "numpy-adaptive", "torch")}
             finally:
                 for sp in spinners:
@@ -115,25 +114,28 @@ def under_load(args, bundle_dir: str) -> None:
                      f"{r['numpy-adaptive']['tokens_per_s'] / r['torch']['tokens_per_s']:.2f}x"))
     print(common.table(("threads (max)", "busy processes", "edgelora fixed tok/s", "edgelora adaptive tok/s",
                         "PEFT+torch tok/s", "adaptive / torch"), rows))
-    print(f"SmolLM2-135M, LoRA r={args.rank}, sequence {args.seq}, {args.steps} steps, median step time; in brackets "
+    print(f"{NAMES[args.size]}, LoRA r={args.rank}, sequence {args.seq}, {args.steps} steps, median step time; in brackets "
           f"each against itself with no load; {os.cpu_count()} cores.")
-    print(f"wrote {common.write_json('train-load', {'args': vars(args), 'machine': common.machine(), 'results': results})}")
+    print(f"wrote {common.write_json(common.named('train-load', args.size), {'args': vars(args), 'machine': common.machine(), 'results': results})}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--size", choices=common.SIZES, default="135m", help="the default model, or a Llama-3.2-1B-shaped one")
+    ap.add_argument("--steps", type=int, default=None, help="default: 12 at 135m, 4 at 1b")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--load", default="", help="busy processes beside the training, e.g. 1,2")
     args = ap.parse_args()
-    bundle_dir = str(common.bundle("raspberry-pi-5", "gguf", "q8_0").root)
+    args.steps = args.steps or (12 if args.size == "135m" else 4)
+    bundle_dir = str(common.bundle("raspberry-pi-5", "gguf", "q8_0", size=args.size).root)
+    hf_dir = common.hf_dir(args.size)
     if args.load:
-        return under_load(args, bundle_dir)
+        return under_load(args, bundle_dir, hf_dir)
     results, rows = [], []
     for threads in [int(t) for t in args.threads.split(",")]:
-        trio = {side: run(side, threads, args.steps, args.seq, args.rank, bundle_dir)
+        trio = {side: run(side, threads, args.steps, args.seq, args.rank, bundle_dir, hf_dir)
                 for side in ("numpy", "numpy-compact", "torch")}
         results.append(trio)
         t = trio["torch"]
@@ -144,9 +146,9 @@ def main() -> None:
                          f"{n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x", f"{n['losses'][-1]:.3f} / {t['losses'][-1]:.3f}"))
     print(common.table(("threads", "edgelora", "expanded layers", "edgelora tok/s", "PEFT+torch tok/s", "speed",
                         "edgelora MB", "PEFT MB", "memory", "final loss (ours Q8_0 / PEFT float)"), rows))
-    print(f"SmolLM2-135M, LoRA r={args.rank} on all 7 targets x 30 layers, sequence {args.seq}, {args.steps} steps, "
+    print(f"{NAMES[args.size]}, LoRA r={args.rank} on all 7 targets, sequence {args.seq}, {args.steps} steps, "
           "median step time; peak = ru_maxrss of each process. Targets: speed >= 1.00x, memory <= 0.50x.")
-    print(f"wrote {common.write_json('train', {'args': vars(args), 'machine': common.machine(), 'results': results})}")
+    print(f"wrote {common.write_json(common.named('train', args.size), {'args': vars(args), 'machine': common.machine(), 'results': results})}")
     try:
         import matplotlib
 
@@ -161,7 +163,7 @@ def main() -> None:
         ax.set_ylabel("loss")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(common.OUT / "train.png", dpi=120)
+        fig.savefig(common.OUT / f"{common.named('train', args.size)}.png", dpi=120)
     except ImportError:
         pass
 

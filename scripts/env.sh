@@ -4,11 +4,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${EDGELORA_PYTHON:-python3}"
+CACHE="${EDGELORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora}"
 
-# llama.cpp is built from source for this CPU family without AMX (which this VM forbids:
-# an AMX build segfaults on every quantized model) and without the multimodal library.
-# pip keeps the built wheel in its cache, so the 10-20 minute build happens once per machine.
-export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}"
+# llama.cpp is built from source for the CPU at hand: every SIMD extension it has, none it lacks,
+# AMX only where the kernel grants it (edgelora/cpu.py; set CMAKE_ARGS to choose yourself). The
+# wheel is kept under a name made of the version and the flags, so the 10-20 minute build happens
+# once per machine and flags, and a change of either builds anew.
+LLAMA_VERSION="$(sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' "$ROOT/pyproject.toml")"
+export CMAKE_ARGS="${CMAKE_ARGS:-$("$PY" "$ROOT/edgelora/cpu.py")}"
+WHEELS="$CACHE/wheels/llama-cpp-python-$LLAMA_VERSION-$(printf %s "$CMAKE_ARGS" | sha256sum | cut -c1-16)"
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "edgelora: creating $VENV" >&2
@@ -16,10 +20,20 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/pip" install -q --upgrade pip wheel setuptools
 fi
 
+if ! compgen -G "$WHEELS/llama_cpp_python-*.whl" >/dev/null; then
+    echo "edgelora: building llama.cpp $LLAMA_VERSION for this CPU, once (10-20 minutes): $CMAKE_ARGS" >&2
+    mkdir -p "$CACHE/wheels"
+    BUILD="$(mktemp -d "$WHEELS.partial.XXXXXX")"
+    "$VENV/bin/pip" wheel --progress-bar off --no-deps --no-cache-dir --no-binary llama-cpp-python \
+        -w "$BUILD" "llama-cpp-python==$LLAMA_VERSION"
+    mv -T "$BUILD" "$WHEELS"
+fi
+
 STAMP="$VENV/.edgelora-installed"
-WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+WANT="$( (cat "$ROOT/pyproject.toml"; echo "$WHEELS") | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-    echo "edgelora: installing into $VENV (the first time builds llama.cpp: 10-20 minutes)" >&2
+    echo "edgelora: installing into $VENV" >&2
+    "$VENV/bin/pip" install --progress-bar off --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
     "$VENV/bin/pip" install --progress-bar off -e "$ROOT[dev]"
     echo "$WANT" > "$STAMP"
 fi
