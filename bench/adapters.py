@@ -120,6 +120,42 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
     return rows, results
 
 
+def genai_anchor(b, args) -> dict | None:
+    """onnxruntime-genai's own route to the same adapter: its builder's int4 export of the same float
+    weights, once plain and once with adapter `a` (as PEFT) built in, each run by its own generator,
+    interleaved. (A genai build made this way cannot swap: the adapter is part of the graph.)"""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        print("onnxruntime-genai is not installed: no genai anchor (pip install onnxruntime-genai)", file=sys.stderr)
+        return None
+    import edgelora
+    from edgelora.adapters import random_adapter
+    from edgelora.converters import peft
+
+    cache = edgelora.models.cache_dir() / "bench"
+    peft_dir = cache / common.named(f"peft-a-r{args.rank}", args.size)
+    if not (peft_dir / "adapter_config.json").exists():
+        ad = random_adapter(b.config, rank=args.rank, alpha=2 * args.rank, seed=1, scale=0.02, fingerprint=b.fingerprint,
+                            name="a")
+        peft.write(ad, peft_dir, b.config)
+    try:
+        py = common.genai_python(args.genai_python)
+        hf = common.hf_dir(args.size)
+        plain = common.genai_build(hf, cache / common.named("genai-int4", args.size), py)
+        lora = common.genai_build(hf, cache / common.named(f"genai-int4-lora-r{args.rank}", args.size), py, peft_dir)
+    except (RuntimeError, OSError) as e:
+        print(f"no genai anchor: {e}", file=sys.stderr)
+        return None
+    models = {"base": common.genai_model(plain, args.threads), "adapter": common.genai_model(lora, args.threads)}
+    rates = {k: [] for k in models}
+    for _ in range(args.rounds):
+        for k, m in models.items():
+            rates[k].append(common.genai_rate(m, args.tokens))
+    base, one = statistics.median(rates["base"]), statistics.median(rates["adapter"])
+    return {"base": base, "with_adapter": one, "ratio": one / base}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=common.SIZES, default="135m", help="the default model, or a Llama-3.2-1B-shaped one")
@@ -127,6 +163,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens per measurement")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-genai", action="store_true", help="leave out onnxruntime-genai's anchor")
+    ap.add_argument("--genai-python", default=None, help="a Python whose onnxruntime-genai builder runs (default: a "
+                    "venv made once in the cache)")
     ap.add_argument("--bundles", default=None, help="default: f32,profile at 135m, profile at 1b")
     args = ap.parse_args()
     args.bundles = args.bundles or ("f32,profile" if args.size == "135m" else "profile")
@@ -138,6 +177,12 @@ def main() -> None:
             common.bundle("raspberry-pi-5", "both", None, name="adapters-pi5", size=args.size)
         layers = b.config.num_layers
         rows, res = bench_bundle(b, args)
+        if which == "profile" and not args.no_genai:
+            g = genai_anchor(b, args)
+            if g:
+                res["genai_adapter_path"] = g
+                rows.append(("onnxruntime-genai int4, adapter_path", "n/a (build)", "n/a (build)", f"{g['base']:.1f}",
+                             f"{g['with_adapter']:.1f} ({g['ratio']:.3f}x)", "", "", "", "", ""))
         out["bundles"][which] = res
         print(f"\n{which}: {b.root.name}")
         print(common.table(("engine", "load adapter ms", "swap ms", "base tok/s (of bandwidth)", "1 adapter", "2 mixed", "merged",

@@ -87,6 +87,83 @@ def bundle(device: str, backend: str, quant: str, *, name: str | None = None, si
                            eval_tokens=None if size == "135m" else 256)
 
 
+GENAI_BUILDER_PACKAGES = ("torch==2.13.0", "transformers>=5", "onnx", "peft", "sentencepiece")
+
+
+def genai_python(given: str | None = None) -> str:
+    """A Python whose onnxruntime-genai model builder runs: `given`, else a venv in the cache made
+    once (the builder needs transformers 5, edgelora's tests pin 4.x; torch stays the CPU build)."""
+    import subprocess
+
+    if given:
+        return given
+    import edgelora
+    import onnxruntime_genai
+
+    venv = edgelora.models.cache_dir() / "genai-builder"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        print(f"making {venv} for onnxruntime-genai's builder (once, a few minutes)", file=sys.stderr)
+        tmp = venv.with_name(venv.name + ".partial")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(tmp)], check=True)
+        subprocess.run([str(tmp / "bin" / "pip"), "install", "-q", *GENAI_BUILDER_PACKAGES,
+                        f"onnxruntime-genai=={onnxruntime_genai.__version__}"], check=True)
+        tmp.rename(venv)  # a venv's scripts name their directory: use its python by path only
+    return str(py)
+
+
+def genai_build(hf_dir: str | Path, out: Path, python: str, adapter_dir: Path | None = None) -> Path:
+    """onnxruntime-genai's own int4 CPU build of a float checkpoint (with a PEFT adapter built in
+    when given: its builder's `adapter_path`), cached at `out`."""
+    import subprocess
+
+    if (out / "genai_config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(tmp), "-p", "int4", "-e", "cpu"]
+    if adapter_dir is not None:
+        cmd += ["--extra_options", f"adapter_path={adapter_dir}"]
+    print(f"onnxruntime-genai's builder: {out.name}", file=sys.stderr)
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    if built.returncode:
+        raise RuntimeError(f"onnxruntime-genai's builder failed: {(built.stderr.strip().splitlines() or ['?'])[-1]}")
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def genai_model(path: Path, threads: int):
+    """An og.Model of a genai build, its session pinned to `threads` (as every other side is)."""
+    import onnxruntime_genai as og
+
+    cfg_path = path / "genai_config.json"
+    gcfg = json.loads(cfg_path.read_text())
+    gcfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(gcfg, indent=2))
+    cfg = og.Config(str(path))
+    cfg.clear_providers()
+    return og.Model(cfg)
+
+
+def genai_rate(model, tokens: int) -> float:
+    """Decode tokens/s of genai's own generator after the speed prompt (prefill excluded)."""
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=4096, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(tok.encode(PROMPT[0]["content"]))
+    t0 = time.perf_counter()
+    n = 0
+    while n < tokens and not gen.is_done():  # count only tokens really generated (not calls after EOS)
+        gen.generate_next_token()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
 def read_bandwidth(gib: float = 1.0) -> float:
     """The machine's read bandwidth in bytes/s: numpy summing `gib` GiB (one thread), best of three.
     A decode that reads B bytes per token at r tokens/s uses B*r of it."""

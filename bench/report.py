@@ -1,0 +1,166 @@
+"""The README's benchmark table and plot, from the last runs' JSON in bench/out/:
+
+    python bench/report.py            # after bench/export.py, bench/adapters.py, bench/train.py (each --size 135m and 1b)
+
+Rewrites the block between the README's `bench:begin` and `bench:end` markers with one table
+(edgelora against the reference runtimes, the ratio, the share of the machine's read bandwidth,
+the issue's target) and writes docs/benchmarks.png. A missing run leaves its rows out and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+README = common.ROOT / "README.md"
+PLOT = common.ROOT / "docs" / "benchmarks.png"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def load(stem: str) -> dict | None:
+    path = common.OUT / f"{stem}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
+    """(table rows, missing runs, plot data) at one size."""
+    rows, missing, plot = [], [], {}
+    name = common.NAMES[size]
+    export = load(common.named("export", size))
+    if export:
+        by = {r["name"]: r for r in export["rows"]}
+        thr = export["threads"]
+        h2h = export.get("head_to_head")
+        ours = by.get("edgelora onnx int4")
+        genai = by.get("onnxruntime-genai int4")
+        if ours and h2h:
+            ppl = f", perplexity {ours['change']:+.2%} vs {genai['change']:+.2%}" if size == "135m" and genai else ""
+            rows.append((name, f"decode, ONNX int4{ppl}", f"{h2h['edgelora']:.1f} tok/s", f"genai int4 {h2h['genai']:.1f}",
+                         f"{h2h['ratio']:.2f}x", f"{ours['bandwidth_fraction']:.0%}", ">= 1.00x (issue 18)", thr))
+        q41 = next((r for k, r in by.items() if k.startswith("llama.cpp Q4_1")), None)
+        gguf = by.get("edgelora gguf q4_0")
+        if q41 and gguf:
+            rows.append((name, "decode, GGUF Q4_0 (llama.cpp runs it)", f"{gguf['tok_s']:.1f} tok/s",
+                         f"llama.cpp Q4_1 {q41['tok_s']:.1f}", f"{gguf['tok_s'] / q41['tok_s']:.2f}x",
+                         f"{gguf['bandwidth_fraction']:.0%}", "", thr))
+        plot["decode"] = [(r["name"], r["tok_s"]) for r in export["rows"]]
+    else:
+        missing.append(f"bench/export.py --size {size}")
+    adapters = load(common.named("adapters", size))
+    if adapters:
+        prof = adapters["bundles"].get("profile") or next(iter(adapters["bundles"].values()))
+        thr = adapters["threads"]
+        plot["adapter"] = []
+        for engine, e in prof["engines"].items():
+            base, one = e["decode"]["base"]["tok_s"], e["decode"]["one"]["tok_s"]
+            rows.append((name, f"rank-{adapters['rank']} adapter active, edgelora {engine}", f"{one / base:.3f}x base",
+                         "", "", f"{e['bandwidth_fraction']:.0%}", ">= 0.95x (issue 12)", thr))
+            plot["adapter"].append((f"edgelora {engine}", one / base))
+        anchor = prof.get("llama_cpp_lora_path")
+        gguf = next((e for k, e in prof["engines"].items() if k.startswith("gguf")), None)
+        if anchor and gguf:
+            ratio = anchor["decode_with_adapter"] / gguf["decode"]["base"]["tok_s"]
+            rows.append((name, "rank-8 adapter, llama.cpp's own --lora", f"{ratio:.3f}x edgelora's base", "", "", "", "", thr))
+            plot["adapter"].append(("llama.cpp --lora", ratio))
+        g = prof.get("genai_adapter_path")
+        if g:
+            rows.append((name, "rank-8 adapter, onnxruntime-genai's int4 with it built in", f"{g['ratio']:.3f}x its base",
+                         "", "", "", "", thr))
+            plot["adapter"].append(("genai adapter_path", g["ratio"]))
+    else:
+        missing.append(f"bench/adapters.py --size {size}")
+    train = load(common.named("train", size))
+    if train:
+        for trio in train["results"]:
+            n, t = trio["numpy"], trio["torch"]
+            rows.append((name, "training tok/s and peak memory (Q8_0 bundle)",
+                         f"{n['tokens_per_s']:.0f} tok/s, {n['peak_rss_mb']:.0f} MB",
+                         f"PEFT+torch {t['tokens_per_s']:.0f} tok/s, {t['peak_rss_mb']:.0f} MB",
+                         f"{n['tokens_per_s'] / t['tokens_per_s']:.2f}x speed, {n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x memory",
+                         "", ">= 1.0x speed, <= 0.5x memory", n["threads"]))
+        plot["train"] = [(trio["numpy"]["threads"], trio["numpy"]["tokens_per_s"] / trio["torch"]["tokens_per_s"],
+                          trio["numpy"]["peak_rss_mb"] / trio["torch"]["peak_rss_mb"]) for trio in train["results"]]
+    else:
+        missing.append(f"bench/train.py --size {size}")
+    return rows, missing, plot
+
+
+def draw(plots: dict[str, dict]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for i, (size, p) in enumerate(plots.items()):
+        names, rates = zip(*p["decode"]) if p.get("decode") else ((), ())
+        ax = axes[0]
+        y = [j + 0.4 * i for j in range(len(names))]
+        ax.barh(y, rates, height=0.4, label=common.NAMES[size])
+        for yy, n in zip(y, names):
+            ax.annotate(n, (0, yy), fontsize=6, xytext=(2, -2), textcoords="offset points")
+        if p.get("adapter"):
+            names, ratios = zip(*p["adapter"])
+            axes[1].bar([f"{n}\n{size}" for n in names], ratios)
+        if p.get("train"):
+            for thr, speed, mem in p["train"]:
+                axes[2].scatter(mem, speed, s=40)
+                axes[2].annotate(f"{size}, {thr} thr", (mem, speed), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    axes[0].set_xlabel("decode tokens/s")
+    axes[0].set_yticks([])
+    axes[0].set_title("decode speed by format")
+    axes[0].legend(fontsize=7)
+    axes[1].axhline(0.95, color="tab:orange", linestyle="--", label="target 0.95x")
+    axes[1].set_ylabel("decode with a rank-8 adapter / base")
+    axes[1].tick_params(axis="x", labelsize=6)
+    axes[1].legend(fontsize=7)
+    axes[1].set_title("cost of an active adapter")
+    axes[2].axhline(1.0, color="tab:orange", linestyle="--")
+    axes[2].axvline(0.5, color="tab:orange", linestyle="--")
+    axes[2].set_xlabel("peak memory / PEFT+torch")
+    axes[2].set_ylabel("tokens/s / PEFT+torch")
+    axes[2].set_title("on-device training (target: upper left)")
+    fig.tight_layout()
+    PLOT.parent.mkdir(exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+    return True
+
+
+def main() -> None:
+    rows, missing, plots = [], [], {}
+    for size in common.SIZES:
+        r, m, p = rows_for(size)
+        rows += r
+        missing += m
+        plots[size] = p
+    bw = next((d["read_bandwidth"] for d in (load(common.named(s, z)) for s in ("export", "adapters") for z in common.SIZES)
+               if d and d.get("read_bandwidth")), None)
+    header = ("model", "what", "edgelora", "reference", "ratio", "of bandwidth", "target", "threads")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    notes = [f"Bandwidth: the weight bytes a token reads times tokens/s, over this machine's measured read rate"
+             f"{f' ({bw / 1e9:.1f} GB/s, numpy, one thread)' if bw else ''}. Decode figures are medians of "
+             "interleaved runs at the same thread count on both sides; the 1B model has random weights "
+             "(speed does not depend on them)."]
+    if missing:
+        notes.append("Not run yet: " + "; ".join(f"`{m}`" for m in missing) + ".")
+    plotted = draw(plots)
+    block = "\n".join([BEGIN, *lines, "", *notes, *(["", "![benchmarks](docs/benchmarks.png)"] if plotted else []), END])
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{README} has no {BEGIN} ... {END} block to rewrite")
+    head, rest = text.split(BEGIN, 1)
+    README.write_text(head + block + rest.split(END, 1)[1])
+    print("\n".join(lines + [""] + notes))
+    print(f"rewrote the benchmark block of {README}" + (f" and wrote {PLOT}" if plotted else ""))
+
+
+if __name__ == "__main__":
+    main()
