@@ -87,7 +87,7 @@ def bundle(device: str, backend: str, quant: str, *, name: str | None = None, si
                            eval_tokens=None if size == "135m" else 256)
 
 
-GENAI_BUILDER_PACKAGES = ("torch==2.13.0", "transformers>=5", "onnx", "peft", "sentencepiece")
+GENAI_BUILDER_PACKAGES = ("torch==2.13.0", "transformers>=5", "onnx", "onnx_ir", "peft", "sentencepiece")
 
 
 def genai_python(given: str | None = None) -> str:
@@ -106,7 +106,7 @@ def genai_python(given: str | None = None) -> str:
         print(f"making {venv} for onnxruntime-genai's builder (once, a few minutes)", file=sys.stderr)
         tmp = venv.with_name(venv.name + ".partial")
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(tmp)], check=True)
-        subprocess.run([str(tmp / "bin" / "pip"), "install", "-q", *GENAI_BUILDER_PACKAGES,
+        subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *GENAI_BUILDER_PACKAGES,
                         f"onnxruntime-genai=={onnxruntime_genai.__version__}"], check=True)
         tmp.rename(venv)  # a venv's scripts name their directory: use its python by path only
     return str(py)
