@@ -132,7 +132,7 @@ def main() -> None:
     from edgelora import bundle as B, models, quality
     from edgelora.runtime.gguf import GGUFEngine
 
-    bandwidth = common.read_bandwidth()
+    bandwidth = common.read_bandwidth(args.threads)
     base = edgelora.load_base(common.model(args.size))
     eval_ids = B._eval_tokens(base, args.eval_tokens)
     rows, h2h = [], None
@@ -186,7 +186,7 @@ def main() -> None:
     print(common.table(("format", "file", "export", "perplexity", "vs float", "top-1", f"decode tok/s ({args.threads} thr)",
                         "of bandwidth"), table))
     print(f"{common.NAMES[args.size]}; bandwidth: file bytes x tok/s over the machine's {bandwidth / 1e9:.1f} GB/s "
-          "(numpy, one thread)")
+          f"(numpy, {args.threads} threads)")
     if real:
         print(f"float perplexity {reference.perplexity:.3f} on {len(eval_ids)} held-out tokens (windows of {quality_window()})")
     if h2h:

@@ -140,13 +140,11 @@ def main() -> None:
         rows += r
         missing += m
         plots[size] = p
-    bw = next((d["read_bandwidth"] for d in (load(common.named(s, z)) for s in ("export", "adapters") for z in common.SIZES)
-               if d and d.get("read_bandwidth")), None)
     header = ("model", "what", "edgelora", "reference", "ratio", "of bandwidth", "target", "threads")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    notes = [f"Bandwidth: the weight bytes a token reads times tokens/s, over this machine's measured read rate"
-             f"{f' ({bw / 1e9:.1f} GB/s, numpy, one thread)' if bw else ''}. Decode figures are medians of "
+    notes = ["Of bandwidth: the weight bytes a token reads times tokens/s, over this machine's read rate measured "
+             "by numpy with the same thread count. Decode figures are medians of "
              "interleaved runs at the same thread count on both sides; the 1B model has random weights "
              "(speed does not depend on them)."]
     if missing:
