@@ -197,7 +197,7 @@ def main() -> None:
           f"loaded with and without lora_path, interleaved) is timed by its own perf counters. Bandwidth: the weight bytes a token reads times "
           f"tok/s, over the machine's {args.bandwidth / 1e9:.1f} GB/s (numpy, {args.threads} threads). Targets: 1 adapter >= 0.95x base "
           "(issue 12; 0.97x with the custom kernel, issue 18), ONNX loop overhead <= 5%.")
-    print(f"wrote {common.write_json(common.named('adapters', args.size), out)}")
+    print(f"wrote {common.write_json(common.named('adapters', args.size, args.threads), out)}")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
 NAMES = {"135m": "SmolLM2-135M", "1b": "Llama-3.2-1B shape (random weights)"}
 
 
-def named(stem: str, size: str) -> str:
-    """An output file's stem: the 135M run keeps its old name, other sizes carry theirs."""
-    return stem if size == "135m" else f"{stem}-{size}"
+def named(stem: str, size: str, threads: int | None = None) -> str:
+    """A cache entry's or output file's stem: the 135M model's keeps its old name, other sizes carry
+    theirs; results of one thread count carry it (adapters-1b-2t.json)."""
+    return (stem if size == "135m" else f"{stem}-{size}") + (f"-{threads}t" if threads else "")
 
 
 def hf_dir(size: str) -> str:

@@ -10,7 +10,7 @@ quality figures mean nothing and are shown as n/a, and llama.cpp's row is its Q4
 the same weights. Every speed is also given as the share of the machine's read bandwidth it uses
 (the weight bytes a token reads x tokens/s over numpy's one-thread read rate).
 
-Prints one table; writes bench/out/export[-1b].json and bench/out/export[-1b].png (decode speed against
+Prints one table; writes bench/out/export[-1b]-<threads>t.json and .png (decode speed against
 perplexity change, with the Pareto front).
 """
 
@@ -192,7 +192,7 @@ def main() -> None:
     if h2h:
         print(f"head to head, interleaved: edgelora onnx int4 {h2h['edgelora']:.1f} tok/s, onnxruntime-genai int4 "
               f"{h2h['genai']:.1f} tok/s: {h2h['ratio']:.2f}x (target >= 1.00x at perplexity change <= +1.3%)")
-    stem = common.named("export", args.size)
+    stem = common.named("export", args.size, args.threads)
     path = common.write_json(stem, {"size": args.size, "threads": args.threads, "read_bandwidth": bandwidth,
                                     "float_perplexity": reference.perplexity if real else None,
                                     "machine": common.machine(), "rows": rows, "head_to_head": h2h})
