@@ -17,7 +17,6 @@ perplexity change, with the Pareto front).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,24 +46,14 @@ def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: lis
 
     from edgelora import quality
 
-    t = time.perf_counter()
-    built = subprocess.run([builder_python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-                            "-p", "int4", "-e", "cpu"], capture_output=True, text=True)
-    if built.returncode:
-        print(f"onnxruntime-genai's builder failed ({(built.stderr.strip().splitlines() or ['?'])[-1]}); its builder "
-              "needs transformers 5: pass --genai-python with a Python that has it. Skipping its row.", file=sys.stderr)
+    t, cached = time.perf_counter(), (out / "genai_config.json").exists()
+    try:
+        out = common.genai_build(hf_dir, out, common.genai_python(builder_python))
+    except (RuntimeError, OSError) as e:
+        print(f"{e}: skipping onnxruntime-genai's row", file=sys.stderr)
         return None
-    cfg_path = out / "genai_config.json"  # run with the same thread count as everything else
-    import json
-
-    gcfg = json.loads(cfg_path.read_text())
-    gcfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
-    cfg_path.write_text(json.dumps(gcfg, indent=2))
-    export_s = time.perf_counter() - t
-    cfg = og.Config(str(out))
-    cfg.clear_providers()
-    model = og.Model(cfg)
-    tok = og.Tokenizer(model)
+    export_s = float("nan") if cached else time.perf_counter() - t
+    model = common.genai_model(out, threads)
 
     def logits(ids):
         params = og.GeneratorParams(model)
@@ -76,17 +65,7 @@ def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: lis
     report = quality.compare(scores, reference, quality_window())
 
     def rate() -> float:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=4096, do_sample=False)
-        gen = og.Generator(model, params)
-        prompt = tok.encode(common.PROMPT[0]["content"])
-        gen.append_tokens(prompt)
-        t0 = time.perf_counter()
-        n = 0
-        while n < tokens and not gen.is_done():  # count only tokens really generated (not calls after EOS)
-            gen.generate_next_token()
-            n += 1
-        return n / (time.perf_counter() - t0)
+        return common.genai_rate(model, tokens)
 
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return dict(name="onnxruntime-genai int4", size=size, export_s=export_s, ppl=report.perplexity,
@@ -121,8 +100,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for perplexity (default: all)")
     ap.add_argument("--formats", default=None, help="default: " + "; ".join(f"{k}: {','.join(v)}" for k, v in FORMATS.items()))
     ap.add_argument("--no-genai", action="store_true")
-    ap.add_argument("--genai-python", default=sys.executable,
-                    help="a Python whose onnxruntime_genai.models.builder runs (it needs transformers 5)")
+    ap.add_argument("--genai-python", default=None,
+                    help="a Python whose onnxruntime_genai.models.builder runs (it needs transformers 5; default: a "
+                    "venv made once in the cache)")
     args = ap.parse_args()
     args.formats = args.formats or ",".join(FORMATS[args.size])
     if args.size != "135m" and args.eval_tokens is None:
@@ -167,7 +147,8 @@ def main() -> None:
                          tok_s=measure_engine(engine, args.tokens)))
         engine.close()
         if not args.no_genai:
-            g = genai_int4(ws.hf_dir(), Path(tmp) / "genai", args.threads, args.tokens, eval_ids, reference,
+            g = genai_int4(Path(common.hf_dir(args.size)), models.cache_dir() / "bench" / common.named("genai-int4", args.size),
+                           args.threads, args.tokens, eval_ids, reference,
                            args.genai_python)
             if g:
                 rate = g.pop("rate")
