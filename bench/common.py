@@ -153,10 +153,11 @@ def genai_rate(model, tokens: int) -> float:
     import onnxruntime_genai as og
 
     tok = og.Tokenizer(model)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=4096, do_sample=False)
+    prompt = tok.encode(PROMPT[0]["content"])
+    params = og.GeneratorParams(model)  # min_length: no early end of sequence, `tokens` are always timed
+    params.set_search_options(max_length=4096, min_length=len(prompt) + tokens, do_sample=False)
     gen = og.Generator(model, params)
-    gen.append_tokens(tok.encode(PROMPT[0]["content"]))
+    gen.append_tokens(prompt)
     t0 = time.perf_counter()
     n = 0
     while n < tokens and not gen.is_done():  # count only tokens really generated (not calls after EOS)

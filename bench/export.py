@@ -117,7 +117,7 @@ def main() -> None:
     eval_ids = B._eval_tokens(base, args.eval_tokens)
     rows, h2h = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        ws = B._Workspace(base, Path(tmp), progress=True)
+        ws = B._ExportContext(base, Path(tmp), progress=True)
         reference = B.float_scores(ws, eval_ids, args.threads, progress=True)
         for spec in args.formats.split(","):
             backend, quant = spec.split(":")
@@ -161,7 +161,7 @@ def main() -> None:
     real = args.size == "135m"  # quality of random weights means nothing
     for r in rows:
         r["bandwidth_fraction"] = r["size"] * r["tok_s"] / bandwidth
-    table = [(r["name"], f"{r['size'] / 1e6:.0f} MB", f"{r['export_s']:.0f}s",
+    table = [(r["name"], f"{r['size'] / 1e6:.0f} MB", (f"{r['export_s']:.0f}s" if r['export_s'] == r['export_s'] else "n/a"),
               *((f"{r['ppl']:.3f}", f"{r['change']:+.2%}", f"{r['top1']:.1%}") if real else ("n/a",) * 3),
               f"{r['tok_s']:.1f}", f"{r['bandwidth_fraction']:.0%}") for r in rows]
     print(common.table(("format", "file", "export", "perplexity", "vs float", "top-1", f"decode tok/s ({args.threads} thr)",
