@@ -102,7 +102,7 @@ def draw(plots: dict[str, dict]) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     for i, (size, p) in enumerate(plots.items()):
         names, rates = zip(*p["decode"]) if p.get("decode") else ((), ())
         ax = axes[0]
@@ -112,7 +112,7 @@ def draw(plots: dict[str, dict]) -> bool:
             ax.annotate(n, (0, yy), fontsize=6, xytext=(2, -2), textcoords="offset points")
         if p.get("adapter"):
             names, ratios = zip(*p["adapter"])
-            axes[1].bar([f"{n}\n{size}" for n in names], ratios)
+            axes[1].barh([f"{size}: {n}" for n in names], ratios)
         if p.get("train"):
             for thr, speed, mem in p["train"]:
                 axes[2].scatter(mem, speed, s=40)
@@ -121,9 +121,10 @@ def draw(plots: dict[str, dict]) -> bool:
     axes[0].set_yticks([])
     axes[0].set_title("decode speed by format")
     axes[0].legend(fontsize=7)
-    axes[1].axhline(0.95, color="tab:orange", linestyle="--", label="target 0.95x")
-    axes[1].set_ylabel("decode with a rank-8 adapter / base")
-    axes[1].tick_params(axis="x", labelsize=6)
+    axes[1].axvline(0.95, color="tab:red", linestyle="--", label="target 0.95x")
+    axes[1].set_xlabel("decode with a rank-8 adapter / base")
+    axes[1].set_xlim(0.6, 1.1)
+    axes[1].tick_params(axis="y", labelsize=6)
     axes[1].legend(fontsize=7)
     axes[1].set_title("cost of an active adapter")
     axes[2].axhline(1.0, color="tab:orange", linestyle="--")
