@@ -4,7 +4,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${EDGELORA_PYTHON:-python3}"
-CACHE="${EDGELORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora}"
+# built wheels are the machine's, not a model cache: $EDGELORA_CACHE (which tests point elsewhere) does not move them
+WHEEL_CACHE="${EDGELORA_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora/wheels}"
 
 # llama.cpp is built from source for the CPU at hand: every SIMD extension it has, none it lacks,
 # AMX only where the kernel grants it (edgelora/cpu.py; set CMAKE_ARGS to choose yourself). The
@@ -12,7 +13,8 @@ CACHE="${EDGELORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora}"
 # once per machine and flags, and a change of either builds anew.
 LLAMA_VERSION="$(sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' "$ROOT/pyproject.toml")"
 export CMAKE_ARGS="${CMAKE_ARGS:-$("$PY" "$ROOT/edgelora/cpu.py")}"
-WHEELS="$CACHE/wheels/llama-cpp-python-$LLAMA_VERSION-$(printf %s "$CMAKE_ARGS" | sha256sum | cut -c1-16)"
+WHEEL_KEY="llama-cpp-python-$LLAMA_VERSION-$(printf %s "$CMAKE_ARGS" | sha256sum | cut -c1-16)"
+WHEELS="$WHEEL_CACHE/$WHEEL_KEY"
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "edgelora: creating $VENV" >&2
@@ -20,18 +22,17 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/pip" install -q --upgrade pip wheel setuptools
 fi
 
-if ! compgen -G "$WHEELS/llama_cpp_python-*.whl" >/dev/null; then
-    echo "edgelora: building llama.cpp $LLAMA_VERSION for this CPU, once (10-20 minutes): $CMAKE_ARGS" >&2
-    mkdir -p "$CACHE/wheels"
-    BUILD="$(mktemp -d "$WHEELS.partial.XXXXXX")"
-    "$VENV/bin/pip" wheel --progress-bar off --no-deps --no-cache-dir --no-binary llama-cpp-python \
-        -w "$BUILD" "llama-cpp-python==$LLAMA_VERSION"
-    mv -T "$BUILD" "$WHEELS"
-fi
-
 STAMP="$VENV/.edgelora-installed"
-WANT="$( (cat "$ROOT/pyproject.toml"; echo "$WHEELS") | sha256sum | cut -d' ' -f1)"
+WANT="$( (cat "$ROOT/pyproject.toml"; echo "$WHEEL_KEY") | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    if ! compgen -G "$WHEELS/llama_cpp_python-*.whl" >/dev/null; then
+        echo "edgelora: building llama.cpp $LLAMA_VERSION for this CPU, once (10-20 minutes): $CMAKE_ARGS" >&2
+        mkdir -p "$WHEEL_CACHE"
+        BUILD="$(mktemp -d "$WHEELS.partial.XXXXXX")"
+        "$VENV/bin/pip" wheel --progress-bar off --no-deps --no-cache-dir --no-binary llama-cpp-python \
+            -w "$BUILD" "llama-cpp-python==$LLAMA_VERSION"
+        mv -T "$BUILD" "$WHEELS"
+    fi
     echo "edgelora: installing into $VENV" >&2
     "$VENV/bin/pip" install --progress-bar off --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
     "$VENV/bin/pip" install --progress-bar off -e "$ROOT[dev]"
