@@ -1,7 +1,7 @@
 """The package's layers, read from the source's imports (every import, at module level or inside a
 function): a module imports only from its own layer or below.
 
-    0  errors, _io, progress, _native          plumbing
+    0  errors, _io, progress, _native, cpu     plumbing (cpu: what this CPU runs)
     1  arch, naming, rope, tokenizer, profiles  what a model family and a device are
     2  base, adapters                           the two values (base model, adapter)
     3  converters                               file formats: readers and writers, the registry
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
-    ("errors", "_io", "progress", "_native"),
+    ("errors", "_io", "progress", "_native", "cpu"),
     ("arch", "naming", "rope", "tokenizer", "profiles"),
     ("base", "adapters"),
     ("converters",),
