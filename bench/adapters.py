@@ -135,15 +135,12 @@ def genai_anchor(b, args) -> dict | None:
         print("onnxruntime-genai is not installed: no genai anchor (pip install onnxruntime-genai)", file=sys.stderr)
         return None
     import edgelora
-    from edgelora.adapters import random_adapter
     from edgelora.converters import peft
 
     cache = edgelora.models.cache_dir() / "bench"
     peft_dir = cache / common.named(f"peft-a-r{args.rank}", args.size)
-    if not (peft_dir / "adapter_config.json").exists():
-        ad = random_adapter(b.config, rank=args.rank, alpha=2 * args.rank, seed=1, scale=0.02, fingerprint=b.fingerprint,
-                            name="a")
-        peft.write(ad, peft_dir, b.config)
+    if not (peft_dir / "adapter_config.json").exists():  # the store's own adapter `a` (bench_bundle installed it)
+        peft.write(b.store.open("a", "gguf")[1], peft_dir, b.config)
     try:
         py = common.genai_python(args.genai_python)
         hf = common.hf_dir(args.size)

@@ -8,7 +8,7 @@ and onnxruntime-genai's int4 build of the same weights.
 At --size 1b the model is Llama-3.2-1B-shaped with random weights (bench/common.py): speeds are real,
 quality figures mean nothing and are shown as n/a, and llama.cpp's row is its Q4_1 quantization of
 the same weights. Every speed is also given as the share of the machine's read bandwidth it uses
-(the weight bytes a token reads x tokens/s over numpy's one-thread read rate).
+(the weight bytes a token reads x tokens/s over numpy's read rate at the same thread count).
 
 Prints one table; writes bench/out/export[-1b]-<threads>t.json and .png (decode speed against
 perplexity change, with the Pareto front).

@@ -65,14 +65,14 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
                          "", "", f"{e['bandwidth_fraction']:.0%}", ">= 0.95x (issue 12)", thr))
             plot.setdefault("adapter", []).append((f"edgelora {engine}, {thr} thr", one / base))
         anchor = prof.get("llama_cpp_lora_path")
-        gguf = next((e for k, e in prof["engines"].items() if k.startswith("gguf")), None)
-        if anchor and gguf:
-            ratio = anchor.get("ratio") or anchor["decode_with_adapter"] / gguf["decode"]["base"]["tok_s"]
-            rows.append((name, "rank-8 adapter, llama.cpp's own --lora", f"{ratio:.3f}x its base", "", "", "", "", thr))
-            plot["adapter"].append((f"llama.cpp --lora, {thr} thr", ratio))
+        if anchor:
+            rows.append((name, f"rank-{adapters['rank']} adapter, llama.cpp's own --lora", f"{anchor['ratio']:.3f}x its base",
+                         "", "", "", "", thr))
+            plot["adapter"].append((f"llama.cpp --lora, {thr} thr", anchor["ratio"]))
         g = prof.get("genai_adapter_path")
         if g:
-            rows.append((name, "rank-8 adapter, onnxruntime-genai's int4 with it built in", f"{g['ratio']:.3f}x its base",
+            rows.append((name, f"rank-{adapters['rank']} adapter, onnxruntime-genai's int4 with it built in",
+                         f"{g['ratio']:.3f}x its base",
                          "", "", "", "", thr))
             plot["adapter"].append((f"genai adapter_path, {thr} thr", g["ratio"]))
     if not runs:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import NAMES  # noqa: E402
 
 WORKER = r"""
 import json, os, resource, sys, time
@@ -114,7 +113,7 @@ def under_load(args, bundle_dir: str, hf_dir: str) -> None:
                      f"{r['numpy-adaptive']['tokens_per_s'] / r['torch']['tokens_per_s']:.2f}x"))
     print(common.table(("threads (max)", "busy processes", "edgelora fixed tok/s", "edgelora adaptive tok/s",
                         "PEFT+torch tok/s", "adaptive / torch"), rows))
-    print(f"{NAMES[args.size]}, LoRA r={args.rank}, sequence {args.seq}, {args.steps} steps, median step time; in brackets "
+    print(f"{common.NAMES[args.size]}, LoRA r={args.rank}, sequence {args.seq}, {args.steps} steps, median step time; in brackets "
           f"each against itself with no load; {os.cpu_count()} cores.")
     print(f"wrote {common.write_json(common.named('train-load', args.size), {'args': vars(args), 'machine': common.machine(), 'results': results})}")
 
@@ -146,7 +145,7 @@ def main() -> None:
                          f"{n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x", f"{n['losses'][-1]:.3f} / {t['losses'][-1]:.3f}"))
     print(common.table(("threads", "edgelora", "expanded layers", "edgelora tok/s", "PEFT+torch tok/s", "speed",
                         "edgelora MB", "PEFT MB", "memory", "final loss (ours Q8_0 / PEFT float)"), rows))
-    print(f"{NAMES[args.size]}, LoRA r={args.rank} on all 7 targets, sequence {args.seq}, {args.steps} steps, "
+    print(f"{common.NAMES[args.size]}, LoRA r={args.rank} on all 7 targets, sequence {args.seq}, {args.steps} steps, "
           "median step time; peak = ru_maxrss of each process. Targets: speed >= 1.00x, memory <= 0.50x.")
     print(f"wrote {common.write_json(common.named('train', args.size), {'args': vars(args), 'machine': common.machine(), 'results': results})}")
     try:
