@@ -35,7 +35,7 @@ from edgelora.base import BaseModel
 from edgelora.errors import EdgeloraError, UnsupportedFormatError
 
 from . import keys
-from .blocks import BLK, BlockQuant, Stored
+from .blocks import BLK, BlockQuant, BlockRows, Stored
 from .onnx_model import rank_dim, slot_names
 
 MS = "com.microsoft"
@@ -440,10 +440,10 @@ def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, 
 
 # -- reading ------------------------------------------------------------------------------------
 
-def read_weights(path: str | os.PathLike, config) -> tuple[dict[str, np.ndarray], dict[str, BlockQuant | Stored]]:
-    """The graph's weights as it stores them, the reader beside `FusedBuilder`: (dense tensors as
-    float32: norms, biases, the embedding and head expanded; per-layer linears in their MatMulNBits
-    encoding, each projection split back into its modules)."""
+def read_weights(path: str | os.PathLike, config) -> tuple[dict[str, np.ndarray | BlockRows], dict[str, BlockQuant | Stored]]:
+    """The graph's weights as it stores them, the reader beside `FusedBuilder`: (dense tensors:
+    norms and biases as float32, the embedding and head as float32 or, when quantized, `BlockRows`;
+    per-layer linears in their MatMulNBits encoding, each projection split back into its modules)."""
     import onnx
     from onnx import numpy_helper
 
@@ -488,15 +488,15 @@ def read_weights(path: str | os.PathLike, config) -> tuple[dict[str, np.ndarray]
         q = inits["embed.q8"].reshape(vocab, d // BLK, BLK)
         s = inits["embed.scales"].reshape(vocab, d // BLK)
         zp = inits["embed.zp"].reshape(vocab, d // BLK) if "embed.zp" in inits else 128.0
-        dense["embed"] = BlockQuant((vocab, d), q, 8, s, zp).expand()
+        dense["embed"] = BlockRows(BlockQuant((vocab, d), q, 8, s, zp))
     if not c.tie_word_embeddings:
         if "lm_head_T" in inits:
             dense["lm_head"] = np.ascontiguousarray(inits["lm_head_T"].T)
         else:
-            dense["lm_head"] = BlockQuant((vocab, d), inits["lm_head.q8"].reshape(vocab, d // BLK, BLK), 8,
-                                          inits["lm_head.scales"].reshape(vocab, d // BLK),
-                                          inits["lm_head.zp"].reshape(vocab, d // BLK)).expand()
-    dense = {k: np.ascontiguousarray(v, np.float32) for k, v in dense.items()}
+            dense["lm_head"] = BlockRows(BlockQuant((vocab, d), inits["lm_head.q8"].reshape(vocab, d // BLK, BLK), 8,
+                                                    inits["lm_head.scales"].reshape(vocab, d // BLK),
+                                                    inits["lm_head.zp"].reshape(vocab, d // BLK)))
+    dense = {k: v if isinstance(v, BlockRows) else np.ascontiguousarray(v, np.float32) for k, v in dense.items()}
     return dense, packed
 
 

@@ -112,7 +112,7 @@ def test_default_model_loss_and_gradients_equal_peft(default_model_dir, tmp_path
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0", "f16", "q4_k_m"])
 def test_compact_gguf_weights_equal_the_gguf_packages_dequantization(quant, tiny_llama, tmp_path):
     from edgelora.converters import gguf_model
-    from edgelora.train.weights import BlockQuant, for_bundle
+    from edgelora.train.weights import BlockQuant, BlockRows, for_bundle
 
     b = edgelora.export(tiny_llama, "x86-64", tmp_path / "b", backend="gguf", quant=quant, force=True, progress=False)
     compact, backend = for_bundle(b)
@@ -124,7 +124,44 @@ def test_compact_gguf_weights_equal_the_gguf_packages_dequantization(quant, tiny
         assert all(isinstance(p, BlockQuant) for p in compact.packed.values())
         float_bytes = 4 * sum(np.prod(ref.shape(n)) for n in compact.packed)
         assert sum(p.nbytes for p in compact.packed.values()) < (0.3 if quant == "q8_0" else 0.16) * float_bytes
+        # the codes are the mapped file's own pages, not copies (rope-permuted q/k rows excepted)
+        unpermuted = [p for n, p in compact.packed.items() if n.rsplit(".", 1)[1] not in ("q", "k")]
+        assert unpermuted and all(_mapped(p.q) for p in unpermuted)
+        assert isinstance(compact.dense["embed"], BlockRows) and _mapped(compact.dense["embed"].blocks.q)
     assert len(compact._cache) <= compact.keep_layers
+
+
+def _mapped(a) -> bool:
+    while a is not None and not isinstance(a, np.memmap):
+        a = a.base
+    return a is not None
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
+def test_a_head_kept_in_blocks_gives_the_expanded_heads_loss_and_gradients(fixture, request, tmp_path):
+    """The embedding and LM head stay in their Q8_0 blocks, the head multiplied a few vocabulary
+    rows at a time (several chunks here): the same loss and gradients as the expanded weights."""
+    from edgelora.train.weights import BlockRows, for_bundle
+
+    b = edgelora.export(request.getfixturevalue(fixture), "x86-64", tmp_path / "b", backend="gguf", quant="q8_0",
+                        force=True, progress=False)
+    compact, _ = for_bundle(b)
+    tables = [n for n in ("embed", "lm_head") if isinstance(compact.dense.get(n), BlockRows)]
+    assert tables == (["embed"] if b.config.tie_word_embeddings else ["embed", "lm_head"])
+    for n in tables:
+        compact.dense[n].chunk_rows = 37  # not a divisor of the vocabulary: a short last chunk
+    expanded = compact.expanded()
+    assert all(isinstance(v, np.ndarray) for v in expanded.values())
+    rng = np.random.default_rng(0)
+    lora = LoraParams(b.config, LoraSpec(4, 8.0)).init_random(rng)
+    for arr in lora.views.values():
+        arr[...] = rng.normal(0, 0.02, arr.shape)  # B nonzero too: every gradient path is live
+    tokens = rng.integers(0, b.config.vocab_size, (2, 24))
+    mask = np.ones_like(tokens, bool)
+    loss, grad = loss_and_grads(compact, lora, tokens, mask, b.config, vocab_rows=16)
+    ref_loss, ref_grad = loss_and_grads(expanded, lora, tokens, mask, b.config, vocab_rows=16)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6 * np.abs(ref_grad).max())
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8", "f32"])

@@ -29,7 +29,9 @@ Layout decisions:
 - Attention is causal by blocks of query time steps (`attn_block`): the score blocks wholly
   above the diagonal are never computed.
 - The LM head is evaluated only at the loss positions, in row chunks, with its softmax and its
-  backward fused per chunk, so the (BT x V) logits never exist.
+  backward fused per chunk, so the (BT x V) logits never exist. The embedding / LM head may be a
+  table kept in quantized blocks (`BlockRows`): the lookup gathers rows, the head multiplies by
+  one expanded range of vocabulary rows at a time.
 - Dtype follows the inputs: float32 in use, float64 for finite-difference tests.
 """
 
@@ -380,9 +382,30 @@ def geglu_backward(da, g, u, t):
 ACTIVATIONS = {"silu": (swiglu_forward, swiglu_backward), "gelu_tanh": (geglu_forward, geglu_backward)}
 
 
+def head_logits(h, W, out=None):
+    # h (n,C), W (V,C) an array or a table kept in blocks (`chunks()`: row ranges expanded in turn);
+    # out (n,V) or None -> h W^T
+    if isinstance(W, np.ndarray):
+        return np.matmul(h, W.T, out=out)
+    out = np.empty((len(h), W.shape[0]), h.dtype) if out is None else out
+    for s, e, w in W.chunks():
+        out[:, s:e] = h @ w.T                                # (n,e-s)
+    return out
+
+
+def head_input_grad(d, W):
+    # d (n,V), W (V,C) as in head_logits -> d W (n,C)
+    if isinstance(W, np.ndarray):
+        return d @ W
+    dh = np.zeros((len(d), W.shape[1]), d.dtype)
+    for s, e, w in W.chunks():
+        dh += d[:, s:e] @ w                                  # (n,C)
+    return dh
+
+
 def lm_head_ce_forward(h, W, targets, out=None):
     # h (n,C) final-normed states at loss positions, W (V,C), targets (n,) int; out (n,V) or None
-    logits = np.matmul(h, W.T, out=out)                      # (n,V)
+    logits = head_logits(h, W, out)                          # (n,V)
     rows = np.arange(len(targets))
     m = logits.max(axis=-1, keepdims=True)                   # (n,1)
     logits -= m
@@ -398,7 +421,7 @@ def lm_head_ce_backward(probs, targets, W, inv_n):
     # loss = mean over all N positions of -log p[target]; dlogits = (p - onehot) / N
     probs[np.arange(len(targets)), targets] -= 1.0
     probs *= inv_n                                           # (n,V) dlogits, in place
-    return probs @ W                                         # (n,C) dh
+    return head_input_grad(probs, W)                         # (n,C) dh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,7 +620,7 @@ def forward_logits(base, lora, tokens, config: ModelConfig, *, attn_block: int =
     _check_inputs(base, tokens, None, config)
     B, T = tokens.shape
     xn, _ = rmsnorm_forward(_hidden(base, lora, tokens, config, attn_block), base["norm"], config.rms_norm_eps)
-    return (xn @ _head_weight(base, config).T).reshape(B, T, -1)             # (B,T,V)
+    return head_logits(xn, _head_weight(base, config)).reshape(B, T, -1)     # (B,T,V)
 
 
 def _loss_targets(tokens, loss_mask) -> tuple[np.ndarray, np.ndarray]:

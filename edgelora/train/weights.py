@@ -7,8 +7,10 @@ weights stay in the bundle's own encoding, blocks of 32 along the input dimensio
 
 (GGUF Q8_0, Q4_0 and Q4_1 blocks, and the fused ONNX graph's MatMulNBits int4/int8 blocks and its
 exact-Q4_1 offsets, all fit this form; F16 stays half), and the layer asked for is expanded to
-float32 on first use; the last `keep_layers` expanded layers are kept, the rest dropped. Norms and
-the embedding (needed by every step for the lookup and the LM head) are kept expanded.
+float32 on first use; the last `keep_layers` expanded layers are kept, the rest dropped. Norms are
+kept expanded; the embedding and LM head, when stored in such blocks, stay in them as `BlockRows`
+(the lookup expands the rows it gathers, the LM head a chunk of rows at a time) unless every layer
+is expanded for good (`materialize`). GGUF codes are views of the mapped file, not copies.
 Other GGUF types (K-quants...) keep their raw blocks and are expanded by `gguf` itself.
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from edgelora import naming
 from edgelora.arch import ModelConfig
-from edgelora.converters.blocks import BLK, BlockQuant, Stored
+from edgelora.converters.blocks import BLK, BlockQuant, BlockRows, Stored
 from edgelora.errors import UnsupportedFormatError
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -36,7 +38,7 @@ class CompactWeights(Mapping):
     Expanded layers live in reused buffers: an array of layer i stays valid until `keep_layers`
     other layers have been asked for (the trainer works one layer at a time). `expanded()` copies."""
 
-    def __init__(self, config: ModelConfig, dense: dict[str, np.ndarray], packed: dict[str, BlockQuant | Stored],
+    def __init__(self, config: ModelConfig, dense: dict[str, np.ndarray | BlockRows], packed: dict[str, BlockQuant | Stored],
                  *, keep_layers: int = 2, source: str = ""):
         self.config, self.dense, self.packed, self.keep_layers, self.source = config, dense, packed, keep_layers, source
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
@@ -79,13 +81,16 @@ class CompactWeights(Mapping):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the compact linears plus the expanded norms and embedding (not the cache)."""
+        """Bytes held: the compact linears, embedding and head, and the norms (not the cache)."""
         return sum(p.nbytes for p in self.packed.values()) + sum(a.nbytes for a in self.dense.values())
 
     def materialize(self) -> None:
         """Expands every layer for good, freeing each compact tensor as it goes (when the memory cap
         allows every layer expanded, holding both forms would only cost memory)."""
         self._cache.clear()
+        for name, table in self.dense.items():
+            if isinstance(table, BlockRows):
+                self.dense[name] = table.blocks.expand()
         for name in list(self.packed):
             self.dense[name] = self.packed.pop(name).expand()
         self.keep_layers = self.config.num_layers
@@ -97,31 +102,27 @@ class CompactWeights(Mapping):
 # -- GGUF --------------------------------------------------------------------------------------
 
 def _f16(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
+    """(.., 2) bytes -> (..) float32: a copy (1/17 of a Q8_0 tensor's bytes), as numpy multiplies
+    by a float16 operand about 3x slower than by a float32 one."""
+    return raw.view(np.float16)[..., 0].astype(np.float32)
 
 
 def _gguf_blocks(t: Any, shape: tuple[int, int]) -> BlockQuant | None:
-    """GGUF Q8_0 / Q4_0 / Q4_1 tensor -> BlockQuant over its raw bytes, or None for other types."""
+    """GGUF Q8_0 / Q4_0 / Q4_1 tensor -> BlockQuant whose codes are strided views into the mapped
+    file (the file's pages are their only copy; the scales are copied), or None for other types."""
     n, k = shape
     name = t.tensor_type.name
     raw = np.asarray(t.data).reshape(n, -1)
     if name == "Q8_0":  # per block: f16 d, 32 x int8
         b = raw.reshape(n, k // BLK, 34)
-        return BlockQuant(shape, np.ascontiguousarray(b[..., 2:]).view(np.int8), 8, _f16(b[..., :2]))
+        return BlockQuant(shape, b[..., 2:].view(np.int8), 8, _f16(b[..., :2]))
     if name == "Q4_0":  # f16 d, 16 bytes: element j in the low nibble of byte j, element 16 + j in the high
         b = raw.reshape(n, k // BLK, 18)
-        return BlockQuant(shape, _to_pairs(b[..., 2:]), 4, _f16(b[..., :2]), 8.0)
+        return BlockQuant(shape, b[..., 2:], 4, _f16(b[..., :2]), 8.0, halves=True)
     if name == "Q4_1":  # f16 d, f16 m, 16 bytes as Q4_0
         b = raw.reshape(n, k // BLK, 20)
-        return BlockQuant(shape, _to_pairs(b[..., 4:]), 4, _f16(b[..., :2]), 0.0, _f16(b[..., 2:4]))
+        return BlockQuant(shape, b[..., 4:], 4, _f16(b[..., :2]), 0.0, _f16(b[..., 2:4]), halves=True)
     return None
-
-
-def _to_pairs(qs: np.ndarray) -> np.ndarray:
-    """GGUF's 4-bit layout (first half low nibbles, second half high) -> element 2j low, 2j+1 high."""
-    from edgelora.converters.onnx_fused import pack4
-
-    return pack4(np.concatenate([qs & 0x0F, qs >> 4], -1))  # (.., 32) in element order, repacked
 
 
 def from_gguf(path: str | os.PathLike, *, keep_layers: int = 2) -> CompactWeights:
@@ -138,11 +139,12 @@ def from_gguf(path: str | os.PathLike, *, keep_layers: int = 2) -> CompactWeight
         if members is None:
             continue
         kind = members[0].rsplit(".", 1)[-1]
-        if not members[0].startswith("layers.") or kind not in LINEARS:
-            dense[members[0]] = np.ascontiguousarray(base.weights[members[0]], np.float32)
-            continue
         shape = tuple(int(s) for s in reversed(t.shape))
-        p = _gguf_blocks(t, shape) if shape[1] % BLK == 0 else None
+        p = _gguf_blocks(t, shape) if len(shape) == 2 and shape[1] % BLK == 0 else None
+        if not members[0].startswith("layers.") or kind not in LINEARS:
+            table = members[0] in ("embed", "lm_head") and p is not None
+            dense[members[0]] = BlockRows(p) if table else np.ascontiguousarray(base.weights[members[0]], np.float32)
+            continue
         r0 = 0
         for canon in members:  # a fused tensor (Phi-3's attn_qkv) holds its members' rows in order
             n = shapes[canon][0]
