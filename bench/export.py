@@ -173,12 +173,46 @@ def main() -> None:
     if h2h:
         print(f"head to head, interleaved: edgelora onnx int4 {h2h['edgelora']:.1f} tok/s, onnxruntime-genai int4 "
               f"{h2h['genai']:.1f} tok/s: {h2h['ratio']:.2f}x (target >= 1.00x at perplexity change <= +1.3%)")
+    verdicts = profile_verdicts(rows) if real else []
+    if verdicts:
+        print(common.table(("profile", "quality budget", "default", "within budget", "fastest within budget here", "default is fastest"),
+                           [(v["profile"], v["budget"], v["default"], {True: "yes", False: "NO", None: "not measured"}[v["default_within"]],
+                             v["fastest"] or "n/a", {True: "yes", False: "NO", None: v["why"]}[v["default_fastest"]]) for v in verdicts]))
     stem = common.named("export", args.size, args.threads)
     path = common.write_json(stem, {"size": args.size, "threads": args.threads, "read_bandwidth": bandwidth,
                                     "float_perplexity": reference.perplexity if real else None,
-                                    "machine": common.machine(), "rows": rows, "head_to_head": h2h})
+                                    "machine": common.machine(), "rows": rows, "head_to_head": h2h, "profiles": verdicts})
     plot(rows, common.OUT / f"{stem}.png", args.threads, args.size)
     print(f"wrote {path} and {common.OUT / f'{stem}.png'}")
+
+
+def profile_verdicts(rows: list[dict]) -> list[dict]:
+    """Per CPU profile: is its default format (first backend, at its quant) within its quality budget,
+    and the fastest of the measured edgelora formats that are? Quality holds on any CPU; speed is
+    this machine's, so the second answer is given only for profiles of this architecture (an
+    emulator's speed says nothing about a device)."""
+    import platform
+
+    from edgelora.profiles import list_profiles
+
+    here = {"amd64": "x86_64", "aarch64": "arm64"}.get(platform.machine().lower(), platform.machine().lower())
+    measured = {r["name"]: r for r in rows if r["name"].startswith("edgelora ")}
+    out = []
+    for prof in list_profiles():
+        if prof.kind != "cpu":
+            continue
+        q, bk = prof.quality, prof.backends
+        within = {n: r["change"] <= q.max_perplexity_increase and r["top1"] >= q.min_top1_agreement
+                  for n, r in measured.items() if n.split()[1] in bk.order}
+        default = f"edgelora {bk.order[0]} {bk.gguf_quant if bk.order[0] == 'gguf' else bk.onnx_quant}"
+        fastest = max((n for n, ok in within.items() if ok), key=lambda n: measured[n]["tok_s"], default=None)
+        same_arch = prof.arch == here
+        out.append(dict(profile=prof.name, budget=f"ppl +{q.max_perplexity_increase:.0%}, top-1 >= {q.min_top1_agreement:.0%}",
+                        default=default.removeprefix("edgelora "), default_within=within.get(default),
+                        fastest=fastest.removeprefix("edgelora ") if fastest and same_arch else None,
+                        default_fastest=(default == fastest) if same_arch and default in measured else None,
+                        why=f"{prof.arch}: not measured on {here}" if not same_arch else "default not measured"))
+    return out
 
 
 def plot(rows: list[dict], path: Path, threads: int, size: str) -> None:

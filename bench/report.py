@@ -79,15 +79,18 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
         missing.append(f"bench/adapters.py --size {size}")
     train = load(common.named("train", size))
     if train:
+        plot["train"] = []
         for trio in train["results"]:
-            n, t = trio["numpy"], trio["torch"]
-            rows.append((name, "training tok/s and peak memory (Q8_0 bundle)",
-                         f"{n['tokens_per_s']:.0f} tok/s, {n['peak_rss_mb']:.0f} MB",
-                         f"PEFT+torch {t['tokens_per_s']:.0f} tok/s, {t['peak_rss_mb']:.0f} MB",
-                         f"{n['tokens_per_s'] / t['tokens_per_s']:.2f}x speed, {n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x memory",
-                         "", ">= 1.0x speed, <= 0.5x memory", n["threads"]))
-        plot["train"] = [(trio["numpy"]["threads"], trio["numpy"]["tokens_per_s"] / trio["torch"]["tokens_per_s"],
-                          trio["numpy"]["peak_rss_mb"] / trio["torch"]["peak_rss_mb"]) for trio in train["results"]]
+            t = trio["torch"]
+            for side, label in (("numpy", "profile's memory budget"), ("numpy-compact", "2 layers expanded")):
+                n = trio[side]
+                rows.append((name, f"training tok/s and peak memory (Q8_0 bundle, {label}: {n['expanded_layers']} layers)",
+                             f"{n['tokens_per_s']:.0f} tok/s, {n['peak_rss_mb']:.0f} MB",
+                             f"PEFT+torch {t['tokens_per_s']:.0f} tok/s, {t['peak_rss_mb']:.0f} MB",
+                             f"{n['tokens_per_s'] / t['tokens_per_s']:.2f}x speed, {n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x memory",
+                             "", ">= 1.0x speed, <= 0.5x memory", n["threads"]))
+                plot["train"].append((f"{n['threads']} thr, {n['expanded_layers']} layers", n["tokens_per_s"] / t["tokens_per_s"],
+                                      n["peak_rss_mb"] / t["peak_rss_mb"]))
     else:
         missing.append(f"bench/train.py --size {size}")
     return rows, missing, plot
@@ -114,9 +117,9 @@ def draw(plots: dict[str, dict]) -> bool:
             names, ratios = zip(*p["adapter"])
             axes[1].barh([f"{size}: {n}" for n in names], ratios)
         if p.get("train"):
-            for thr, speed, mem in p["train"]:
+            for what, speed, mem in p["train"]:
                 axes[2].scatter(mem, speed, s=40)
-                axes[2].annotate(f"{size}, {thr} thr", (mem, speed), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                axes[2].annotate(f"{size}, {what}", (mem, speed), fontsize=7, xytext=(4, 3), textcoords="offset points")
     axes[0].set_xlabel("decode tokens/s")
     axes[0].set_yticks([])
     axes[0].set_title("decode speed by format")

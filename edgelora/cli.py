@@ -373,7 +373,7 @@ def train(
     backend: Optional[str] = typer.Option(None, "--backend", help="Train against the bundle's gguf or onnx weights."),
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="Memory cap (default: the profile's budget)."),
     expanded_layers: Optional[int] = typer.Option(None, "--expanded-layers",
-                                                  help="Layers kept expanded to float32 (default: as the memory cap allows)."),
+                                                  help="Layers kept expanded to float32 (default: all if the memory cap allows, else 2)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (same settings and data)."),
     replace: bool = typer.Option(False, "--replace", help="Replace an installed adapter of the same name."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Default: BUNDLE/.train/NAME."),

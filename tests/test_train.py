@@ -214,12 +214,17 @@ def test_training_lowers_loss_and_installs_an_adapter_both_engines_use(gguf_bund
 
 def test_memory_cap_decides_how_much_is_expanded_and_never_the_result(tiny_llama, tmp_path):
     from edgelora.train import base_weights, plan_memory
+    from edgelora.train.weights import BlockRows
 
     b = edgelora.export(tiny_llama, "x86-64", tmp_path / "b", backend="gguf", quant="q8_0", force=True, progress=False)
     config, w, _ = base_weights(b)
     assert plan_memory(w, TrainConfig(memory_mb=1.0), config) == 2  # tight: two layers expanded at a time
     assert plan_memory(w, TrainConfig(memory_mb=4096.0), config) == config.num_layers
     assert plan_memory(w, TrainConfig(memory_mb=4096.0, expanded_layers=1), config) == 1
+    # the embedding stays in its blocks unless every layer and the float table fit
+    assert isinstance(base_weights(b, TrainConfig(memory_mb=1.0))[1].dense["embed"], BlockRows)
+    assert isinstance(base_weights(b, TrainConfig(memory_mb=4096.0))[1].dense["embed"], np.ndarray)
+    assert isinstance(base_weights(b, TrainConfig(memory_mb=4096.0, expanded_layers=1))[1].dense["embed"], BlockRows)
     data = _chats(tmp_path / "d.jsonl")
     # the tiny model has two layers: one expanded at a time is the compact path
     tight = train_adapter(b, data, "tight", steps=8, lr=1e-2, rank=4, seq_len=128, seed=2, expanded_layers=1, install=False)

@@ -55,7 +55,7 @@ class TrainConfig:
     # off: a fixed count, for bitwise-reproducible runs
     backend: str | None = None  # which bundle artifact to train against: "gguf" or "onnx" (default: gguf if present)
     memory_mb: float | None = None  # the trainer's memory cap (default: the device profile's memory budget)
-    expanded_layers: int | None = None  # float32 layers kept expanded (default: as many as memory_mb allows, >= 2)
+    expanded_layers: int | None = None  # float32 layers kept expanded (default: all if memory_mb allows, else 2)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.grad_accum < 1 or self.seq_len < 2 or self.checkpoint_every < 1:
@@ -109,8 +109,9 @@ def base_weights(source, cfg: "TrainConfig | None" = None) -> tuple[object, Mapp
             cfg = replace(cfg, memory_mb=float(source.profile.memory_budget_mb))
         weights, _ = for_bundle(source, cfg.backend)
         weights.keep_layers = plan_memory(weights, cfg, source.config)
-        if weights.keep_layers >= source.config.num_layers:
-            weights.materialize()
+        if weights.keep_layers >= source.config.num_layers:  # the float tables too, if they fit beside the layers
+            left = _spare_mb(weights, cfg, source.config) - source.config.num_layers * _layer_mb(source.config)
+            weights.materialize(tables=left >= weights.tables_nbytes / 2**20)
         return source.config, weights, source.fingerprint
     if isinstance(source, BaseModel):
         weights = {name: np.ascontiguousarray(source.weights[name], np.float32) for name in source.weights}
@@ -128,15 +129,28 @@ def activation_mb(config, seq_len: int, layers: int | None = None) -> float:
 
 
 def plan_memory(weights, cfg: "TrainConfig", config) -> int:
-    """How many float32 layers to keep expanded within `cfg.memory_mb` (at least 2)."""
+    """How many float32 layers to keep expanded: `cfg.expanded_layers` if given, else all of them
+    when they fit in `cfg.memory_mb`, else 2. Nothing in between: a step runs the layers up and then
+    down, so k kept layers spare about 2k of its 2L expansions, a saving linear in the memory spent.
+    On a Llama-3.2-1B shape, 8 layers of 16 kept (1.46 GB more) saved 4% of a step against 2, and
+    all 16 saved 11% (`edgelora` at 2 threads, 256 tokens: 13.0 and 12.0 s against 12.0-16.4 s)."""
     if cfg.expanded_layers:
         return max(1, min(cfg.expanded_layers, config.num_layers))
     if not cfg.memory_mb or not hasattr(weights, "nbytes"):
         return 2
-    layer_mb = 4 * sum(np.prod(s) for n, s in config.shapes().items() if n.startswith("layers.0.")
-                       and n.rsplit(".", 1)[1] in ("q", "k", "v", "o", "gate", "up", "down")) / 2**20
-    spare = cfg.memory_mb - weights.nbytes / 2**20 - activation_mb(config, cfg.seq_len, cfg.last_layers) - 200  # interpreter, tokenizer, optimizer
-    return int(max(2, min(config.num_layers, spare // layer_mb)))
+    return config.num_layers if _spare_mb(weights, cfg, config) >= config.num_layers * _layer_mb(config) else 2
+
+
+def _layer_mb(config) -> float:
+    """One layer's linears as float32."""
+    return 4 * sum(np.prod(s) for n, s in config.shapes().items() if n.startswith("layers.0.")
+                   and n.rsplit(".", 1)[1] in ("q", "k", "v", "o", "gate", "up", "down")) / 2**20
+
+
+def _spare_mb(weights, cfg: "TrainConfig", config) -> float:
+    """What the memory cap leaves for expanded weights: less the compact weights, the activations
+    and 200 MB for the interpreter, tokenizer and optimizer."""
+    return cfg.memory_mb - weights.nbytes / 2**20 - activation_mb(config, cfg.seq_len, cfg.last_layers) - 200
 
 
 def to_adapter(lora: LoraParams, cfg: TrainConfig, fingerprint: str, name: str, provenance: dict) -> LoraAdapter:

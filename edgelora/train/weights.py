@@ -84,12 +84,18 @@ class CompactWeights(Mapping):
         """Bytes held: the compact linears, embedding and head, and the norms (not the cache)."""
         return sum(p.nbytes for p in self.packed.values()) + sum(a.nbytes for a in self.dense.values())
 
-    def materialize(self) -> None:
-        """Expands every layer for good, freeing each compact tensor as it goes (when the memory cap
-        allows every layer expanded, holding both forms would only cost memory)."""
+    @property
+    def tables_nbytes(self) -> int:
+        """What the embedding and head kept in blocks would take expanded to float32."""
+        return sum(4 * t.shape[0] * t.shape[1] for t in self.dense.values() if isinstance(t, BlockRows))
+
+    def materialize(self, tables: bool = True) -> None:
+        """Expands every layer for good, and with `tables` the embedding and head, freeing each
+        compact tensor as it goes (when the memory cap allows every layer expanded, holding both
+        forms would only cost memory)."""
         self._cache.clear()
         for name, table in self.dense.items():
-            if isinstance(table, BlockRows):
+            if tables and isinstance(table, BlockRows):
                 self.dense[name] = table.blocks.expand()
         for name in list(self.packed):
             self.dense[name] = self.packed.pop(name).expand()
