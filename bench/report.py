@@ -53,6 +53,16 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
                          f"llama.cpp Q4_1 {q41['tok_s']:.1f}", f"{gguf['tok_s'] / q41['tok_s']:.2f}x",
                          f"{gguf['bandwidth_fraction']:.0%}", "", thr))
         plot["decode"] = [(r["name"], r["tok_s"]) for r in export["rows"]]
+        if size == "135m":  # today's profiles against the measured formats (quality means nothing at 1b)
+            from export import profile_verdicts
+
+            for v in profile_verdicts(export["rows"]):
+                fastest = v["default_fastest"]
+                rows.append((name, f"profile {v['profile']}: default {v['default']} within its budget ({v['budget']})?",
+                             {True: "yes", False: "NO", None: "not measured"}[v["default_within"]],
+                             f"fastest within budget: {v['fastest']}" if v["fastest"] else v["why"],
+                             "" if fastest is None else "default is fastest" if fastest else "default is NOT fastest",
+                             "", "within budget, fastest", thr))
     else:
         missing.append(f"bench/export.py --size {size}")
     runs = [d for t in (1, 2) if (d := load(common.named("adapters", size, t)))]
@@ -82,9 +92,9 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
         plot["train"] = []
         for trio in train["results"]:
             t = trio["torch"]
-            for side, label in (("numpy", "profile's memory budget"), ("numpy-compact", "2 layers expanded")):
+            for side, label in (("numpy", "as the profile's budget plans"), ("numpy-compact", "--expanded-layers 2")):
                 n = trio[side]
-                rows.append((name, f"training tok/s and peak memory (Q8_0 bundle, {label}: {n['expanded_layers']} layers)",
+                rows.append((name, f"training tok/s and peak memory (Q8_0 bundle, {label}: {n['expanded_layers']} layers expanded)",
                              f"{n['tokens_per_s']:.0f} tok/s, {n['peak_rss_mb']:.0f} MB",
                              f"PEFT+torch {t['tokens_per_s']:.0f} tok/s, {t['peak_rss_mb']:.0f} MB",
                              f"{n['tokens_per_s'] / t['tokens_per_s']:.2f}x speed, {n['peak_rss_mb'] / t['peak_rss_mb']:.2f}x memory",
