@@ -98,6 +98,8 @@ class BlockRows:
             yield s, e, self.blocks.span(s, e).expand(self._buf[:e - s])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a table kept in blocks has no float32 array to view: expanding it copies")
         w = self.blocks.expand()
         return w if dtype is None else w.astype(dtype, copy=False)
 
@@ -118,6 +120,10 @@ class Stored:
             return np.array(w, np.float32)
         np.copyto(out, w)
         return out
+
+    def span(self, start: int, end: int) -> "Stored":
+        """Rows start:end (of a stored array), as a view."""
+        return Stored(self.array[start:end])
 
     @property
     def nbytes(self) -> int:

@@ -478,7 +478,7 @@ def read_weights(path: str | os.PathLike, config) -> tuple[dict[str, np.ndarray 
                 continue
             start = 0
             for m, width in zip(members, widths):
-                packed[f"{p}.{m}"] = _slice_rows(stacked, start, start + width)
+                packed[f"{p}.{m}"] = stacked.span(start, start + width)
                 start += width
     dense["norm"] = inits["norm"]
     vocab, d = c.vocab_size, c.hidden_size
@@ -531,13 +531,6 @@ def _onnx_linear(inits: dict[str, np.ndarray], name: str, shape: tuple[int, int]
         return BlockQuant(shape, np.ascontiguousarray(q[:, :nb]), bits, np.ascontiguousarray(scale[:, :nb]),
                           np.ascontiguousarray(zp[:, :nb]), np.ascontiguousarray(extra[:, :nb]))
     raise UnsupportedFormatError(f"the fused ONNX graph has no weights for {name}; export the bundle again")
-
-
-def _slice_rows(w: BlockQuant | Stored, a: int, b: int) -> BlockQuant | Stored:
-    if isinstance(w, Stored):
-        return Stored(np.ascontiguousarray(w.array[a:b]))
-    cut = lambda x: np.ascontiguousarray(x[a:b]) if isinstance(x, np.ndarray) and x.ndim else x  # noqa: E731
-    return BlockQuant((b - a, w.shape[1]), cut(w.q), w.bits, cut(w.scale), cut(w.zero), cut(w.offset))
 
 
 def float_weights(model, config) -> dict[str, tuple[str, int]]:

@@ -218,9 +218,9 @@ def test_memory_cap_decides_how_much_is_expanded_and_never_the_result(tiny_llama
 
     b = edgelora.export(tiny_llama, "x86-64", tmp_path / "b", backend="gguf", quant="q8_0", force=True, progress=False)
     config, w, _ = base_weights(b)
-    assert plan_memory(w, TrainConfig(memory_mb=1.0), config) == 2  # tight: two layers expanded at a time
-    assert plan_memory(w, TrainConfig(memory_mb=4096.0), config) == config.num_layers
-    assert plan_memory(w, TrainConfig(memory_mb=4096.0, expanded_layers=1), config) == 1
+    assert plan_memory(w, TrainConfig(memory_mb=1.0), config) == (2, False)  # tight: two layers expanded at a time
+    assert plan_memory(w, TrainConfig(memory_mb=4096.0), config) == (config.num_layers, True)
+    assert plan_memory(w, TrainConfig(memory_mb=4096.0, expanded_layers=1), config) == (1, False)
     # the embedding stays in its blocks unless every layer and the float table fit
     assert isinstance(base_weights(b, TrainConfig(memory_mb=1.0))[1].dense["embed"], BlockRows)
     assert isinstance(base_weights(b, TrainConfig(memory_mb=4096.0))[1].dense["embed"], np.ndarray)

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -108,10 +108,10 @@ def base_weights(source, cfg: "TrainConfig | None" = None) -> tuple[object, Mapp
         if cfg.memory_mb is None:
             cfg = replace(cfg, memory_mb=float(source.profile.memory_budget_mb))
         weights, _ = for_bundle(source, cfg.backend)
-        weights.keep_layers = plan_memory(weights, cfg, source.config)
-        if weights.keep_layers >= source.config.num_layers:  # the float tables too, if they fit beside the layers
-            left = _spare_mb(weights, cfg, source.config) - source.config.num_layers * _layer_mb(source.config)
-            weights.materialize(tables=left >= weights.tables_nbytes / 2**20)
+        plan = plan_memory(weights, cfg, source.config)
+        weights.keep_layers = plan.layers
+        if plan.layers >= source.config.num_layers:
+            weights.materialize(tables=plan.tables)
         return source.config, weights, source.fingerprint
     if isinstance(source, BaseModel):
         weights = {name: np.ascontiguousarray(source.weights[name], np.float32) for name in source.weights}
@@ -128,23 +128,35 @@ def activation_mb(config, seq_len: int, layers: int | None = None) -> float:
     return 4 * (per_layer * (layers or c.num_layers) + work) / 2**20
 
 
-def plan_memory(weights, cfg: "TrainConfig", config) -> int:
+class MemoryPlan(NamedTuple):
+    layers: int  # float32 layers kept expanded
+    tables: bool  # the embedding and LM head expanded too (else read from their blocks)
+
+
+def plan_memory(weights, cfg: "TrainConfig", config) -> MemoryPlan:
     """How many float32 layers to keep expanded: `cfg.expanded_layers` if given, else all of them
     when they fit in `cfg.memory_mb`, else 2. Nothing in between: a step runs the layers up and then
     down, so k kept layers spare about 2k of its 2L expansions, a saving linear in the memory spent.
     On a Llama-3.2-1B shape, 8 layers of 16 kept (1.46 GB more) saved 4% of a step against 2, and
-    all 16 saved 11% (`edgelora` at 2 threads, 256 tokens: 13.0 and 12.0 s against 12.0-16.4 s)."""
+    all 16 saved 11% (`edgelora` at 2 threads, 256 tokens: 13.0 and 12.0 s against 12.0-16.4 s).
+    The float tables come last: only beside every layer, and only if they fit too."""
+    L = config.num_layers
     if cfg.expanded_layers:
-        return max(1, min(cfg.expanded_layers, config.num_layers))
+        return MemoryPlan(max(1, min(cfg.expanded_layers, L)), False)
     if not cfg.memory_mb or not hasattr(weights, "nbytes"):
-        return 2
-    return config.num_layers if _spare_mb(weights, cfg, config) >= config.num_layers * _layer_mb(config) else 2
+        return MemoryPlan(2, False)
+    left = _spare_mb(weights, cfg, config) - L * _layer_mb(config)
+    if left < 0:
+        return MemoryPlan(2, False)
+    return MemoryPlan(L, left >= getattr(weights, "tables_nbytes", 0) / 2**20)
 
 
 def _layer_mb(config) -> float:
     """One layer's linears as float32."""
-    return 4 * sum(np.prod(s) for n, s in config.shapes().items() if n.startswith("layers.0.")
-                   and n.rsplit(".", 1)[1] in ("q", "k", "v", "o", "gate", "up", "down")) / 2**20
+    from .weights import LINEARS
+
+    shapes = config.shapes()
+    return 4 * sum(np.prod(shapes[f"layers.0.{m}"]) for m in LINEARS if f"layers.0.{m}" in shapes) / 2**20
 
 
 def _spare_mb(weights, cfg: "TrainConfig", config) -> float:
