@@ -188,7 +188,8 @@ def _build_onnx(ws: _ExportContext, quant: str, out: Path, threads: int) -> list
             return feeds
 
         onnx_npu.export(ws.base, target_dir, prefill_len=prof.shapes.prefill_length, ctx=prof.context_length,
-                        prefix_tokens=prefix, calibrate=calibrate, lora_rank=rank)
+                        prefix_tokens=prefix, calibrate=calibrate, lora_rank=rank,
+                        progress=bar("NPU graphs (float, calibrated, prefill and decode quantized)", ws.progress))
         return sorted(p for p in target_dir.iterdir() if p.is_file())
     if ws.onnx_graph == "fused":
         path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length)
