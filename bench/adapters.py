@@ -80,7 +80,13 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
                                                            model_bytes=model_bytes,
                                                            bandwidth_fraction=model_bytes * base / args.bandwidth)
         loop = m["base"]["loop_overhead"]
-        rows.append((f"edgelora {backend} {art.quant}", f"{load_ms:.2f}", f"{swap_ms:.3f}",
+        fused = ""
+        if backend == "gguf":
+            from edgelora.runtime.gguf import fused_lora
+
+            fused = ", fused LoRA" if fused_lora() else ", llama.cpp's LoRA nodes"
+            results["engines"][f"{backend} {art.quant}"]["fused_lora"] = fused_lora()
+        rows.append((f"edgelora {backend} {art.quant}{fused}", f"{load_ms:.2f}", f"{swap_ms:.3f}",
                      f"{base:.1f} ({model_bytes * base / args.bandwidth:.0%})",
                      f"{one:.1f} ({one / base:.3f}x)", f"{two:.1f} ({two / base:.3f}x)",
                      f"{merged:.1f} ({merged / base:.2f}x)" if merged else "n/a",
@@ -88,8 +94,11 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
                      "" if loop is None else f"{100 * loop:.1f}% / {100 * m['one']['loop_overhead']:.1f}%",
                      f"{size / 1e6:.2f} MB ({size / raw_bytes:.3f}x raw)"))
 
-    # the anchor: llama.cpp's own route, a model loaded with lora_path (no swapping possible)
+    # the anchor: llama.cpp's own route, a model loaded with lora_path (no swapping possible), with
+    # its own four nodes per projection (edgelora's fused-LoRA patch off while it runs)
     if "gguf" in b.backends:
+        from edgelora.runtime.gguf import set_fused_lora
+
         base_path = b.path(b.artifact("gguf").main)
         prompt = b.tokenizer().apply_chat_template(common.PROMPT)
 
@@ -102,9 +111,13 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
             """llama.cpp's own decode timing (its perf counters), prompt processing excluded."""
             import llama_cpp
 
-            llm.reset()
-            llama_cpp.llama_perf_context_reset(llm.ctx)
-            llm.create_completion(prompt, max_tokens=args.tokens, temperature=0.0)
+            set_fused_lora(False)
+            try:
+                llm.reset()
+                llama_cpp.llama_perf_context_reset(llm.ctx)
+                llm.create_completion(prompt, max_tokens=args.tokens, temperature=0.0)
+            finally:
+                set_fused_lora(True)
             perf = llama_cpp.llama_perf_context(llm.ctx)
             return perf.n_eval / (perf.t_eval_ms / 1e3)
 
@@ -191,7 +204,7 @@ def main() -> None:
                             "merge s", "ONNX loop overhead (base / 1)", "adapter file"), rows))
     print(f"\n{common.NAMES[args.size]}; {args.threads} threads, rank {args.rank} on all 7 targets x {layers} layers; decode = {args.tokens} greedy tokens "
           f"after a chat prompt, median of {args.rounds} interleaved rounds; llama.cpp's anchor (its own model "
-          f"loaded with and without lora_path, interleaved) is timed by its own perf counters. Bandwidth: the weight bytes a token reads times "
+          f"loaded with and without lora_path, interleaved, its own four nodes per adapted projection) is timed by its own perf counters. Bandwidth: the weight bytes a token reads times "
           f"tok/s, over the machine's {args.bandwidth / 1e9:.1f} GB/s (numpy, {args.threads} threads). Targets: 1 adapter >= 0.95x base "
           "(issue 12; 0.97x with the custom kernel, issue 18), ONNX loop overhead <= 5%.")
     print(f"wrote {common.write_json(common.named('adapters', args.size, args.threads), out)}")

@@ -68,6 +68,48 @@ def test_adapters_match_peft(engine, setup, tiny_llama):
     np.testing.assert_allclose(engine.logits(ids), base_logits(tiny_llama, ids), rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("threads,n_batch", [(1, 512), (2, 512), (2, 1)])
+def test_llama_cpp_runs_f32_adapters_fused_and_matches_peft(setup, tiny_llama, threads, n_batch):
+    """The patched llama.cpp (scripts/patches/llama-cpp-fused-lora.patch) takes one node per adapted
+    projection: split by tokens over a prompt, by output rows for one token at a time on 2 threads
+    (n_batch 1); a weighted mix of a rank-8 and a rank-4 adapter is PEFT's either way."""
+    from edgelora.runtime.gguf import fused_lora
+
+    assert fused_lora(), "the installed llama.cpp lacks edgelora's fused-LoRA patch: run scripts/env.sh"
+    base, files, peft, converted, ids = setup
+    e = GGUFEngine(files["gguf"], n_ctx=128, threads=threads, kv_type="f32", fingerprint=base.fingerprint,
+                   n_batch=n_batch)
+    for name in ("a", "b"):
+        e.load_adapter(name, converted["gguf", name])
+    weights = {"a": 0.6, "b": 1.5}
+    e.set_adapters(weights)
+    np.testing.assert_allclose(e.logits(ids), peft_logits(tiny_llama, peft, ids, weights=weights), rtol=0, atol=ATOL)
+    e.close()
+
+
+def test_llama_cpp_own_lora_nodes_when_fusing_is_off(setup, tmp_path):
+    """EDGELORA_LORA_UNFUSED=1 gives llama.cpp's own four nodes, with the fused route's logits."""
+    import os
+    import subprocess
+    import sys
+
+    base, files, peft, converted, ids = setup
+    script = f"""
+import numpy as np
+from edgelora.runtime.gguf import GGUFEngine, fused_lora
+e = GGUFEngine({str(files["gguf"])!r}, n_ctx=128, threads=2, kv_type="f32", fingerprint={base.fingerprint!r})
+e.load_adapter("a", {str(converted["gguf", "a"])!r})
+e.set_adapters({{"a": 1.0}})
+np.save({str(tmp_path / "{}.npy")!r}.format(fused_lora()), e.logits({ids!r}))
+"""
+    for off in ("1", "0"):
+        r = subprocess.run([sys.executable, "-c", script], env={**os.environ, "EDGELORA_LORA_UNFUSED": off},
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    own, fused = np.load(tmp_path / "False.npy"), np.load(tmp_path / "True.npy")
+    np.testing.assert_allclose(own, fused, rtol=0, atol=ATOL)
+
+
 def test_weighted_mix_matches_peft(engine, setup, tiny_llama):
     base, files, peft, converted, ids = setup
     for name in ("a", "b"):

@@ -21,6 +21,26 @@ from .engine import Engine, EngineError
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids (ggml.h)
 
 
+def fused_lora() -> bool:
+    """Whether the installed llama.cpp runs each active F32 LoRA adapter as one graph node per
+    projection, where llama.cpp's own route takes four (scripts/patches/llama-cpp-fused-lora.patch,
+    applied by the install; EDGELORA_LORA_UNFUSED=1 in the environment turns it off)."""
+    from llama_cpp import llama_cpp as lib
+
+    probe = getattr(lib._lib, "edgelora_fused_lora", None)
+    return bool(probe and probe())
+
+
+def set_fused_lora(on: bool) -> None:
+    """Fused LoRA nodes on or off for graphs llama.cpp builds from now on (to measure llama.cpp's own
+    route in the same process); a no-op on a llama.cpp without the patch."""
+    from llama_cpp import llama_cpp as lib
+
+    setter = getattr(lib._lib, "edgelora_set_fused_lora", None)
+    if setter is not None:
+        setter(1 if on else 0)
+
+
 class GGUFEngine(Engine):
     backend = "gguf"
 

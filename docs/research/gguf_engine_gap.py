@@ -1,0 +1,91 @@
+"""edgelora's GGUF engine against llama.cpp's own loop on the same file, at equal settings:
+the base and an active rank-8 adapter (fused by edgelora's llama.cpp patch in the engine, llama.cpp's
+own four nodes per projection in the reference), interleaved rounds, the engine timed by wall clock and by its
+llama_decode calls, llama.cpp by its perf counters (issue 12). Uses the bench's cached 1B bundle
+(`python bench/adapters.py --size 1b` makes it).
+
+    python docs/research/gguf_engine_gap.py --threads 2 --rounds 5
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import common  # noqa: E402
+import llama_cpp  # noqa: E402
+from llama_cpp import Llama  # noqa: E402
+
+import edgelora  # noqa: E402
+from edgelora._native import quiet_native  # noqa: E402
+from edgelora.runtime.gguf import fused_lora, set_fused_lora  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", default=str(Path.home() / ".cache/edgelora/bench/adapters-pi5-1b"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=48)
+    args = ap.parse_args()
+    b = edgelora.open_bundle(args.bundle)
+    gguf = next(b.root / f for a in b.artifacts if a.backend == "gguf" for f in a.files)
+    lora = b.store.path("a", "gguf")
+    e = b.engine("gguf", threads=args.threads)
+    e.load_adapter("a", lora)
+    calls: list[float] = []
+    decode = e.llm._ctx.decode
+
+    def timed(batch):
+        t = time.perf_counter()
+        decode(batch)
+        calls.append(time.perf_counter() - t)
+
+    e.llm._ctx.decode = timed
+    prompt = b.tokenizer().apply_chat_template(common.PROMPT)
+
+    def engine_rate(weights):
+        e.set_adapters(weights)
+        calls.clear()
+        g = e.generate(common.PROMPT, max_tokens=args.tokens)
+        got[f"engine {'adapter' if weights else 'base'}, llama_decode only"].append((len(calls) - 1) / sum(calls[1:]))
+        return g.decode_tokens_per_second
+
+    def loaded(path):
+        with quiet_native():
+            return Llama(str(gguf), n_ctx=e.n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
+                         lora_path=path, verbose=False)
+
+    def llama_rate(llm):
+        set_fused_lora(False)  # llama.cpp's own route: four nodes per adapted projection
+        try:
+            llm.reset()
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+            llm.create_completion(prompt, max_tokens=args.tokens, temperature=0.0)
+        finally:
+            set_fused_lora(True)
+        p = llama_cpp.llama_perf_context(llm.ctx)
+        return p.n_eval / (p.t_eval_ms / 1e3)
+
+    plain, with_lora = loaded(None), loaded(str(lora))
+    got = {k: [] for k in ("engine base", "engine adapter", "engine base, llama_decode only",
+                           "engine adapter, llama_decode only", "llama.cpp base", "llama.cpp lora_path")}
+    for _ in range(args.rounds):
+        got["engine base"].append(engine_rate({}))
+        got["engine adapter"].append(engine_rate({"a": 1.0}))
+        got["llama.cpp base"].append(llama_rate(plain))
+        got["llama.cpp lora_path"].append(llama_rate(with_lora))
+    med = {k: statistics.median(v) for k, v in got.items()}
+    print(f"engine's LoRA fused: {fused_lora()}; {b.config.num_layers} layers, n_ctx {e.n_ctx}, {args.threads} threads, {args.rounds} rounds of {args.tokens} tokens")
+    print("| route | tok/s (median) | range | adapter x base |")
+    print("|---|---|---|---|")
+    for k, v in med.items():
+        ratio = v / med[k.replace("adapter", "base").replace("lora_path", "base")]
+        print(f"| {k} | {v:.2f} | {min(got[k]):.2f}-{max(got[k]):.2f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
