@@ -68,46 +68,72 @@ def test_adapters_match_peft(engine, setup, tiny_llama):
     np.testing.assert_allclose(engine.logits(ids), base_logits(tiny_llama, ids), rtol=0, atol=ATOL)
 
 
+def _in_f16(setup, tmp):
+    """The setup's adapters with A and B rounded to float16: GGUF files in F16 and PEFT dirs of the
+    same values (the reference for an F16 file read as it is, on float32 activations)."""
+    from edgelora.adapters import LoraAdapter, LoraTensor
+
+    base, files, peft, converted, ids = setup
+    ggufs, pefts = {}, {}
+    for name, path in peft.items():
+        a = load_adapter(path)
+        half = LoraAdapter({t: LoraTensor(v.A.astype(np.float16).astype(np.float32), v.B.astype(np.float16).astype(np.float32),
+                                          v.alpha) for t, v in a.tensors.items()}, base_fingerprint=base.fingerprint, name=name)
+        ggufs[name] = save_adapter(half, tmp / f"{name}-f16.gguf", "gguf", base.config, precision="f16")
+        pefts[name] = save_adapter(half, tmp / f"peft-{name}-f16", "peft", base.config)
+    return ggufs, pefts
+
+
+@pytest.mark.parametrize("precision", ["f32", "f16"])
 @pytest.mark.parametrize("threads,n_batch", [(1, 512), (2, 512), (2, 1)])
-def test_llama_cpp_runs_f32_adapters_fused_and_matches_peft(setup, tiny_llama, threads, n_batch):
+def test_llama_cpp_runs_adapters_fused_and_matches_peft(setup, tiny_llama, tmp_path, threads, n_batch, precision):
     """The patched llama.cpp (scripts/patches/llama-cpp-fused-lora.patch) takes one node per adapted
     projection: split by tokens over a prompt, by output rows for one token at a time on 2 threads
-    (n_batch 1); a weighted mix of a rank-8 and a rank-4 adapter is PEFT's either way."""
+    (n_batch 1); a weighted mix of a rank-8 and a rank-4 adapter is PEFT's either way, with F16 files
+    read as they are (float32 activations: llama.cpp's own route rounds them to F16)."""
     from edgelora.runtime.gguf import fused_lora
 
     assert fused_lora(), "the installed llama.cpp lacks edgelora's fused-LoRA patch: run scripts/env.sh"
     base, files, peft, converted, ids = setup
+    files_of, refs = ({n: converted["gguf", n] for n in peft}, peft) if precision == "f32" else _in_f16(setup, tmp_path)
     e = GGUFEngine(files["gguf"], n_ctx=128, threads=threads, kv_type="f32", fingerprint=base.fingerprint,
                    n_batch=n_batch)
-    for name in ("a", "b"):
-        e.load_adapter(name, converted["gguf", name])
+    for name, path in files_of.items():
+        e.load_adapter(name, path)
     weights = {"a": 0.6, "b": 1.5}
     e.set_adapters(weights)
-    np.testing.assert_allclose(e.logits(ids), peft_logits(tiny_llama, peft, ids, weights=weights), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(e.logits(ids), peft_logits(tiny_llama, refs, ids, weights=weights), rtol=0, atol=ATOL)
     e.close()
 
 
-def test_llama_cpp_own_lora_nodes_when_fusing_is_off(setup, tmp_path):
-    """EDGELORA_LORA_UNFUSED=1 gives llama.cpp's own four nodes, with the fused route's logits."""
+def test_llama_cpp_lora_routes_agree(setup, tmp_path):
+    """llama.cpp's own four nodes (EDGELORA_LORA_UNFUSED=1) and the fused node's portable loops
+    (EDGELORA_LORA_PORTABLE=1, what CPUs without AVX2 and arm64 run) give the fused AVX2 route's logits."""
     import os
     import subprocess
     import sys
 
     base, files, peft, converted, ids = setup
     script = f"""
+import sys
 import numpy as np
 from edgelora.runtime.gguf import GGUFEngine, fused_lora
 e = GGUFEngine({str(files["gguf"])!r}, n_ctx=128, threads=2, kv_type="f32", fingerprint={base.fingerprint!r})
 e.load_adapter("a", {str(converted["gguf", "a"])!r})
 e.set_adapters({{"a": 1.0}})
-np.save({str(tmp_path / "{}.npy")!r}.format(fused_lora()), e.logits({ids!r}))
+assert fused_lora() == (sys.argv[2] != "own"), fused_lora()
+np.save(sys.argv[1], e.logits({ids!r}))
 """
-    for off in ("1", "0"):
-        r = subprocess.run([sys.executable, "-c", script], env={**os.environ, "EDGELORA_LORA_UNFUSED": off},
-                           capture_output=True, text=True)
+    got = {}
+    for route, env in (("own", {"EDGELORA_LORA_UNFUSED": "1"}), ("portable", {"EDGELORA_LORA_PORTABLE": "1"}),
+                       ("fused", {})):
+        out = tmp_path / f"{route}.npy"
+        r = subprocess.run([sys.executable, "-c", script, str(out), route], capture_output=True, text=True,
+                           env={**{k: v for k, v in os.environ.items() if not k.startswith("EDGELORA_LORA_")}, **env})
         assert r.returncode == 0, r.stderr
-    own, fused = np.load(tmp_path / "False.npy"), np.load(tmp_path / "True.npy")
-    np.testing.assert_allclose(own, fused, rtol=0, atol=ATOL)
+        got[route] = np.load(out)
+    for route in ("own", "portable"):
+        np.testing.assert_allclose(got[route], got["fused"], rtol=0, atol=ATOL, err_msg=route)
 
 
 def test_weighted_mix_matches_peft(engine, setup, tiny_llama):

@@ -30,10 +30,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--precision", default="f32", choices=["f32", "f16", "q8_0"], help="the adapter file's")
     args = ap.parse_args()
     b = edgelora.open_bundle(args.bundle)
     gguf = next(b.root / f for a in b.artifacts if a.backend == "gguf" for f in a.files)
     lora = b.store.path("a", "gguf")
+    if args.precision != "f32":
+        import tempfile
+
+        from edgelora.converters import save_adapter
+
+        _, adapter = b.store.open("a", "gguf")
+        lora = save_adapter(adapter, Path(tempfile.mkdtemp()) / f"a-{args.precision}.gguf", "gguf", b.config,
+                            precision=args.precision)
     e = b.engine("gguf", threads=args.threads)
     e.load_adapter("a", lora)
     calls: list[float] = []
@@ -79,7 +88,8 @@ def main() -> None:
         got["llama.cpp base"].append(llama_rate(plain))
         got["llama.cpp lora_path"].append(llama_rate(with_lora))
     med = {k: statistics.median(v) for k, v in got.items()}
-    print(f"engine's LoRA fused: {fused_lora()}; {b.config.num_layers} layers, n_ctx {e.n_ctx}, {args.threads} threads, {args.rounds} rounds of {args.tokens} tokens")
+    print(f"engine's LoRA fused: {fused_lora()}; {b.config.num_layers} layers, n_ctx {e.n_ctx}, {args.threads} threads, {args.rounds} rounds of {args.tokens} tokens, "
+          f"adapter in {args.precision}")
     print("| route | tok/s (median) | range | adapter x base |")
     print("|---|---|---|---|")
     for k, v in med.items():
