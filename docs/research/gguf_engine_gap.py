@@ -56,11 +56,17 @@ def main() -> None:
     e.llm._ctx.decode = timed
     prompt = b.tokenizer().apply_chat_template(common.PROMPT)
 
-    def engine_rate(weights):
-        e.set_adapters(weights)
-        calls.clear()
-        g = e.generate(common.PROMPT, max_tokens=args.tokens)
-        got[f"engine {'adapter' if weights else 'base'}, llama_decode only"].append((len(calls) - 1) / sum(calls[1:]))
+    def engine_rate(weights, fused=True):
+        set_fused_lora(fused)
+        try:
+            e.set_adapters({})
+            e.set_adapters(weights)  # the graph is built anew, with or without the fused node
+            calls.clear()
+            g = e.generate(common.PROMPT, max_tokens=args.tokens)
+        finally:
+            set_fused_lora(True)
+        label = "base" if not weights else "adapter" if fused else "adapter, own nodes"
+        got[f"engine {label}, llama_decode only"].append((len(calls) - 1) / sum(calls[1:]))
         return g.decode_tokens_per_second
 
     def loaded(path):
@@ -80,11 +86,13 @@ def main() -> None:
         return p.n_eval / (p.t_eval_ms / 1e3)
 
     plain, with_lora = loaded(None), loaded(str(lora))
-    got = {k: [] for k in ("engine base", "engine adapter", "engine base, llama_decode only",
-                           "engine adapter, llama_decode only", "llama.cpp base", "llama.cpp lora_path")}
+    got = {k: [] for k in ("engine base", "engine adapter", "engine adapter, own nodes", "engine base, llama_decode only",
+                           "engine adapter, llama_decode only", "engine adapter, own nodes, llama_decode only",
+                           "llama.cpp base", "llama.cpp lora_path")}
     for _ in range(args.rounds):
         got["engine base"].append(engine_rate({}))
         got["engine adapter"].append(engine_rate({"a": 1.0}))
+        got["engine adapter, own nodes"].append(engine_rate({"a": 1.0}, fused=False))
         got["llama.cpp base"].append(llama_rate(plain))
         got["llama.cpp lora_path"].append(llama_rate(with_lora))
     med = {k: statistics.median(v) for k, v in got.items()}
@@ -93,7 +101,7 @@ def main() -> None:
     print("| route | tok/s (median) | range | adapter x base |")
     print("|---|---|---|---|")
     for k, v in med.items():
-        ratio = v / med[k.replace("adapter", "base").replace("lora_path", "base")]
+        ratio = v / med[k.replace("adapter, own nodes", "base").replace("adapter", "base").replace("lora_path", "base")]
         print(f"| {k} | {v:.2f} | {min(got[k]):.2f}-{max(got[k]):.2f} | {ratio:.3f} |")
 
 
