@@ -84,8 +84,8 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
         if backend == "gguf":
             from edgelora.runtime.gguf import fused_lora
 
-            fused = ", fused LoRA" if fused_lora() else ", llama.cpp's LoRA nodes"
-            results["engines"][f"{backend} {art.quant}"]["fused_lora"] = fused_lora()
+            results["engines"][f"{backend} {art.quant}"]["fused_lora"] = on = fused_lora()
+            fused = ", fused LoRA" if on else ", llama.cpp's LoRA nodes"
         rows.append((f"edgelora {backend} {art.quant}{fused}", f"{load_ms:.2f}", f"{swap_ms:.3f}",
                      f"{base:.1f} ({model_bytes * base / args.bandwidth:.0%})",
                      f"{one:.1f} ({one / base:.3f}x)", f"{two:.1f} ({two / base:.3f}x)",
@@ -97,8 +97,6 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
     # the anchor: llama.cpp's own route, a model loaded with lora_path (no swapping possible), with
     # its own four nodes per projection (edgelora's fused-LoRA patch off while it runs)
     if "gguf" in b.backends:
-        from edgelora.runtime.gguf import set_fused_lora
-
         base_path = b.path(b.artifact("gguf").main)
         prompt = b.tokenizer().apply_chat_template(common.PROMPT)
 
@@ -108,18 +106,7 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
                              lora_path=lora, verbose=False)
 
         def rate(llm) -> float:
-            """llama.cpp's own decode timing (its perf counters), prompt processing excluded."""
-            import llama_cpp
-
-            set_fused_lora(False)
-            try:
-                llm.reset()
-                llama_cpp.llama_perf_context_reset(llm.ctx)
-                llm.create_completion(prompt, max_tokens=args.tokens, temperature=0.0)
-            finally:
-                set_fused_lora(True)
-            perf = llama_cpp.llama_perf_context(llm.ctx)
-            return perf.n_eval / (perf.t_eval_ms / 1e3)
+            return common.llama_cpp_decode_rate(llm, prompt, args.tokens)
 
         t = time.perf_counter()
         with_lora = load(str(store.path("a", "gguf")))

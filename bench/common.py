@@ -228,3 +228,18 @@ def machine() -> dict:
 
     return {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
             "load_average": os.getloadavg()}
+
+
+def llama_cpp_decode_rate(llm, prompt: str, tokens: int) -> float:
+    """llama.cpp's own decode tokens/s on a llama_cpp.Llama (its perf counters, prompt processing
+    excluded), on its own LoRA nodes (edgelora's fused node off while it runs)."""
+    import llama_cpp
+
+    from edgelora.runtime.gguf import llama_cpp_own_lora
+
+    with llama_cpp_own_lora():
+        llm.reset()
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        llm.create_completion(prompt, max_tokens=tokens, temperature=0.0)
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    return perf.n_eval / (perf.t_eval_ms / 1e3)

@@ -8,6 +8,7 @@ llama_decode calls, llama.cpp by its perf counters (issue 12). Uses the bench's 
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -16,12 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import common  # noqa: E402
-import llama_cpp  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
 import edgelora  # noqa: E402
 from edgelora._native import quiet_native  # noqa: E402
-from edgelora.runtime.gguf import fused_lora, set_fused_lora  # noqa: E402
+from edgelora.runtime.gguf import fused_lora, llama_cpp_own_lora  # noqa: E402
 
 
 def main() -> None:
@@ -57,14 +57,11 @@ def main() -> None:
     prompt = b.tokenizer().apply_chat_template(common.PROMPT)
 
     def engine_rate(weights, fused=True):
-        set_fused_lora(fused)
-        try:
+        with contextlib.nullcontext() if fused else llama_cpp_own_lora():
             e.set_adapters({})
             e.set_adapters(weights)  # the graph is built anew, with or without the fused node
             calls.clear()
             g = e.generate(common.PROMPT, max_tokens=args.tokens)
-        finally:
-            set_fused_lora(True)
         label = "base" if not weights else "adapter" if fused else "adapter, own nodes"
         got[f"engine {label}, llama_decode only"].append((len(calls) - 1) / sum(calls[1:]))
         return g.decode_tokens_per_second
@@ -75,15 +72,7 @@ def main() -> None:
                          lora_path=path, verbose=False)
 
     def llama_rate(llm):
-        set_fused_lora(False)  # llama.cpp's own route: four nodes per adapted projection
-        try:
-            llm.reset()
-            llama_cpp.llama_perf_context_reset(llm.ctx)
-            llm.create_completion(prompt, max_tokens=args.tokens, temperature=0.0)
-        finally:
-            set_fused_lora(True)
-        p = llama_cpp.llama_perf_context(llm.ctx)
-        return p.n_eval / (p.t_eval_ms / 1e3)
+        return common.llama_cpp_decode_rate(llm, prompt, args.tokens)
 
     plain, with_lora = loaded(None), loaded(str(lora))
     got = {k: [] for k in ("engine base", "engine adapter", "engine adapter, own nodes", "engine base, llama_decode only",

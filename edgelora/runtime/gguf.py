@@ -4,10 +4,11 @@ validated in Python first: llama.cpp checks only shapes and crashes on a bad fil
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -22,7 +23,7 @@ KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids (ggml.h)
 
 
 def fused_lora() -> bool:
-    """Whether the installed llama.cpp runs each active F32 LoRA adapter as one graph node per
+    """Whether the installed llama.cpp runs each active F32 or F16 LoRA adapter as one graph node per
     projection, where llama.cpp's own route takes four (scripts/patches/llama-cpp-fused-lora.patch,
     applied by the install; EDGELORA_LORA_UNFUSED=1 in the environment turns it off)."""
     from llama_cpp import llama_cpp as lib
@@ -39,6 +40,18 @@ def set_fused_lora(on: bool) -> None:
     setter = getattr(lib._lib, "edgelora_set_fused_lora", None)
     if setter is not None:
         setter(1 if on else 0)
+
+
+@contextlib.contextmanager
+def llama_cpp_own_lora() -> Iterator[None]:
+    """llama.cpp's own four LoRA nodes per projection for graphs built inside the block, and the
+    setting there was before after it."""
+    was = fused_lora()
+    set_fused_lora(False)
+    try:
+        yield
+    finally:
+        set_fused_lora(was)
 
 
 class GGUFEngine(Engine):
