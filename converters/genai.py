@@ -37,9 +37,13 @@ TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwe
 
 
 def config(model_config: ModelConfig, tokenizer: Tokenizer, *, filename: str, context_length: int,
-           share_buffer: bool) -> dict:
-    """genai_config.json for a decoder graph `filename` (relative to the model directory)."""
+           share_buffer: bool, custom_ops_library: str | None = None) -> dict:
+    """genai_config.json for a decoder graph `filename` (relative to the model directory); a graph
+    with edgelora's operators names their library (beside it) in its session options."""
     c = model_config
+    session_options = {"log_id": "edgelora", "provider_options": []}
+    if custom_ops_library:
+        session_options["custom_ops_library"] = custom_ops_library
     eos = tokenizer.eos_token_id
     pad = tokenizer.token_id(tokenizer.pad_token)
     return {
@@ -57,7 +61,7 @@ def config(model_config: ModelConfig, tokenizer: Tokenizer, *, filename: str, co
                 "num_attention_heads": c.num_heads,
                 "num_key_value_heads": c.num_kv_heads,
                 "num_hidden_layers": c.num_layers,
-                "session_options": {"log_id": "edgelora", "provider_options": []},
+                "session_options": session_options,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
@@ -70,12 +74,13 @@ def config(model_config: ModelConfig, tokenizer: Tokenizer, *, filename: str, co
 
 
 def write_model_dir(model_dir: Path, model_config: ModelConfig, tokenizer: Tokenizer, *, filename: str,
-                    context_length: int, share_buffer: bool) -> None:
+                    context_length: int, share_buffer: bool, custom_ops_library: str | None = None) -> None:
     """Writes genai_config.json and the tokenizer files into `model_dir`."""
     from .hf import write_tokenizer
 
     model_dir = Path(model_dir)
-    cfg = config(model_config, tokenizer, filename=filename, context_length=context_length, share_buffer=share_buffer)
+    cfg = config(model_config, tokenizer, filename=filename, context_length=context_length, share_buffer=share_buffer,
+                 custom_ops_library=custom_ops_library)
     (model_dir / CONFIG).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     write_tokenizer(tokenizer, model_dir)
 

@@ -34,11 +34,13 @@ import numpy as np
 from edgelora.base import BaseModel
 from edgelora.errors import EdgeloraError, UnsupportedFormatError
 
-from . import keys
+from . import keys, q41
 from .blocks import BLK, BlockQuant, BlockRows, Stored
 from .onnx_model import rank_dim, slot_names
 
 MS = "com.microsoft"
+EDGELORA = "edgelora"  # native/edgelora_ort.cc
+KERNELS = ("nbits", "q41")
 QUANTS = ("f32", "int8", "int4")
 
 
@@ -178,31 +180,58 @@ class _Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
-class FusedBuilder:
-    def __init__(self, base: BaseModel, quant: str = "int4", accuracy_level: int = 4, max_len: int = 4096,
-                 lora: bool = True):
-        if quant not in QUANTS:
-            raise FusedExportError(f"fused ONNX quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
-        self.base, self.c, self.quant, self.acc, self.max_len, self.lora = base, base.config, quant, accuracy_level, max_len, lora
-        self.g = _Graph()
+class Linears:
+    """The linears of a graph being built, in one of its encodings: float MatMul, Q4_1 folded into one
+    MatMulNBits, round-to-nearest MatMulNBits, or edgelora's exact Q4_1 operator (kernel "q41": every
+    int4 linear, with the LoRA slot inside the same node)."""
+
+    def __init__(self, g: "_Graph", quant: str, accuracy_level: int, kernel: str = "nbits"):
+        if kernel not in KERNELS:
+            raise FusedExportError(f"the fused graph's int4 kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.g, self.quant, self.acc, self.kernel = g, quant, accuracy_level, kernel
         self._with_sums: dict[str, str] = {}
         self.encodings: dict[str, int] = {}
 
-    def linear(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
-        """x @ w.T (+ bias) in the export's encoding: float MatMul, Q4_1 folded or round-to-nearest
-        MatMulNBits (a bias is MatMulNBits' own input)."""
+    def _count(self, encoding: str) -> None:
+        self.encodings[encoding] = self.encodings.get(encoding, 0) + 1
+
+    def __call__(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None,
+                 lora: tuple[str, str] | None = None) -> str:
+        """x @ w.T (+ bias) (+ (x @ A) @ B for the LoRA slot `lora` = (A, B) names) in the export's encoding."""
+        g, (n, k) = self.g, w.shape
+        if self.quant == "int4" and self.kernel == "q41" and not k % BLK:
+            q, d, m = q41.quantize(w)
+            exact = np.array_equal((q * d[..., None] + m[..., None]).reshape(n, k), w)
+            self._count("q4_1 exact (MatMulQ41)" if exact else "q4_1 rtn (MatMulQ41)")
+            ins = [x, g.init(f"{name}.q41", q41.pack(q, d, m))]
+            if lora or bias is not None:
+                ins += list(lora) if lora else [g.const(np.zeros((k, 0), np.float32), f"no_lora_a_{k}"),
+                                                 g.const(np.zeros((0, n), np.float32), f"no_lora_b_{n}")]
+            if bias is not None:
+                ins.append(g.init(f"{name}.bias", bias.astype(np.float32)))
+            return g.node("MatMulQ41", ins, f"/{name}/MatMulQ41", domain=EDGELORA, N=n)
+        y = self._plain(x, w, name, bias)
+        if lora is None:
+            return y
+        return g.node("Add", [y, self.lora_delta(x, *lora, name)], f"/{name}/Add")
+
+    def lora_delta(self, x: str, a: str, b: str, name: str) -> str:
+        xa = self.g.node("MatMul", [x, a], f"/lora/{name}/MatMul_A")
+        return self.g.node("MatMul", [xa, b], f"/lora/{name}/MatMul_B")
+
+    def _plain(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None) -> str:
         g, (n, k) = self.g, w.shape
         extra = ["", g.init(f"{name}.bias", bias.astype(np.float32))] if bias is not None else []
         if self.quant == "f32" or k % BLK:
-            self.encodings["f32"] = self.encodings.get("f32", 0) + 1
+            self._count("f32")
             y = g.node("MatMul", [x, g.init(f"{name}.weight_T", np.ascontiguousarray(w.T))], f"/{name}/MatMul")
             return g.node("Add", [y, extra[1]], f"/{name}/Add_bias") if extra else y
         exact = q41_decompose(w) if self.quant == "int4" else None
         if exact is not None:
-            self.encodings["q4_1 folded"] = self.encodings.get("q4_1 folded", 0) + 1
-            return self._folded_q41(x, *exact, name, extra)
+            self._count("q4_1 folded")
+            return self.folded_q41(x, *exact, name, extra)
         bits = 4 if self.quant == "int4" else 8
-        self.encodings[f"int{bits} rtn"] = self.encodings.get(f"int{bits} rtn", 0) + 1
+        self._count(f"int{bits} rtn")
         u, s, zp = rtn(w, bits)
         ins = [x, g.init(f"{name}.q{bits}", pack4(u) if bits == 4 else u), g.init(f"{name}.scales", s),
                g.init(f"{name}.zp", pack_zp4(zp) if bits == 4 else zp.reshape(-1))]
@@ -218,7 +247,7 @@ class FusedBuilder:
             self._with_sums[x] = g.node("Concat", [x, s], f"{x}/with_blocksums", axis=-1)
         return self._with_sums[x]
 
-    def _folded_q41(self, x: str, q, d, m, name: str, extra: list[str]) -> str:
+    def folded_q41(self, x: str, q, d, m, name: str, extra: list[str]) -> str:
         """Q4_1 in one MatMulNBits: the codes with scale d and the zero point nearest -m/d, then extra
         K blocks holding what is left of each block's offset (m + zp*d, within d/2), 4-bit, fed with
         x's block sums."""
@@ -234,7 +263,18 @@ class FusedBuilder:
                                       g.init(f"{name}.scales", scales), g.init(f"{name}.zp", pack_zp4(zps))] + extra,
                       f"/{name}/MatMulNBits", domain=MS, K=k2, N=n, bits=4, block_size=BLK, accuracy_level=self.acc)
 
-    def lora_delta(self, x: str, slot: str, d_in: int, d_out: int) -> str:
+
+class FusedBuilder:
+    def __init__(self, base: BaseModel, quant: str = "int4", accuracy_level: int = 4, max_len: int = 4096,
+                 lora: bool = True, kernel: str = "nbits"):
+        if quant not in QUANTS:
+            raise FusedExportError(f"fused ONNX quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
+        self.base, self.c, self.quant, self.acc, self.max_len, self.lora = base, base.config, quant, accuracy_level, max_len, lora
+        self.g = _Graph()
+        self.linear = Linears(self.g, quant, accuracy_level, kernel)
+
+    def lora_slot(self, slot: str, d_in: int, d_out: int) -> tuple[str, str]:
+        """The slot's A [d_in, r] and B [r, d_out]: overridable initializers, zero-rank by default."""
         from onnx import TensorProto
 
         g = self.g
@@ -244,8 +284,7 @@ class FusedBuilder:
         g.init(b, np.zeros((0, d_out), np.float32))
         g.inputs += [g.helper.make_tensor_value_info(a, TensorProto.FLOAT, [d_in, r]),
                      g.helper.make_tensor_value_info(b, TensorProto.FLOAT, [r, d_out])]
-        xa = g.node("MatMul", [x, a], f"/lora/{slot}/MatMul_A")
-        return g.node("MatMul", [xa, b], f"/lora/{slot}/MatMul_B")
+        return a, b
 
     def projection(self, x: str, slot: str) -> str:
         """One projection (a group of target modules sharing the input x: their weights stacked by
@@ -255,10 +294,8 @@ class FusedBuilder:
         w = np.concatenate([W[f"{layer}.{m}"] for m in GROUPS[group]], 0)
         biases = [f"{layer}.{m}_bias" for m in GROUPS[group]]
         bias = np.concatenate([W[b] for b in biases], 0) if biases[0] in W else None
-        y = self.linear(x, w, slot, bias)
-        if not self.lora:
-            return y
-        return self.g.node("Add", [y, self.lora_delta(x, slot, w.shape[1], w.shape[0])], f"/{slot}/Add")
+        lora = self.lora_slot(slot, w.shape[1], w.shape[0]) if self.lora else None
+        return self.linear(x, w, slot, bias, lora)
 
     def build(self):
         from onnx import TensorProto
@@ -416,21 +453,25 @@ class FusedBuilder:
 
 
 def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, accuracy_level: int = 4,
-           max_len: int = 4096, lora: bool = True) -> Path:
-    """Builds the fused graph into ``out_dir/model.onnx`` (+ ``model.onnx.data``)."""
+           max_len: int = 4096, lora: bool = True, kernel: str = "nbits") -> Path:
+    """Builds the fused graph into ``out_dir/model.onnx`` (+ ``model.onnx.data``). `kernel` "q41"
+    writes every int4 linear as edgelora's exact Q4_1 operator (sessions then need the library:
+    edgelora.native), "nbits" as ONNX Runtime's MatMulNBits."""
     import onnx
     from onnx import helper
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    b = FusedBuilder(base, quant, accuracy_level, max_len, lora)
+    b = FusedBuilder(base, quant, accuracy_level, max_len, lora, kernel)
     g = b.build()
     graph = helper.make_graph(g.nodes, "edgelora-decoder", g.inputs, g.outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
-                              producer_name="edgelora")
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
+    if any(n.domain == EDGELORA for n in g.nodes):
+        opsets.append(helper.make_opsetid(EDGELORA, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgelora")
     model.ir_version = 10
     for k, v in {keys.GRAPH: "fused", keys.QUANT: quant, keys.ACCURACY_LEVEL: accuracy_level,
-                 keys.MAX_LEN: max_len, keys.ENCODINGS: b.encodings, keys.FINGERPRINT: base.fingerprint}.items():
+                 keys.MAX_LEN: max_len, keys.ENCODINGS: b.linear.encodings, keys.FINGERPRINT: base.fingerprint}.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
     path = out_dir / "model.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -501,13 +542,15 @@ def read_weights(path: str | os.PathLike, config) -> tuple[dict[str, np.ndarray 
 
 
 def _has_linear(inits: dict[str, np.ndarray], name: str) -> bool:
-    return any(f"{name}.{kind}" in inits for kind in ("weight_T", "q4", "q8"))
+    return any(f"{name}.{kind}" in inits for kind in ("weight_T", "q4", "q8", "q41"))
 
 
 def _onnx_linear(inits: dict[str, np.ndarray], name: str, shape: tuple[int, int]) -> BlockQuant | Stored:
     n, k = shape
     if f"{name}.weight_T" in inits:
         return Stored(np.ascontiguousarray(inits[f"{name}.weight_T"].T))
+    if f"{name}.q41" in inits:
+        return q41.unpack(inits[f"{name}.q41"], n)
     nb = k // BLK
     for bits in (4, 8):
         q = inits.get(f"{name}.q{bits}")
@@ -544,3 +587,49 @@ def float_weights(model, config) -> dict[str, tuple[str, int]]:
                 found[f"layers.{i}.{m}"] = (f"layers.{i}.{group}.weight_T", col)
                 col += shapes[f"layers.{i}.{m}"][0]
     return {t: v for t, v in found.items() if v[0] in names}
+
+
+# -- the fallback for sessions without edgelora's operator library -------------------------------
+
+def uses_q41(model) -> bool:
+    return any(o.domain == EDGELORA for o in model.opset_import)
+
+
+def without_q41(model, accuracy_level: int = 4):
+    """The same graph with every MatMulQ41 node (exact Q4_1, LoRA inside) as ONNX Runtime's own nodes:
+    the Q4_1 folded into one MatMulNBits, the LoRA slot as MatMul, MatMul, Add. `model` holds its
+    weights (loaded with external data); it is changed in place and returned."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    g = _Graph()
+    g.names = set(inits)
+    lin = Linears(g, "int4", accuracy_level)
+    dropped, nodes = set(), []
+    for node in model.graph.node:
+        if node.domain != EDGELORA or node.op_type != "MatMulQ41":
+            nodes.append(node)
+            continue
+        n = next(a.i for a in node.attribute if a.name == "N")
+        x, w, *rest = node.input
+        blocks = q41.unpack(numpy_helper.to_array(inits[w]), n)
+        nibbles = blocks.q
+        codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], -1)
+        dropped.add(w)
+        name = node.name.strip("/").split("/")[0]
+        bias = rest[2:3]
+        g.nodes = []
+        y = lin.folded_q41(x, codes, blocks.scale, blocks.offset, name, ["", *bias] if bias else [])
+        if rest[:2] and not rest[0].startswith("const.no_lora"):
+            y = g.node("Add", [y, lin.lora_delta(x, rest[0], rest[1], name)], f"/{name}/Add")
+        nodes += g.nodes
+        nodes.append(helper.make_node("Identity", [y], list(node.output), name=f"/{name}/out"))
+    keep = [i for i in model.graph.initializer if i.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + g.inits)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    opsets = [o for o in model.opset_import if o.domain != EDGELORA]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    return model

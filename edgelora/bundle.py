@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from . import native
 from . import quality as _quality
 from ._io import atomic_dir, sha256_file, write_bytes_atomic
 from .adapters import LoraAdapter
@@ -191,14 +192,30 @@ def _build_onnx(ws: _ExportContext, quant: str, out: Path, threads: int) -> list
                         prefix_tokens=prefix, calibrate=calibrate, lora_rank=rank,
                         progress=bar("NPU graphs (float, calibrated, prefill and decode quantized)", ws.progress))
         return sorted(p for p in target_dir.iterdir() if p.is_file())
+    lib = None
     if ws.onnx_graph == "fused":
-        path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length)
+        lib = _q41_library(ws.profile) if quant == "int4" else None
+        path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length,
+                                 kernel="q41" if lib else "nbits")
+        if lib:  # the bundle carries the library its graph needs (genai_config.json names it)
+            shutil.copyfile(lib, target_dir / native.LIBRARY)
     else:
         path = onnx_model.export(ws.hf_dir(), target_dir, ws.base.config, quant, progress=bar(f"ONNX {quant}", ws.progress))
     # what onnxruntime-genai apps need to load this directory as it is (converters/genai.py)
     genai.write_model_dir(target_dir, ws.base.config, ws.base.tokenizer, filename=path.name,
-                          context_length=ws.profile.context_length, share_buffer=ws.onnx_graph == "fused")
+                          context_length=ws.profile.context_length, share_buffer=ws.onnx_graph == "fused",
+                          custom_ops_library=native.LIBRARY if lib else None)
     return [path] + sorted(p for p in target_dir.iterdir() if p.is_file() and p != path)  # + external data, genai
+
+
+def _q41_library(profile: DeviceProfile) -> Path | None:
+    """edgelora's Q4_1 operator library for a bundle of this profile: the one built here, when the
+    profile's CPU is this machine's kind (an arm64 build is not made yet: arm64 bundles use MatMulNBits)."""
+    import platform
+
+    if profile.arch != platform.machine():
+        return None
+    return native.library()
 
 
 def npu_calibration_adapters(ws: _ExportContext, sequences: list[list[int]], threads: int) -> list[tuple[LoraAdapter, list]]:

@@ -33,3 +33,7 @@ class ModelFetchError(EdgeloraError):
     """The default model could not be fetched or failed its checksum."""
 
     exit_code = 1  # an environment problem more than a user mistake
+
+
+class EdgeloraWarning(UserWarning):
+    """Something works, more slowly or less well than it could (a fallback was taken): one line."""

@@ -48,4 +48,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     "$VENV/bin/pip" install --progress-bar off -e "$ROOT[dev]"
     echo "$WANT" > "$STAMP"
 fi
+source "$ROOT/scripts/native.sh"
+native_build
 export PATH="$VENV/bin:$PATH"

@@ -51,10 +51,7 @@ class OnnxEngine(Engine):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=list(providers))
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise OnnxEngineError(f"onnxruntime cannot load {self.path}: {str(e).splitlines()[0]}") from e
+        self.session = self._open(so, providers)
         self.past_names = [i.name for i in self.session.get_inputs() if _PAST.match(i.name)]
         if not self.past_names:
             raise OnnxEngineError(f"{self.path} has no past_key_values inputs: not a decoder with a KV cache")
@@ -92,6 +89,29 @@ class OnnxEngine(Engine):
 
     # -- forward -----------------------------------------------------------------------------
 
+
+    def _open(self, so, providers: Sequence[str]):
+        """The session; a graph with edgelora's Q4_1 operator gets its library, or (when this process
+        cannot load it: one warning line) the same graph with MatMulNBits, converted in memory."""
+        import onnx
+
+        from .. import native
+
+        lib = native.library(warn=False)
+        if lib is not None:
+            so.register_custom_ops_library(str(lib))
+        try:
+            return self._ort.InferenceSession(str(self.path), so, providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            error = e
+        if lib is None and onnx_fused.uses_q41(onnx.load(str(self.path), load_external_data=False)):
+            native.library()  # the warning, with the reason
+            model = onnx_fused.without_q41(onnx.load(str(self.path)))
+            try:
+                return self._ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
+            except Exception as e:
+                error = e
+        raise OnnxEngineError(f"onnxruntime cannot load {self.path}: {str(error).splitlines()[0]}") from error
     def _empty_past(self) -> dict[str, np.ndarray]:
         c = self.config
         empty = np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32)

@@ -1,0 +1,61 @@
+"""edgelora's ONNX Runtime operator library (native/edgelora_ort.cc: MatMulQ41, exact Q4_1 with the
+LoRA slot inside), built by scripts/env.sh into the environment (``<prefix>/lib/edgelora/``).
+
+`library()` finds it, checked once by loading it into a session's options; a graph that needs it
+and cannot have it falls back to ONNX Runtime's own nodes (converters/onnx_fused.without_q41)
+after one warning line. ``EDGELORA_ORT_OPS`` names another library file, or turns it off with 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import EdgeloraWarning
+
+LIBRARY = "libedgelora_ort.so"
+
+
+def default_path() -> Path:
+    return Path(sys.prefix) / "lib" / "edgelora" / LIBRARY
+
+
+@functools.lru_cache(maxsize=None)
+def _check(path: str) -> str | None:
+    """None when onnxruntime can register the library at `path`, else why not (one line)."""
+    import onnxruntime as ort
+
+    if not os.path.isfile(path):
+        return f"{path} does not exist"
+    try:
+        ort.SessionOptions().register_custom_ops_library(path)
+    except Exception as e:  # onnxruntime's Fail
+        return str(e).splitlines()[0]
+    return None
+
+
+def library(warn: bool = True) -> Path | None:
+    """The operator library this process can load, or None (with one warning line saying why and
+    what to do, unless it was turned off with EDGELORA_ORT_OPS=0)."""
+    chosen = os.environ.get("EDGELORA_ORT_OPS", "")
+    if chosen == "0":
+        return None
+    path = Path(chosen) if chosen else default_path()
+    why = _check(str(path))
+    if why is None:
+        return path
+    if warn:  # Python shows a warning once per place and message
+        warnings.warn(f"edgelora's Q4_1 operator library is unavailable ({why}); using ONNX Runtime's MatMulNBits "
+                   "instead (run scripts/env.sh with a C++ compiler to build it)", EdgeloraWarning, stacklevel=2)
+    return None
+
+
+def kernel(path: Path) -> str:
+    """Which MatMulQ41 kernel the library runs on this CPU ("avx2" or "portable")."""
+    fn = ctypes.CDLL(str(path)).edgelora_q41_kernel
+    fn.restype = ctypes.c_char_p
+    return fn().decode()

@@ -1,0 +1,292 @@
+// edgelora's ONNX Runtime operators (domain "edgelora"), loaded with
+// SessionOptions.register_custom_ops_library. Built by scripts/env.sh against ONNX Runtime's C API
+// headers (any version from 1.21: the library asks the runtime for the API version it was built with).
+//
+// MatMulQ41(x, w[, lora_a, lora_b][, bias]) -> y, attribute N
+//   y[M, N] = x[M, K] . W^T (+ (x . lora_a) . lora_b) (+ bias), W exact Q4_1: W[n, k] = d * code + m
+//   per block of 32 along K, with d and m in fp16 (GGUF's own Q4_1 types, so GGUF weights stay exact).
+//   The activations are quantized to int8 per block of 32 (scale max|x| / 127) and the block sums
+//   times m enter the dot product, as llama.cpp's q4_1 x q8_1 does.
+//   lora_a [K, r], lora_b [r, N]: an adapter added in the same pass (r = 0: none), so an active
+//   adapter costs no extra node.
+//
+// w is written by the exporter (converters/q41.py: pack) as uint8 [ceil(N/8), K/32, 160]: one
+// linear stream of 160-byte tiles per group of 8 output columns (the last group padded with zero
+// columns). A tile is one block of the group's 8 columns: 4 "pairs" of 32 code bytes, then 8 fp16 d,
+// then 8 fp16 m. Pair i holds the 16 code bytes of column i then those of column i + 4, each block in
+// llama.cpp's nibble order (codes 0..15 in the low nibbles, 16..31 in the high). One 256-bit load
+// covers two columns; after maddubs, madd(hadd16(hadd16(v0, v1), hadd16(v2, v3)), 1) leaves the 8
+// block dots of the tile in 8 int32 lanes in column order, and one FMA applies d x s to all of them.
+//
+// Kernels: AVX2+FMA+F16C chosen at run time from the CPU's features, portable C++ otherwise
+// (EDGELORA_Q41_PORTABLE=1 forces it, to test it on an AVX2 machine). Threads: ORT's intra-op pool,
+// over groups of columns.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#include "onnxruntime_lite_custom_op.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define EDGELORA_X86 1
+#endif
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 32, kGroup = 8, kTile = 160;
+constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
+
+bool use_simd() {
+#ifdef EDGELORA_X86
+  static const bool yes = !std::getenv("EDGELORA_Q41_PORTABLE") && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Activations: int8 codes per block of 32, the block's scale s and s x (sum of its codes).
+struct Act {
+  std::vector<int8_t> q;
+  std::vector<float> s, sum;
+  int64_t blocks;
+};
+
+inline int32_t quantize_block(const float* v, int8_t* qb, float& s) {
+  float amax = 0.f;
+  for (int k = 0; k < kBlock; ++k) amax = std::fmax(amax, std::fabs(v[k]));
+  s = amax / 127.f;
+  const float inv = s > 0 ? 1.f / s : 0.f;
+  int32_t total = 0;
+  for (int k = 0; k < kBlock; ++k) { qb[k] = int8_t(std::nearbyint(v[k] * inv)); total += qb[k]; }
+  return total;
+}
+
+#ifdef EDGELORA_X86
+// The same, bit for bit (round half to even, as nearbyint in the default rounding mode).
+__attribute__((target("avx2,fma"))) int32_t quantize_block_avx2(const float* v, int8_t* qb, float& s) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 x[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) { x[i] = _mm256_loadu_ps(v + 8 * i); amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, x[i])); }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  s = _mm_cvtss_f32(m) / 127.f;
+  const __m256 inv = _mm256_set1_ps(s > 0 ? 1.f / s : 0.f);
+  __m256i qi[4];
+  for (int i = 0; i < 4; ++i)
+    qi[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+  // packs works within 128-bit lanes: put the bytes back in order after
+  const __m256i w01 = _mm256_packs_epi32(qi[0], qi[1]), w23 = _mm256_packs_epi32(qi[2], qi[3]);
+  const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), b);
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  return _mm_cvtsi128_si32(t);
+}
+#endif
+
+Act quantize(const float* x, int64_t M, int64_t K) {
+  Act a{std::vector<int8_t>(M * K), std::vector<float>(M * K / kBlock), std::vector<float>(M * K / kBlock), K / kBlock};
+  for (int64_t i = 0; i < M * a.blocks; ++i) {
+    float s;
+#ifdef EDGELORA_X86
+    const int32_t total = use_simd() ? quantize_block_avx2(x + i * kBlock, a.q.data() + i * kBlock, s)
+                                     : quantize_block(x + i * kBlock, a.q.data() + i * kBlock, s);
+#else
+    const int32_t total = quantize_block(x + i * kBlock, a.q.data() + i * kBlock, s);
+#endif
+    a.s[i] = s;
+    a.sum[i] = s * float(total);
+  }
+  return a;
+}
+
+struct Job {
+  const uint8_t* w; float* y; int64_t M, N, K, blocks;
+  const Act* a;
+  const float* xa; const float* lora_b; int64_t rank;  // xa [M, rank] = x . lora_a
+  const float* bias;
+  const float* x; const float* lora_a;                  // for the xa pass
+};
+
+// The adapter's and the bias's share of output column n for row r.
+inline float extra(const Job& j, int64_t r, int64_t n) {
+  float v = j.bias ? j.bias[n] : 0.f;
+  const float* xa = j.xa + r * j.rank;
+  for (int64_t i = 0; i < j.rank; ++i) v += xa[i] * j.lora_b[i * j.N + n];
+  return v;
+}
+
+float half_to_float(uint16_t h) {  // exact
+  const uint32_t sign = uint32_t(h >> 15) << 31, e = (h >> 10) & 31, f = h & 1023;
+  float v = e == 0 ? std::ldexp(float(f), -24) : e == 31 ? (f ? NAN : INFINITY) : std::ldexp(float(f | 1024), int(e) - 25);
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits |= sign;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+inline int code(const uint8_t* blk, int i) { return i < 16 ? (blk[i] & 15) : (blk[i - 16] >> 4); }
+
+void group_portable(void* p, size_t g) {
+  const Job& j = *static_cast<const Job*>(p);
+  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
+  for (int64_t r = 0; r < j.M; ++r) {
+    float acc[kGroup] = {};
+    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile;
+    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile) {
+      const int8_t* q = j.a->q.data() + (r * j.blocks + b) * kBlock;
+      const float s = j.a->s[r * j.blocks + b], sum = j.a->sum[r * j.blocks + b];
+      uint16_t dh[kGroup], mh[kGroup];
+      std::memcpy(dh, tile + 128, 16);
+      std::memcpy(mh, tile + 144, 16);
+      for (int c = 0; c < kGroup; ++c) {
+        const uint8_t* blk = tile + (c & 3) * 32 + (c >> 2) * 16;
+        int32_t dot = 0;
+        for (int i = 0; i < kBlock; ++i) dot += code(blk, i) * int32_t(q[i]);
+        acc[c] += float(dot) * (half_to_float(dh[c]) * s) + half_to_float(mh[c]) * sum;
+      }
+    }
+    for (int64_t c = 0; c < nc; ++c) j.y[r * j.N + n0 + c] = acc[c] + extra(j, r, n0 + c);
+  }
+}
+
+#ifdef EDGELORA_X86
+// 32 code bytes (two columns' blocks) x the two halves of the activation block -> 16 int16, each a
+// sum of 4 products (|.| <= 4 x 15 x 127 = 7620).
+__attribute__((target("avx2,fma"))) inline __m256i pair_dot(const uint8_t* p, __m256i qlo, __m256i qhi) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+  return _mm256_add_epi16(_mm256_maddubs_epi16(lo, qlo), _mm256_maddubs_epi16(hi, qhi));
+}
+
+__attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
+  const Job& j = *static_cast<const Job*>(p);
+  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
+  for (int64_t r = 0; r < j.M; ++r) {
+    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile;
+    const int8_t* q = j.a->q.data() + r * j.K;
+    const float* s = j.a->s.data() + r * j.blocks;
+    const float* sum = j.a->sum.data() + r * j.blocks;
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile, q += kBlock) {
+      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch + 128), _MM_HINT_T0);
+      const __m256i qlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+      const __m256i qhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+      const __m256i v0 = pair_dot(tile, qlo, qhi), v1 = pair_dot(tile + 32, qlo, qhi);
+      const __m256i v2 = pair_dot(tile + 64, qlo, qhi), v3 = pair_dot(tile + 96, qlo, qhi);
+      // two rounds of int16 pair sums stay exact (|.| <= 4 x 7620 = 30480 < 32768), then one madd to int32
+      const __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(v0, v1), _mm256_hadd_epi16(v2, v3));
+      const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(h, _mm256_set1_epi16(1)));
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 128)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 144)));
+      acc = _mm256_fmadd_ps(dots, _mm256_mul_ps(d, _mm256_broadcast_ss(s + b)), acc);
+      accm = _mm256_fmadd_ps(m, _mm256_broadcast_ss(sum + b), accm);
+    }
+    acc = _mm256_add_ps(acc, accm);
+    float* y = j.y + r * j.N + n0;
+    if (nc == kGroup) {
+      if (j.bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(j.bias + n0));
+      const float* xa = j.xa + r * j.rank;
+      for (int64_t i = 0; i < j.rank; ++i)
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), _mm256_loadu_ps(j.lora_b + i * j.N + n0), acc);
+      _mm256_storeu_ps(y, acc);
+    } else {
+      alignas(32) float out[kGroup];
+      _mm256_store_ps(out, acc);
+      for (int64_t c = 0; c < nc; ++c) y[c] = out[c] + extra(j, r, n0 + c);
+    }
+  }
+}
+#endif
+
+void lora_rows(void* p, size_t r) {  // xa[r] = x[r] . lora_a
+  const Job& j = *static_cast<const Job*>(p);
+  float* xa = const_cast<float*>(j.xa) + r * j.rank;
+  std::fill(xa, xa + j.rank, 0.f);
+  const float* x = j.x + r * j.K;
+  for (int64_t k = 0; k < j.K; ++k) {
+    const float xk = x[k];
+    const float* a = j.lora_a + k * j.rank;
+    for (int64_t i = 0; i < j.rank; ++i) xa[i] += xk * a[i];
+  }
+}
+
+using OptTensor = std::optional<const Ort::Custom::Tensor<float>*>;
+
+struct MatMulQ41 {
+  MatMulQ41(const OrtApi*, const OrtKernelInfo* info) : N(Ort::ConstKernelInfo(info).GetAttribute<int64_t>("N")) {}
+
+  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<uint8_t>& w,
+               OptTensor lora_a, OptTensor lora_b, OptTensor bias, Ort::Custom::Tensor<float>& y) {
+    const auto xs = x.Shape(), ws = w.Shape();
+    const int64_t K = xs.back(), M = K ? x.NumberOfElement() / K : 0, groups = (N + kGroup - 1) / kGroup;
+    if (K % kBlock || ws.size() != 3 || ws[0] != groups || ws[1] != K / kBlock || ws[2] != kTile)
+      ORT_CXX_API_THROW("MatMulQ41: w must be uint8 [ceil(N/8), K/32, 160] for an input of width K (a multiple of 32)",
+                        ORT_INVALID_ARGUMENT);
+    int64_t rank = 0;
+    if (lora_a.has_value() != lora_b.has_value())
+      ORT_CXX_API_THROW("MatMulQ41: lora_a and lora_b come together", ORT_INVALID_ARGUMENT);
+    if (lora_a.has_value()) {
+      const auto as = (*lora_a)->Shape(), bs = (*lora_b)->Shape();
+      if (as.size() != 2 || bs.size() != 2 || as[0] != K || bs[1] != N || as[1] != bs[0])
+        ORT_CXX_API_THROW("MatMulQ41: lora_a must be [K, r] and lora_b [r, N]", ORT_INVALID_ARGUMENT);
+      rank = as[1];
+    }
+    if (bias.has_value() && (*bias)->NumberOfElement() != N)
+      ORT_CXX_API_THROW("MatMulQ41: bias must hold N values", ORT_INVALID_ARGUMENT);
+    std::vector<int64_t> ys(xs.begin(), xs.end());
+    ys.back() = N;
+    float* out = y.Allocate(ys);
+    if (M == 0) return;
+    const Act a = quantize(x.Data(), M, K);
+    std::vector<float> xa(size_t(M * rank));
+    Job j{w.Data(), out, M, N, K, K / kBlock, &a, xa.data(), rank ? (*lora_b)->Data() : nullptr, rank,
+          bias.has_value() ? (*bias)->Data() : nullptr, x.Data(), rank ? (*lora_a)->Data() : nullptr};
+    Ort::KernelContext ctx(context);
+    if (rank) ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
+#ifdef EDGELORA_X86
+    ctx.ParallelFor(use_simd() ? group_avx2 : group_portable, size_t(groups), 0, &j);
+#else
+    ctx.ParallelFor(group_portable, size_t(groups), 0, &j);
+#endif
+  }
+
+  int64_t N;
+};
+
+}  // namespace
+
+// Which kernel MatMulQ41 runs on this CPU: "avx2" or "portable" (edgelora reports it).
+extern "C" const char* edgelora_q41_kernel() { return use_simd() ? "avx2" : "portable"; }
+
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api) return nullptr;  // an onnxruntime older than these headers: it cannot report an error through an API it lacks
+  Ort::InitApi(api);
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> q41{
+      Ort::Custom::CreateLiteCustomOp<MatMulQ41>("MatMulQ41", "CPUExecutionProvider")};
+  static Ort::CustomOpDomain domain{nullptr};
+  static std::once_flag once;
+  try {
+    std::call_once(once, [] { domain = Ort::CustomOpDomain{"edgelora"}; domain.Add(q41.get()); });
+    Ort::UnownedSessionOptions(options).Add(domain);
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return nullptr;
+}
