@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from edgelora.runtime.engine import SPEED_PROMPT
 
@@ -243,3 +244,20 @@ def llama_cpp_decode_rate(llm, prompt: str, tokens: int) -> float:
         llm.create_completion(prompt, max_tokens=tokens, temperature=0.0)
     perf = llama_cpp.llama_perf_context(llm.ctx)
     return perf.n_eval / (perf.t_eval_ms / 1e3)
+
+
+@contextlib.contextmanager
+def env(**values: str | None) -> Iterator[None]:
+    """Environment variables set (None: left as they are) for the block, then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if values[k] is None:
+                continue
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

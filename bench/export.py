@@ -25,8 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-FORMATS = {"135m": ["gguf:f16", "gguf:q8_0", "gguf:q4_0", "gguf:q4_k_m", "onnx:f32", "onnx:int8", "onnx:int4"],
-           "1b": ["gguf:q8_0", "gguf:q4_0", "gguf:q4_k_m", "onnx:int4"]}
+FORMATS = {"135m": ["gguf:f16", "gguf:q8_0", "gguf:q4_0", "gguf:q4_k_m", "onnx:f32", "onnx:int8", "onnx:int4@nbits",
+                    "onnx:int4"],
+           "1b": ["gguf:q8_0", "gguf:q4_0", "gguf:q4_k_m", "onnx:int4@nbits", "onnx:int4"]}
+# onnx:int4 is the fused graph with edgelora's exact Q4_1 operator (native/edgelora_ort.cc) when its
+# library is built; onnx:int4@nbits the same graph with ONNX Runtime's MatMulNBits, as before it.
 LLAMA_FTYPE_Q4_1 = 3  # llama.h's LLAMA_FTYPE_MOSTLY_Q4_1: the shipped model's format
 
 
@@ -73,17 +76,27 @@ def genai_int4(hf_dir: Path, out: Path, threads: int, tokens: int, eval_ids: lis
                 rate=rate)
 
 
-def head_to_head(engine, genai_rate, tokens: int, rounds: int = 6) -> dict:
-    """edgelora's ONNX engine and onnxruntime-genai decoding in turn, `rounds` times: the median
-    rates and their ratio (robust to a machine whose load changes during the run)."""
+def head_to_head(engines: dict, genai_rate, tokens: int, rounds: int = 6) -> dict:
+    """edgelora's ONNX engines and onnxruntime-genai decoding in turn, `rounds` times: the median
+    rates and each engine's ratio to genai (robust to a machine whose load changes during the run)."""
     import statistics
 
-    ours, theirs = [], []
+    ours, theirs = {name: [] for name in engines}, []
     for _ in range(rounds):
-        ours.append(common.decode_rate(engine, tokens))
+        for name, engine in engines.items():
+            ours[name].append(common.decode_rate(engine, tokens))
         theirs.append(genai_rate())
-    return {"edgelora": statistics.median(ours), "genai": statistics.median(theirs),
-            "ratio": statistics.median(ours) / statistics.median(theirs)}
+    genai = statistics.median(theirs)
+    return {"genai": genai, **{name: {"tok_s": statistics.median(r), "ratio": statistics.median(r) / genai}
+                               for name, r in ours.items()}}
+
+
+def kernel_name(bundle, art) -> str:
+    """Which int4 linears the bundle's fused graph holds."""
+    import onnx
+
+    model = onnx.load(str(bundle.root / art.files[0]), load_external_data=False)
+    return "MatMulQ41" if any(o.domain == "edgelora" for o in model.opset_import) else "MatMulNBits"
 
 
 def quality_window() -> int:
@@ -115,23 +128,27 @@ def main() -> None:
     bandwidth = common.read_bandwidth(args.threads)
     base = edgelora.load_base(common.model(args.size))
     eval_ids = B._eval_tokens(base, args.eval_tokens)
-    rows, h2h = [], None
+    rows, h2h, int4_bundles = [], None, {}
     with tempfile.TemporaryDirectory() as tmp:
         ws = B._ExportContext(base, Path(tmp), progress=True)
         reference = B.float_scores(ws, eval_ids, args.threads, progress=True)
         for spec in args.formats.split(","):
             backend, quant = spec.split(":")
+            quant, _, kernel = quant.partition("@")
             t = time.perf_counter()
             out = Path(tmp) / spec.replace(":", "-")
-            b = edgelora.export(base, "x86-64", out, backend=backend, quant=quant, force=True,
-                                eval_tokens=args.eval_tokens, threads=args.threads)
+            with common.env(EDGELORA_ORT_OPS="0" if kernel == "nbits" else None):
+                b = edgelora.export(base, "x86-64", out, backend=backend, quant=quant, force=True,
+                                    eval_tokens=args.eval_tokens, threads=args.threads)
             export_s = time.perf_counter() - t
             art = b.artifacts[0]
             engine = b.engine(backend, threads=args.threads, n_ctx=1024)
-            rows.append(dict(name=f"edgelora {backend} {quant}", size=common.artifact_bytes(b, art),
+            rows.append(dict(name=f"edgelora {backend} {quant}" + (f" ({kernel_name(b, art)})" if quant == "int4" else ""), size=common.artifact_bytes(b, art),
                              export_s=export_s, ppl=art.quality["perplexity"], change=art.quality["perplexity_change"],
                              top1=art.quality["top1_agreement"], tok_s=measure_engine(engine, args.tokens)))
             engine.close()
+            if backend == "onnx" and quant == "int4":
+                int4_bundles[rows[-1]["name"]] = out
         # llama.cpp's own quantization of the model: the Q4_1 file it ships as (at 1b: made by llama.cpp from float)
         if args.size == "135m":
             src, label = models.gguf_path(edgelora.DEFAULT_MODEL), "llama.cpp Q4_1 (shipped)"
@@ -153,11 +170,12 @@ def main() -> None:
             if g:
                 rate = g.pop("rate")
                 rows.append(g)
-                if any(r["name"] == "edgelora onnx int4" for r in rows):
-                    b = edgelora.open_bundle(Path(tmp) / "onnx-int4", verify=False)
-                    engine = b.engine("onnx", threads=args.threads, n_ctx=1024)
-                    h2h = head_to_head(engine, rate, args.tokens)
-                    engine.close()
+                engines = {name: edgelora.open_bundle(path, verify=False).engine("onnx", threads=args.threads, n_ctx=1024)
+                           for name, path in int4_bundles.items()}
+                if engines:
+                    h2h = head_to_head(engines, rate, args.tokens)
+                    for engine in engines.values():
+                        engine.close()
     real = args.size == "135m"  # quality of random weights means nothing
     for r in rows:
         r["bandwidth_fraction"] = r["size"] * r["tok_s"] / bandwidth
@@ -171,8 +189,9 @@ def main() -> None:
     if real:
         print(f"float perplexity {reference.perplexity:.3f} on {len(eval_ids)} held-out tokens (windows of {quality_window()})")
     if h2h:
-        print(f"head to head, interleaved: edgelora onnx int4 {h2h['edgelora']:.1f} tok/s, onnxruntime-genai int4 "
-              f"{h2h['genai']:.1f} tok/s: {h2h['ratio']:.2f}x (target >= 1.00x at perplexity change <= +1.3%)")
+        print(f"head to head, interleaved, onnxruntime-genai int4 {h2h['genai']:.1f} tok/s: " + "; ".join(
+            f"{name} {v['tok_s']:.1f} tok/s, {v['ratio']:.2f}x" for name, v in h2h.items() if name != "genai")
+            + " (target >= 1.00x at perplexity change <= +1.3%)")
     verdicts = profile_verdicts(rows) if real else []
     if verdicts:
         print(common.table(("profile", "quality budget", "default", "within budget", "fastest within budget here", "default is fastest"),

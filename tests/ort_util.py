@@ -4,7 +4,7 @@ import numpy as np
 
 
 def onnxruntime_logits(model_path, ids, cfg, tmp_path):
-    """The bundle's own ONNX graph in ONNX Runtime, with MatMulNBits told to compute in float
+    """The bundle's own ONNX graph in ONNX Runtime, with MatMulNBits (and MatMulQ41) told to compute in float
     (accuracy_level 0) so only the weights' encoding is compared, not int8 activations."""
     import onnx
     import onnxruntime as ort
@@ -17,6 +17,10 @@ def onnxruntime_logits(model_path, ids, cfg, tmp_path):
     onnx.save_model(m, str(tmp_path / "float_acc.onnx"), save_as_external_data=True, location="w.data")
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if any(o.domain == "edgelora" for o in m.opset_import):  # edgelora's MatMulQ41: accuracy_level 0 is float too
+        from edgelora import native
+
+        so.register_custom_ops_library(str(native.library()))
     s = ort.InferenceSession(str(tmp_path / "float_acc.onnx"), so, providers=["CPUExecutionProvider"])
     feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
     for i in range(cfg.num_layers):

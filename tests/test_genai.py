@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import edgelora
+from edgelora import native
 from edgelora.adapters import AdapterBaseMismatchError, random_adapter
 from edgelora.converters import genai
 
@@ -66,6 +67,9 @@ def test_genai_loads_the_bundle_and_the_stores_adapters_as_they_are(bundle):
     model_dir = bundle.path(bundle.artifact("onnx").main).parent
     cfg = json.loads((model_dir / genai.CONFIG).read_text())
     assert cfg["model"]["type"] == "llama" and cfg["search"]["past_present_share_buffer"] is True
+    if bundle.artifact("onnx").quant == "int4" and native.library(warn=False):  # edgelora's MatMulQ41, shipped beside
+        assert cfg["model"]["decoder"]["session_options"]["custom_ops_library"] == native.LIBRARY
+        assert (model_dir / native.LIBRARY).is_file()
     ids = _prompt(bundle)
     base = ours(bundle, ids)
     assert og_tokens(model_dir, ids) == base

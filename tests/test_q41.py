@@ -20,8 +20,7 @@ needs_lib = pytest.mark.skipif(LIB is None and not os.environ.get("EDGELORA_REQU
 
 
 def session(k: int, n: int, tiles: np.ndarray, *, rank: int | None = None, bias: np.ndarray | None = None,
-            threads: int = 2, lib=LIB):
-    import onnx
+            threads: int = 2, lib=LIB, accuracy_level: int = 4):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -35,7 +34,7 @@ def session(k: int, n: int, tiles: np.ndarray, *, rank: int | None = None, bias:
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias"))
         names.append("bias")
-    node = helper.make_node("MatMulQ41", names, ["y"], domain="edgelora", N=n)
+    node = helper.make_node("MatMulQ41", names, ["y"], domain="edgelora", N=n, accuracy_level=accuracy_level)
     graph = helper.make_graph([node], "q41", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edgelora", 1)])
     so = ort.SessionOptions()
@@ -69,9 +68,11 @@ def test_matmul_q41_matches_numpy(rows, k, n):
         y = session(k, n, tiles, threads=threads).run(None, {"x": x})[0]
         assert y.shape == (rows, n)
         assert np.abs(y - ref).max() <= 1e-6 * scale
-    # against the float weight: within int8 activations' error
+    # against the float weight: within int8 activations' error; with accuracy_level 0 (float activations), exact
     W = (q * d[..., None] + m[..., None]).reshape(n, k).astype(np.float64)
     assert np.abs(y - x @ W.T).max() <= 0.02 * np.abs(x @ W.T).max()
+    y = session(k, n, tiles, accuracy_level=0).run(None, {"x": x})[0]
+    assert np.abs(y - x @ W.T).max() <= 1e-6 * np.abs(x @ W.T).max()
     # the LoRA slot and the bias in the same node, and a zero-rank slot
     r = 6
     a = rng.standard_normal((k, r)).astype(np.float32)
