@@ -209,7 +209,7 @@ class Linears:
                                                  g.const(np.zeros((0, n), np.float32), f"no_lora_b_{n}")]
             if bias is not None:
                 ins.append(g.init(f"{name}.bias", bias.astype(np.float32)))
-            return g.node("MatMulQ41", ins, f"/{name}/MatMulQ41", domain=EDGELORA, N=n)
+            return g.node("MatMulQ41", ins, f"/{name}/MatMulQ41", domain=EDGELORA, N=n, accuracy_level=self.acc)
         y = self._plain(x, w, name, bias)
         if lora is None:
             return y

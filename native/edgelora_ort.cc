@@ -2,7 +2,8 @@
 // SessionOptions.register_custom_ops_library. Built by scripts/env.sh against ONNX Runtime's C API
 // headers (any version from 1.21: the library asks the runtime for the API version it was built with).
 //
-// MatMulQ41(x, w[, lora_a, lora_b][, bias]) -> y, attribute N
+// MatMulQ41(x, w[, lora_a, lora_b][, bias]) -> y, attributes N and accuracy_level (as MatMulNBits':
+// 4, the default, int8 activations; 0 float activations, a slow exact reference for tests)
 //   y[M, N] = x[M, K] . W^T (+ (x . lora_a) . lora_b) (+ bias), W exact Q4_1: W[n, k] = d * code + m
 //   per block of 32 along K, with d and m in fp16 (GGUF's own Q4_1 types, so GGUF weights stay exact).
 //   The activations are quantized to int8 per block of 32 (scale max|x| / 127) and the block sums
@@ -18,7 +19,8 @@
 // covers two columns; after maddubs, madd(hadd16(hadd16(v0, v1), hadd16(v2, v3)), 1) leaves the 8
 // block dots of the tile in 8 int32 lanes in column order, and one FMA applies d x s to all of them.
 //
-// Kernels: AVX2+FMA+F16C chosen at run time from the CPU's features, portable C++ otherwise
+// Kernels: AVX2+FMA+F16C on x86-64, NEON with the dot product on arm64 (ARMv8.2+), chosen at run time
+// from the CPU's features, portable C++ otherwise
 // (EDGELORA_Q41_PORTABLE=1 forces it, to test it on an AVX2 machine). Threads: ORT's intra-op pool,
 // over groups of columns.
 #define ORT_API_MANUAL_INIT
@@ -28,6 +30,13 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define EDGELORA_X86 1
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#define EDGELORA_ARM64 1
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
 #endif
 #include <algorithm>
 #include <cmath>
@@ -43,12 +52,24 @@ constexpr int kBlock = 32, kGroup = 8, kTile = 160;
 constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
 
 bool use_simd() {
-#ifdef EDGELORA_X86
+#if defined(EDGELORA_X86)
   static const bool yes = !std::getenv("EDGELORA_Q41_PORTABLE") && __builtin_cpu_supports("avx2") &&
                           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return yes;
+#elif defined(EDGELORA_ARM64)  // the dot product instructions (ARMv8.2 and later: Pi 5, phones; not the Pi 4)
+  static const bool yes = !std::getenv("EDGELORA_Q41_PORTABLE") && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP);
 #else
-  return false;
+  static const bool yes = false;
+#endif
+  return yes;
+}
+
+const char* simd_name() {
+#if defined(EDGELORA_X86)
+  return use_simd() ? "avx2" : "portable";
+#elif defined(EDGELORA_ARM64)
+  return use_simd() ? "neon-dotprod" : "portable";
+#else
+  return "portable";
 #endif
 }
 
@@ -214,6 +235,75 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
 }
 #endif
 
+// accuracy_level 0: float activations against the exact Q4_1 weights (a reference, not a fast path).
+void group_float(void* p, size_t g) {
+  const Job& j = *static_cast<const Job*>(p);
+  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
+  for (int64_t r = 0; r < j.M; ++r) {
+    for (int64_t c = 0; c < nc; ++c) {
+      double acc = 0.;
+      const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile;
+      for (int64_t b = 0; b < j.blocks; ++b, tile += kTile) {
+        const uint8_t* blk = tile + (c & 3) * 32 + (c >> 2) * 16;
+        uint16_t dh, mh;
+        std::memcpy(&dh, tile + 128 + 2 * c, 2);
+        std::memcpy(&mh, tile + 144 + 2 * c, 2);
+        const float d = half_to_float(dh), m = half_to_float(mh);
+        const float* x = j.x + r * j.K + b * kBlock;
+        for (int i = 0; i < kBlock; ++i) acc += double(x[i]) * double(d * float(code(blk, i)) + m);
+      }
+      j.y[r * j.N + n0 + c] = float(acc) + extra(j, r, n0 + c);
+    }
+  }
+}
+
+#ifdef EDGELORA_ARM64
+// Column c's block of a pair (16 code bytes) x the 32 activations -> 4 int32 partial dots.
+__attribute__((target("arch=armv8.2-a+dotprod"))) inline int32x4_t col_dot(uint8x16_t bytes, int8x16_t q0, int8x16_t q1) {
+  const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0F)));
+  const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4));
+  return vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, q0), hi, q1);
+}
+
+__attribute__((target("arch=armv8.2-a+dotprod"))) void group_neon(void* p, size_t g) {
+  const Job& j = *static_cast<const Job*>(p);
+  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
+  for (int64_t r = 0; r < j.M; ++r) {
+    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile;
+    const int8_t* q = j.a->q.data() + r * j.K;
+    const float* s = j.a->s.data() + r * j.blocks;
+    const float* sum = j.a->sum.data() + r * j.blocks;
+    float32x4_t acc[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}, accm[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile, q += kBlock) {
+      __builtin_prefetch(tile + kPrefetch);
+      __builtin_prefetch(tile + kPrefetch + 64);
+      __builtin_prefetch(tile + kPrefetch + 128);
+      const int8x16_t q0 = vld1q_s8(q), q1 = vld1q_s8(q + 16);
+      int32x4_t dot[kGroup];
+      for (int i = 0; i < 4; ++i) {  // pair i: column i, then column i + 4
+        dot[i] = col_dot(vld1q_u8(tile + 32 * i), q0, q1);
+        dot[i + 4] = col_dot(vld1q_u8(tile + 32 * i + 16), q0, q1);
+      }
+      const float32x4_t sv = vdupq_n_f32(s[b]), sumv = vdupq_n_f32(sum[b]);
+      const float16x8_t d = vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(tile + 128)));
+      const float16x8_t m = vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(tile + 144)));
+      const float32x4_t dl[2] = {vcvt_f32_f16(vget_low_f16(d)), vcvt_high_f32_f16(d)};
+      const float32x4_t ml[2] = {vcvt_f32_f16(vget_low_f16(m)), vcvt_high_f32_f16(m)};
+      for (int h = 0; h < 2; ++h) {  // columns 4h..4h+3: the 4 dots, each summed over its 4 lanes
+        const int32x4_t four = vpaddq_s32(vpaddq_s32(dot[4 * h], dot[4 * h + 1]), vpaddq_s32(dot[4 * h + 2], dot[4 * h + 3]));
+        acc[h] = vfmaq_f32(acc[h], vcvtq_f32_s32(four), vmulq_f32(dl[h], sv));
+        accm[h] = vfmaq_f32(accm[h], ml[h], sumv);
+      }
+    }
+    alignas(16) float out[kGroup];
+    vst1q_f32(out, vaddq_f32(acc[0], accm[0]));
+    vst1q_f32(out + 4, vaddq_f32(acc[1], accm[1]));
+    float* y = j.y + r * j.N + n0;
+    for (int64_t c = 0; c < nc; ++c) y[c] = out[c] + extra(j, r, n0 + c);
+  }
+}
+#endif
+
 void lora_rows(void* p, size_t r) {  // xa[r] = x[r] . lora_a
   const Job& j = *static_cast<const Job*>(p);
   float* xa = const_cast<float*>(j.xa) + r * j.rank;
@@ -229,7 +319,14 @@ void lora_rows(void* p, size_t r) {  // xa[r] = x[r] . lora_a
 using OptTensor = std::optional<const Ort::Custom::Tensor<float>*>;
 
 struct MatMulQ41 {
-  MatMulQ41(const OrtApi*, const OrtKernelInfo* info) : N(Ort::ConstKernelInfo(info).GetAttribute<int64_t>("N")) {}
+  MatMulQ41(const OrtApi*, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo k(info);
+    N = k.GetAttribute<int64_t>("N");
+    try {
+      exact = k.GetAttribute<int64_t>("accuracy_level") == 0;
+    } catch (const Ort::Exception&) {  // not given: int8 activations
+    }
+  }
 
   void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<uint8_t>& w,
                OptTensor lora_a, OptTensor lora_b, OptTensor bias, Ort::Custom::Tensor<float>& y) {
@@ -253,26 +350,30 @@ struct MatMulQ41 {
     ys.back() = N;
     float* out = y.Allocate(ys);
     if (M == 0) return;
-    const Act a = quantize(x.Data(), M, K);
+    const Act a = exact ? Act{} : quantize(x.Data(), M, K);
     std::vector<float> xa(size_t(M * rank));
     Job j{w.Data(), out, M, N, K, K / kBlock, &a, xa.data(), rank ? (*lora_b)->Data() : nullptr, rank,
           bias.has_value() ? (*bias)->Data() : nullptr, x.Data(), rank ? (*lora_a)->Data() : nullptr};
     Ort::KernelContext ctx(context);
     if (rank) ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
-#ifdef EDGELORA_X86
+    if (exact) return ctx.ParallelFor(group_float, size_t(groups), 0, &j);
+#if defined(EDGELORA_X86)
     ctx.ParallelFor(use_simd() ? group_avx2 : group_portable, size_t(groups), 0, &j);
+#elif defined(EDGELORA_ARM64)
+    ctx.ParallelFor(use_simd() ? group_neon : group_portable, size_t(groups), 0, &j);
 #else
     ctx.ParallelFor(group_portable, size_t(groups), 0, &j);
 #endif
   }
 
   int64_t N;
+  bool exact = false;
 };
 
 }  // namespace
 
-// Which kernel MatMulQ41 runs on this CPU: "avx2" or "portable" (edgelora reports it).
-extern "C" const char* edgelora_q41_kernel() { return use_simd() ? "avx2" : "portable"; }
+// Which kernel MatMulQ41 runs on this CPU: "avx2", "neon-dotprod" or "portable" (edgelora reports it).
+extern "C" const char* edgelora_q41_kernel() { return simd_name(); }
 
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);

@@ -19,6 +19,7 @@
 #              source with Debian's aarch64 cross compiler, one per -march of the arm64 device profiles
 #              (their [build] section: armv8.2-a+dotprod for the Pi 5, armv8-a for the Pi 4,
 #              +i8mm for phones)
+#   ort-ops/<key>/libedgelora_ort.so  edgelora's ONNX Runtime operators (native/), cross-compiled
 # Each piece is stamped when complete; a rerun rebuilds only what is missing.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -186,14 +187,30 @@ for arch in $(echo "$PROFILES" | awk '{print $3}' | sort -u); do
     touch "$out/.done"
 done
 
+# -- edgelora's ONNX Runtime operators (native/edgelora_ort.cc), cross-compiled for baseline arm64 --
+# (it picks its NEON dot-product kernel at run time), with the headers scripts/native.sh fetched
+ORT_OPS=""
+include="$(dirname "$(find "$WHEEL_CACHE/onnxruntime-headers" -name onnxruntime_lite_custom_op.h 2>/dev/null | head -1)")"
+if [ -f "$include/onnxruntime_lite_custom_op.h" ]; then
+    key="$(cat "$ROOT/native/edgelora_ort.cc" | sha256sum | cut -c1-16)"
+    ORT_OPS="$CACHE/ort-ops/$key/libedgelora_ort.so"
+    if [ ! -f "$ORT_OPS" ]; then
+        say "cross-compiling edgelora's ONNX Runtime operators"
+        mkdir -p "$(dirname "$ORT_OPS")"
+        aarch64-linux-gnu-g++ -O2 -std=c++17 -fPIC -shared -Wall -I "$include" "$ROOT/native/edgelora_ort.cc" \
+            -o "$ORT_OPS.tmp" 2>"$CACHE/ort-ops.log" || die "the operator library's cross build failed: see $CACHE/ort-ops.log"
+        mv -f "$ORT_OPS.tmp" "$ORT_OPS"
+    fi
+fi
+
 echo "$PROFILES" | python -c '
 import json, sys
-cache, qemu, sysroot, site, llama = sys.argv[1:]
+cache, qemu, sysroot, site, llama, ort_ops = sys.argv[1:]
 profiles = {name: {"cpu": cpu, "march": march, "llama": f"{llama}/{march}"}
             for name, cpu, march in (line.split() for line in sys.stdin if line.strip())}
 json.dump({"qemu": qemu, "sysroot": sysroot, "python": f"{sysroot}/usr/bin/python3.11", "site": site,
-           "profiles": profiles}, open(f"{cache}/arm64.json", "w"), indent=1)
-' "$CACHE" "$QEMU" "$SYSROOT" "$SITE" "$CACHE/llama/$LLAMA_VER"
+           "profiles": profiles, "ort_ops": ort_ops}, open(f"{cache}/arm64.json", "w"), indent=1)
+' "$CACHE" "$QEMU" "$SYSROOT" "$SITE" "$CACHE/llama/$LLAMA_VER" "$ORT_OPS"
 exec 9>&-  # set-up done: release the lock
 case "${1:-}" in
     setup) echo "$CACHE/arm64.json" ;;

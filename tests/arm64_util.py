@@ -49,6 +49,7 @@ class Emulator:
     python: str
     site: str
     profiles: dict  # name -> {"cpu": QEMU's CPU model, "march": ..., "llama": the library's directory}
+    ort_ops: str = ""  # edgelora's ONNX Runtime operator library, cross-compiled ("" when not built)
     edgelora_site: str = ""
 
     @classmethod

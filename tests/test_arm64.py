@@ -65,6 +65,17 @@ def test_cli_run_with_an_adapter_answers_the_same_on_arm64(emulator, tiny, run_c
     assert arm.stdout == x86.stdout and x86.stdout.strip()
 
 
+@pytest.mark.parametrize("profile,kernel", [("raspberry-pi-5", "neon-dotprod"), ("raspberry-pi-4", "portable")])
+def test_q41_operator_on_arm64(emulator, profile, kernel):
+    """edgelora's MatMulQ41, cross-compiled for arm64, against the numpy emulation under qemu: the NEON
+    dot-product kernel on the Pi 5's Cortex-A76, the portable loops on the Pi 4's A72 (no dot product)."""
+    if not emulator.ort_ops:
+        pytest.skip("the operator library was not cross-compiled (scripts/native.sh found no ONNX Runtime headers)")
+    r = emulator.run(str(au.ROOT / "tests" / "q41_check.py"), emulator.ort_ops, profile=profile)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"kernel {kernel}:" in r.stdout, r.stdout
+
+
 def test_compare_flags_a_difference():
     """The comparison is not a no-op: a perturbed float logit, a quantized artifact less accurate on arm64
     than on x86, an engine error and a drifted adapter all show."""

@@ -1,0 +1,107 @@
+"""MatMulQ41 (native/edgelora_ort.cc) against a numpy emulation, runnable on its own so the arm64
+build can be checked under qemu-aarch64 with the arm64 interpreter:
+
+    python tests/q41_check.py LIBRARY        prints the kernel and the worst error; exit 1 if too large
+
+The emulation quantizes the activations to int8 per block of 32 as the operator does (scale
+max|x| / 127, round half to even) and multiplies by the exact Q4_1 weight, in float64."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import numpy as np
+
+SHAPES = [(1, 32, 5), (1, 576, 1536), (3, 96, 13), (7, 64, 8), (2, 2048, 4093), (5, 160, 1538)]
+TOLERANCE = 1e-6  # of the output's range
+
+
+def session(lib: str, k: int, n: int, tiles: np.ndarray, *, rank: int | None = None, bias: np.ndarray | None = None,
+            threads: int = 2, accuracy_level: int = 4):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])]
+    inits = [numpy_helper.from_array(tiles, "w")]
+    names = ["x", "w"]
+    if rank is not None:
+        ins += [helper.make_tensor_value_info("a", TensorProto.FLOAT, [k, "r"]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, ["r", n])]
+        names += ["a", "b"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        names.append("bias")
+    node = helper.make_node("MatMulQ41", names, ["y"], domain="edgelora", N=n, accuracy_level=accuracy_level)
+    graph = helper.make_graph([node], "q41", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edgelora", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.register_custom_ops_library(str(lib))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def emulate(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    mm, k = x.shape
+    b = x.reshape(mm, k // 32, 32).astype(np.float64)
+    s = np.abs(x.reshape(mm, k // 32, 32)).max(-1) / np.float32(127)
+    xq = np.rint(b * np.where(s > 0, 1 / np.where(s > 0, s, 1), 0)[..., None].astype(np.float32)).astype(np.int64)
+    dots = np.einsum("rbk,nbk->rnb", xq, q.astype(np.int64))
+    return (dots * (d[None] * s[:, None, :])).sum(-1) + (m[None] * (s * xq.sum(-1))[:, None, :]).sum(-1)
+
+
+def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float]:
+    """Worst errors, relative to the output's range: int8 activations against the emulation, float
+    activations (accuracy_level 0) against the float weight, and with a LoRA slot and a bias."""
+    from edgelora.converters import q41
+
+    rng = np.random.default_rng(k * n + rows)
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    q, d, m = q41.quantize(w)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    ref = emulate(x, q, d, m)
+    scale = np.abs(ref).max()
+    tiles = q41.pack(q, d, m)
+    err = {"int8": 0.0}
+    for t in threads:
+        y = session(lib, k, n, tiles, threads=t).run(None, {"x": x})[0]
+        assert y.shape == (rows, n), y.shape
+        err["int8"] = max(err["int8"], float(np.abs(y - ref).max() / scale))
+    W = (q * d[..., None] + m[..., None]).reshape(n, k).astype(np.float64)
+    exact = x.astype(np.float64) @ W.T
+    err["int8 vs float"] = float(np.abs(y - exact).max() / np.abs(exact).max())
+    y = session(lib, k, n, tiles, accuracy_level=0).run(None, {"x": x})[0]
+    err["float"] = float(np.abs(y - exact).max() / np.abs(exact).max())
+    r = 6
+    a = rng.standard_normal((k, r)).astype(np.float32)
+    bb = rng.standard_normal((r, n)).astype(np.float32) * 0.1
+    bias = rng.standard_normal(n).astype(np.float32)
+    s = session(lib, k, n, tiles, rank=r, bias=bias)
+    full = ref + (x.astype(np.float64) @ a) @ bb + bias
+    err["lora"] = float(np.abs(s.run(None, {"x": x, "a": a, "b": bb})[0] - full).max() / np.abs(full).max())
+    zero = {"x": x, "a": np.zeros((k, 0), np.float32), "b": np.zeros((0, n), np.float32)}
+    err["rank 0"] = float(np.abs(s.run(None, zero)[0] - (ref + bias)).max() / np.abs(ref + bias).max())
+    return err
+
+
+def kernel(lib: str) -> str:
+    fn = ctypes.CDLL(lib).edgelora_q41_kernel
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def main(lib: str) -> int:
+    worst: dict[str, float] = {}
+    for shape in SHAPES:
+        for key, v in case(lib, *shape).items():
+            worst[key] = max(worst.get(key, 0.0), v)
+    print(f"kernel {kernel(lib)}: worst " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    bad = {k: v for k, v in worst.items() if k != "int8 vs float" and v > (10 * TOLERANCE if k == "lora" else TOLERANCE)}
+    bad.update({k: v for k, v in worst.items() if k == "int8 vs float" and v > 0.02})
+    if bad:
+        print(f"too large: {bad}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
