@@ -388,7 +388,11 @@ struct MatMulQ41 {
     Job j{w.Data(), out, M, N, K, K / kBlock, &a, xa.data(), rank ? (*lora_b)->Data() : nullptr, rank,
           bias.has_value() ? (*bias)->Data() : nullptr, x.Data(), rank ? (*lora_a)->Data() : nullptr};
     Ort::KernelContext ctx(context);
-    if (rank) ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
+    if (rank && M <= 4) {  // a decode step: less work than waking the pool
+      for (int64_t r = 0; r < M; ++r) lora_rows(&j, size_t(r));
+    } else if (rank) {
+      ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
+    }
     if (exact) return ctx.ParallelFor(group_float, size_t(groups), 0, &j);
 #if defined(EDGELORA_X86)
     ctx.ParallelFor(use_simd() ? group_avx2 : group_portable, size_t(groups), 0, &j);
