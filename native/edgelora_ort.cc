@@ -222,10 +222,16 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
     float* y = j.y + r * j.N + n0;
     if (nc == kGroup) {
       if (j.bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(j.bias + n0));
+      // the adapter: four independent chains of FMAs (one chain would wait on each FMA's latency)
       const float* xa = j.xa + r * j.rank;
-      for (int64_t i = 0; i < j.rank; ++i)
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), _mm256_loadu_ps(j.lora_b + i * j.N + n0), acc);
-      _mm256_storeu_ps(y, acc);
+      const float* bn = j.lora_b + n0;
+      __m256 part[4] = {acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t i = 0;
+      for (; i + 4 <= j.rank; i += 4)
+        for (int u = 0; u < 4; ++u)
+          part[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), _mm256_loadu_ps(bn + (i + u) * j.N), part[u]);
+      for (; i < j.rank; ++i) part[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), _mm256_loadu_ps(bn + i * j.N), part[0]);
+      _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3])));
     } else {
       alignas(32) float out[kGroup];
       _mm256_store_ps(out, acc);
@@ -324,15 +330,23 @@ __attribute__((target("avx2,fma"))) void lora_rows_avx2(void* p, size_t r) {
   float* xa = const_cast<float*>(j.xa) + r * j.rank;
   const float* x = j.x + r * j.K;
   const int64_t r8 = j.rank / 8 * 8;
-  for (int64_t i0 = 0; i0 < r8; i0 += 32) {  // up to 4 accumulators of 8 ranks kept in registers
+  for (int64_t i0 = 0; i0 < r8; i0 += 32) {  // up to 4 vectors of 8 ranks, two chains each (k even, odd)
     const int64_t n = std::min<int64_t>(4, (r8 - i0) / 8);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[2][4];
+    for (auto& c : acc)
+      for (auto& v : c) v = _mm256_setzero_ps();
     const float* a = j.lora_a + i0;
-    for (int64_t k = 0; k < j.K; ++k, a += j.rank) {
-      const __m256 xk = _mm256_broadcast_ss(x + k);
-      for (int64_t v = 0; v < n; ++v) acc[v] = _mm256_fmadd_ps(xk, _mm256_loadu_ps(a + 8 * v), acc[v]);
+    int64_t k = 0;
+    for (; k + 2 <= j.K; k += 2, a += 2 * j.rank) {
+      const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+      for (int64_t v = 0; v < n; ++v) {
+        acc[0][v] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(a + 8 * v), acc[0][v]);
+        acc[1][v] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(a + j.rank + 8 * v), acc[1][v]);
+      }
     }
-    for (int64_t v = 0; v < n; ++v) _mm256_storeu_ps(xa + i0 + 8 * v, acc[v]);
+    for (; k < j.K; ++k, a += j.rank)
+      for (int64_t v = 0; v < n; ++v) acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), _mm256_loadu_ps(a + 8 * v), acc[0][v]);
+    for (int64_t v = 0; v < n; ++v) _mm256_storeu_ps(xa + i0 + 8 * v, _mm256_add_ps(acc[0][v], acc[1][v]));
   }
   for (int64_t i = r8; i < j.rank; ++i) {
     float v = 0.f;
