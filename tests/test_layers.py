@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
-    ("errors", "_io", "progress", "_native", "cpu"),
+    ("errors", "_io", "progress", "_native", "native", "cpu"),
     ("arch", "naming", "rope", "tokenizer", "profiles"),
     ("base", "adapters"),
     ("converters",),
