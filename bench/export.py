@@ -95,8 +95,10 @@ def kernel_name(bundle, art) -> str:
     """Which int4 linears the bundle's fused graph holds."""
     import onnx
 
+    from edgelora.converters import onnx_fused
+
     model = onnx.load(str(bundle.root / art.files[0]), load_external_data=False)
-    return "MatMulQ41" if any(o.domain == "edgelora" for o in model.opset_import) else "MatMulNBits"
+    return "MatMulQ41" if onnx_fused.uses_q41(model) else "MatMulNBits"
 
 
 def quality_window() -> int:

@@ -54,7 +54,7 @@ def library(warn: bool = True) -> Path | None:
     return None
 
 
-def kernel(path: Path) -> str:
+def kernel(path: Path | str) -> str:
     """Which MatMulQ41 kernel the library runs on this CPU ("avx2" or "portable")."""
     fn = ctypes.CDLL(str(path)).edgelora_q41_kernel
     fn.restype = ctypes.c_char_p

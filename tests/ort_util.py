@@ -9,6 +9,8 @@ def onnxruntime_logits(model_path, ids, cfg, tmp_path):
     import onnx
     import onnxruntime as ort
 
+    from edgelora.converters import onnx_fused
+
     m = onnx.load(str(model_path), load_external_data=True)
     for node in m.graph.node:
         for a in node.attribute:
@@ -17,7 +19,7 @@ def onnxruntime_logits(model_path, ids, cfg, tmp_path):
     onnx.save_model(m, str(tmp_path / "float_acc.onnx"), save_as_external_data=True, location="w.data")
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if any(o.domain == "edgelora" for o in m.opset_import):  # edgelora's MatMulQ41: accuracy_level 0 is float too
+    if onnx_fused.uses_q41(m):  # edgelora's MatMulQ41: accuracy_level 0 is float too
         from edgelora import native
 
         so.register_custom_ops_library(str(native.library()))

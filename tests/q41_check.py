@@ -8,7 +8,6 @@ max|x| / 127, round half to even) and multiplies by the exact Q4_1 weight, in fl
 
 from __future__ import annotations
 
-import ctypes
 import sys
 
 import numpy as np
@@ -86,18 +85,14 @@ def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float
     return err
 
 
-def kernel(lib: str) -> str:
-    fn = ctypes.CDLL(lib).edgelora_q41_kernel
-    fn.restype = ctypes.c_char_p
-    return fn().decode()
-
-
 def main(lib: str) -> int:
     worst: dict[str, float] = {}
     for shape in SHAPES:
         for key, v in case(lib, *shape).items():
             worst[key] = max(worst.get(key, 0.0), v)
-    print(f"kernel {kernel(lib)}: worst " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    from edgelora import native
+
+    print(f"kernel {native.kernel(lib)}: worst " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     bad = {k: v for k, v in worst.items() if k != "int8 vs float" and v > (10 * TOLERANCE if k == "lora" else TOLERANCE)}
     bad.update({k: v for k, v in worst.items() if k == "int8 vs float" and v > 0.02})
     if bad:
