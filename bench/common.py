@@ -77,8 +77,10 @@ def model(size: str = "135m") -> str:
     return str(out)
 
 
-def bundle(device: str, backend: str, quant: str, *, name: str | None = None, size: str = "135m"):
-    """A bundle of the model at `size`, exported once and kept in the cache."""
+def bundle(device: str, backend: str, quant: str, *, name: str | None = None, size: str = "135m",
+           adapter_precision: str = "f32"):
+    """A bundle of the model at `size`, exported once and kept in the cache (delete it there after
+    changing how bundles are built)."""
     import edgelora
 
     stem = name or f"{device}-{backend}-{quant}"
@@ -86,7 +88,7 @@ def bundle(device: str, backend: str, quant: str, *, name: str | None = None, si
     if (path / "bundle.json").exists():
         return edgelora.open_bundle(path, verify=False)
     return edgelora.export(model(size), device, path, backend=backend, quant=quant, force=True, replace=True,
-                           eval_tokens=None if size == "135m" else 256)
+                           eval_tokens=None if size == "135m" else 256, adapter_precision=adapter_precision)
 
 
 GENAI_BUILDER_PACKAGES = ("torch==2.13.0", "transformers>=5", "onnx", "onnx_ir", "peft", "sentencepiece")

@@ -82,12 +82,20 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
             rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", f"{one / base:.3f}x base",
                          "", "", f"{e['bandwidth_fraction']:.0%}", ">= 0.97x (issue 18)" if q41 else ">= 0.95x (issue 12)", thr))
             plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", one / base))
-        x86 = bundles.get("x86", {}).get("engines", {}).get("onnx int4") if prof is not bundles.get("x86") else None
-        if x86:  # the x86-64 bundle: MatMulQ41 with the adapter inside the same node
-            base, one = x86["decode"]["base"]["tok_s"], x86["decode"]["one"]["tok_s"]
-            rows.append((name, f"rank-{adapters['rank']} adapter active, edgelora onnx int4 (x86-64 bundle, MatMulQ41)",
-                         f"{one / base:.3f}x base", "", "", f"{x86['bandwidth_fraction']:.0%}", ">= 0.97x (issue 18)", thr))
-            plot.setdefault("adapter", []).append((f"edgelora onnx MatMulQ41, {thr} thr", one / base))
+        for kind, what in (("x86", "x86-64 bundle, MatMulQ41"), ("x86-f16", "x86-64 bundle, adapter in f16")):
+            other = bundles.get(kind)
+            if other is None or other is prof:
+                continue
+            for engine, e in other["engines"].items():  # x86: MatMulQ41 with the adapter inside the same node
+                if kind == "x86" and engine != "onnx int4":
+                    continue
+                base, one = e["decode"]["base"]["tok_s"], e["decode"]["one"]["tok_s"]
+                q41 = engine == "onnx int4"
+                rows.append((name, f"rank-{adapters['rank']} adapter active, edgelora {engine} ({what})",
+                             f"{one / base:.3f}x base", "", "", f"{e['bandwidth_fraction']:.0%}",
+                             ">= 0.97x (issue 18)" if q41 else ">= 0.95x (issue 12)", thr))
+                plot.setdefault("adapter", []).append((f"edgelora {engine} ({what.replace('x86-64 bundle, ', '')}), {thr} thr",
+                                                       one / base))
         anchor = prof.get("llama_cpp_lora_path")
         if anchor:
             rows.append((name, f"rank-{adapters['rank']} adapter, llama.cpp's own --lora", f"{anchor['ratio']:.3f}x its base",

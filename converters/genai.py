@@ -12,7 +12,8 @@ Facts this relies on (docs/research/onnxruntime-genai.md, measured with onnxrunt
   RoPE cache (the fused graph's max_len: the profile's context).
 - Adapters: og.Adapters hands an ``.onnx_adapter``'s tensors to ONNX Runtime as feeds of the same
   names, so they must match the graph's LoRA slots. The fused graph's slots are grouped (q|k|v,
-  gate|up: `onnx_fused.GROUPS`), so genai needs the grouped layout (`adapter_parameters`); several
+  gate|up: `onnx_fused.GROUPS`; B per member and float16 in a MatMulQ41 graph), so genai needs the
+  graph's own layout (`adapter_parameters`); several
   active adapters are not summed there (the last wins per name), so a mix is written as one adapter.
 - Tokenizer: tokenizer.json and tokenizer_config.json (and chat_template.jinja) in the model
   directory itself (``tokenizer_dir`` exists only from genai 0.15).
@@ -85,18 +86,18 @@ def write_model_dir(model_dir: Path, model_config: ModelConfig, tokenizer: Token
     write_tokenizer(tokenizer, model_dir)
 
 
-def adapter_parameters(adapter: LoraAdapter, model_config: ModelConfig, graph: str) -> dict[str, np.ndarray]:
-    """The adapter's tensors under the names of `graph`'s LoRA slots ("fused": grouped; "optimum": per module)."""
+def adapter_parameters(adapter: LoraAdapter, model_config: ModelConfig, slots: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """The adapter's tensors under the names and in the types of a graph's LoRA slots
+    (`onnx_fused.graph_slots`: the fused graph's grouped slots, an optimum graph's per-module ones)."""
     from .onnx_adapter import parameters
     from .onnx_fused import slot_parameters
 
-    params = parameters(adapter)
-    return slot_parameters(params, model_config) if graph == "fused" else params
+    return slot_parameters(parameters(adapter), model_config, slots)
 
 
-def write_adapter(adapter: LoraAdapter, path: Path, model_config: ModelConfig, graph: str) -> Path:
-    """An .onnx_adapter that og.Adapters loads onto `graph` (no manifest: genai reads none)."""
+def write_adapter(adapter: LoraAdapter, path: Path, model_config: ModelConfig, slots: dict[str, np.dtype]) -> Path:
+    """An .onnx_adapter that og.Adapters loads onto the graph with LoRA slots `slots` (no manifest:
+    genai reads none)."""
     from .onnx_adapter import write_parameters
 
-    return write_parameters(adapter_parameters(adapter, model_config, graph), Path(path))
-
+    return write_parameters(adapter_parameters(adapter, model_config, slots), Path(path))

@@ -19,9 +19,11 @@ round-to-nearest, asymmetric, block 32. A tied embedding that is exactly Q8_0 is
 LoRA slots, one per projection (GROUPS: q|k|v, o, gate|up, down): float MatMuls on overridable
 initializers with zero-rank defaults, added to the projection's output. Modules sharing an input
 share a slot, so an active adapter costs 8 small MatMuls a layer instead of 14; `slot_parameters`
-lays an adapter out for them (A's side by side, B's block-diagonal). `.onnx_adapter` files keep
-one slot per module (as optimum graphs and ONNX Runtime's own multi-LoRA use them); the engine
-fills the grouped slots from them.
+lays an adapter out for them (A's side by side, B's block-diagonal). With edgelora's MatMulQ41
+operator the slot is inputs of the projection's own node: the A's side by side, then one B per
+member (no block-diagonal zeros to store or read), in float32 or float16 (`adapter_type`).
+`.onnx_adapter` files keep one slot per module (as optimum graphs and ONNX Runtime's own
+multi-LoRA use them); the engine fills the grouped slots from them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MS = "com.microsoft"
 EDGELORA = "edgelora"  # native/edgelora_ort.cc
 KERNELS = ("nbits", "q41")
 QUANTS = ("f32", "int8", "int4")
+ADAPTER_TYPES = {"f32": np.float32, "f16": np.float16}  # what MatMulQ41 reads an adapter in (other linears: f32)
 
 
 # Projections of one layer: target modules sharing an input are one MatMulNBits and one LoRA slot.
@@ -63,20 +66,29 @@ def module_slots(config) -> dict[str, list]:
     return slots
 
 
-def slot_parameters(params: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
-    """An adapter's per-module slot parameters (`onnx_adapter.parameters`) laid out in the fused
-    graph's grouped slots: per group, the members' A^T side by side
-    ([in, sum of ranks]) and their (scale * B)^T block-diagonal ([sum of ranks, sum of outs]); a
-    member the adapter lacks has rank 0 there (zero outputs), a group it lacks keeps its default."""
+def slot_parameters(params: dict[str, np.ndarray], config, slots: dict[str, np.dtype] | None = None) -> dict[str, np.ndarray]:
+    """An adapter's per-module slot parameters (`onnx_adapter.parameters`) laid out in a graph's
+    slots (`slots`: `graph_slots`, name -> type; None: the fused graph's grouped float32 slots). A
+    grouped slot holds its members' A^T side by side ([in, sum of ranks]); its B is either the
+    members' (scale * B)^T block-diagonal ([sum of ranks, sum of outs]) or, where the graph takes one
+    B per member (MatMulQ41), each member's own. A member the adapter lacks has rank 0 there (zero
+    outputs), a group it lacks keeps its default; each array comes in its slot's type."""
     out, shapes = {}, config.shapes()
     for i in range(config.num_layers):
         for group, members in GROUPS.items():
             names = [slot_names(f"layers.{i}.{m}") for m in members]
+            a_group, b_group = slot_names(f"layers.{i}.{group}")
             if not any(a in params for a, _ in names):
                 continue
+            if slots is not None and a_group not in slots:  # the graph's slots are per module
+                out.update({k: params[k] for pair in names for k in pair if k in params})
+                continue
             widths = [shapes[f"layers.{i}.{m}"][0] for m in members]
-            a_group, b_group = slot_names(f"layers.{i}.{group}")
             out[a_group] = np.ascontiguousarray(np.concatenate([params[a] for a, _ in names if a in params], 1))
+            if slots is not None and b_group not in slots:  # one B per member
+                for (a, b_name), width in zip(names, widths):
+                    out[b_name] = params[b_name] if a in params else np.zeros((0, width), np.float32)
+                continue
             b = np.zeros((out[a_group].shape[1], sum(widths)), np.float32)
             r0 = c0 = 0
             for (a, b_name), width in zip(names, widths):
@@ -86,7 +98,22 @@ def slot_parameters(params: dict[str, np.ndarray], config) -> dict[str, np.ndarr
                     r0 += r
                 c0 += width
             out[b_group] = b
+    if slots is not None:
+        out = {k: np.ascontiguousarray(v, slots.get(k, np.float32)) for k, v in out.items()}
     return out
+
+
+def graph_slots(model) -> dict[str, np.dtype]:
+    """A graph's LoRA slots (its `*.lora_A` / `*.lora_B` inputs) and their element types."""
+    from onnx import helper
+
+    return {i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)) for i in model.graph.input
+            if i.name.endswith((".lora_A", ".lora_B"))}
+
+
+def per_module_f32(slots: dict[str, np.dtype]) -> bool:
+    """Whether a graph's slots take `onnx_adapter.parameters` as they are (per module, float32)."""
+    return not any(".qkv." in n or ".gate_up." in n for n in slots) and all(t == np.float32 for t in slots.values())
 
 
 # -- weight encodings --------------------------------------------------------------------------
@@ -195,29 +222,52 @@ class Linears:
     def _count(self, encoding: str) -> None:
         self.encodings[encoding] = self.encodings.get(encoding, 0) + 1
 
+    def q41(self, k: int) -> bool:
+        """Whether a linear of input width k is a MatMulQ41 node (its LoRA slot then takes one B per
+        member and may be float16)."""
+        return self.quant == "int4" and self.kernel == "q41" and not k % BLK
+
     def __call__(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None,
-                 lora: tuple[str, str] | None = None) -> str:
-        """x @ w.T (+ bias) (+ (x @ A) @ B for the LoRA slot `lora` = (A, B) names) in the export's encoding."""
+                 lora: tuple[str, list[str]] | None = None, lora_type=np.float32) -> str:
+        """x @ w.T (+ bias) (+ the LoRA slot `lora` = (A, [B] or one B per member) in `lora_type`) in
+        the export's encoding."""
         g, (n, k) = self.g, w.shape
-        if self.quant == "int4" and self.kernel == "q41" and not k % BLK:
+        if self.q41(k):
             q, d, m = q41.quantize(w)
             exact = np.array_equal((q * d[..., None] + m[..., None]).reshape(n, k), w)
             self._count("q4_1 exact (MatMulQ41)" if exact else "q4_1 rtn (MatMulQ41)")
             ins = [x, g.init(f"{name}.q41", q41.pack(q, d, m))]
-            if lora or bias is not None:
-                ins += list(lora) if lora else [g.const(np.zeros((k, 0), np.float32), f"no_lora_a_{k}"),
-                                                 g.const(np.zeros((0, n), np.float32), f"no_lora_b_{n}")]
-            if bias is not None:
-                ins.append(g.init(f"{name}.bias", bias.astype(np.float32)))
+            b_in = [g.init(f"{name}.bias", bias.astype(np.float32))] if bias is not None else []
+            a, bs = lora if lora else (g.const(np.zeros((k, 0), np.float32), f"no_lora_a_{k}"),
+                                       [g.const(np.zeros((0, n), np.float32), f"no_lora_b_{n}")])
+            if len(bs) > 1:  # B's after the bias: ONNX Runtime's lite operators take no "" input, an empty bias is none
+                ins += [a, bs[0], *(b_in or [g.const(np.zeros(0, np.float32), "no_bias")]), *bs[1:]]
+            elif lora or b_in:
+                ins += [a, bs[0], *b_in]
             return g.node("MatMulQ41", ins, f"/{name}/MatMulQ41", domain=EDGELORA, N=n, accuracy_level=self.acc)
         y = self._plain(x, w, name, bias)
         if lora is None:
             return y
-        return g.node("Add", [y, self.lora_delta(x, *lora, name)], f"/{name}/Add")
+        return g.node("Add", [y, self.lora_delta(x, *lora, name, lora_type)], f"/{name}/Add")
 
-    def lora_delta(self, x: str, a: str, b: str, name: str) -> str:
-        xa = self.g.node("MatMul", [x, a], f"/lora/{name}/MatMul_A")
-        return self.g.node("MatMul", [xa, b], f"/lora/{name}/MatMul_B")
+    def lora_delta(self, x: str, a: str, bs: list[str], name: str, lora_type=np.float32) -> str:
+        """(x @ A) @ B, or with one B per member, member i's share of x @ A times its B, side by side."""
+        from onnx import TensorProto
+
+        g = self.g
+        if lora_type != np.float32:  # the float16 slots of a MatMulQ41 graph run as MatMulNBits (the fallback)
+            a = g.node("Cast", [a], f"/lora/{name}/Cast_A", to=TensorProto.FLOAT)
+            bs = [g.node("Cast", [b], f"/lora/{name}/Cast_B{i}", to=TensorProto.FLOAT) for i, b in enumerate(bs)]
+        xa = g.node("MatMul", [x, a], f"/lora/{name}/MatMul_A")
+        if len(bs) == 1:
+            return g.node("MatMul", [xa, bs[0]], f"/lora/{name}/MatMul_B")
+        start, parts = g.const(np.array([0], np.int64), "lora_start"), []
+        for i, b in enumerate(bs):  # member i's ranks: the next rows(B_i) columns of xa
+            end = g.node("Add", [start, g.node("Shape", [b], f"/lora/{name}/rank{i}", start=0, end=1)], f"/lora/{name}/end{i}")
+            xa_i = g.node("Slice", [xa, start, end, g.const(np.array([-1], np.int64), "lora_axis")], f"/lora/{name}/xa{i}")
+            parts.append(g.node("MatMul", [xa_i, b], f"/lora/{name}/MatMul_B{i}"))
+            start = end
+        return g.node("Concat", parts, f"/lora/{name}/Concat", axis=-1)
 
     def _plain(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None) -> str:
         g, (n, k) = self.g, w.shape
@@ -266,25 +316,36 @@ class Linears:
 
 class FusedBuilder:
     def __init__(self, base: BaseModel, quant: str = "int4", accuracy_level: int = 4, max_len: int = 4096,
-                 lora: bool = True, kernel: str = "nbits"):
+                 lora: bool = True, kernel: str = "nbits", adapter_type: str = "f32"):
         if quant not in QUANTS:
             raise FusedExportError(f"fused ONNX quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
+        if adapter_type not in ADAPTER_TYPES:
+            raise FusedExportError(f"the fused graph's adapter type must be one of {', '.join(ADAPTER_TYPES)}, got {adapter_type!r}")
         self.base, self.c, self.quant, self.acc, self.max_len, self.lora = base, base.config, quant, accuracy_level, max_len, lora
+        self.adapter_type = ADAPTER_TYPES[adapter_type]
         self.g = _Graph()
         self.linear = Linears(self.g, quant, accuracy_level, kernel)
 
-    def lora_slot(self, slot: str, d_in: int, d_out: int) -> tuple[str, str]:
-        """The slot's A [d_in, r] and B [r, d_out]: overridable initializers, zero-rank by default."""
-        from onnx import TensorProto
+    def lora_slot(self, slot: str, d_in: int, outs: dict[str, int]) -> tuple[tuple[str, list[str]], type]:
+        """The slot of a projection whose members' output widths are `outs`: A [d_in, r] and either
+        one block-diagonal B [r, sum of outs] or (MatMulQ41) one B [r_m, out] per member, as
+        overridable initializers of rank 0 by default; and their element type."""
+        from onnx import helper
 
         g = self.g
         a, b = slot_names(slot)
-        r = rank_dim(slot)
-        g.init(a, np.zeros((d_in, 0), np.float32))
-        g.init(b, np.zeros((0, d_out), np.float32))
-        g.inputs += [g.helper.make_tensor_value_info(a, TensorProto.FLOAT, [d_in, r]),
-                     g.helper.make_tensor_value_info(b, TensorProto.FLOAT, [r, d_out])]
-        return a, b
+        per_member = self.linear.q41(d_in) and len(outs) > 1
+        dtype = self.adapter_type if self.linear.q41(d_in) else np.float32
+        shapes = {a: [d_in, rank_dim(slot)]}
+        if per_member:
+            shapes.update({slot_names(m)[1]: [rank_dim(m), out] for m, out in outs.items()})
+        else:
+            shapes[b] = [rank_dim(slot), sum(outs.values())]
+        for name, shape in shapes.items():
+            g.init(name, np.zeros([d if isinstance(d, int) else 0 for d in shape], dtype))
+            g.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+        names = list(shapes)
+        return (names[0], names[1:]), dtype
 
     def projection(self, x: str, slot: str) -> str:
         """One projection (a group of target modules sharing the input x: their weights stacked by
@@ -294,8 +355,10 @@ class FusedBuilder:
         w = np.concatenate([W[f"{layer}.{m}"] for m in GROUPS[group]], 0)
         biases = [f"{layer}.{m}_bias" for m in GROUPS[group]]
         bias = np.concatenate([W[b] for b in biases], 0) if biases[0] in W else None
-        lora = self.lora_slot(slot, w.shape[1], w.shape[0]) if self.lora else None
-        return self.linear(x, w, slot, bias, lora)
+        if not self.lora:
+            return self.linear(x, w, slot, bias)
+        lora, dtype = self.lora_slot(slot, w.shape[1], {f"{layer}.{m}": W[f"{layer}.{m}"].shape[0] for m in GROUPS[group]})
+        return self.linear(x, w, slot, bias, lora, dtype)
 
     def build(self):
         from onnx import TensorProto
@@ -453,16 +516,17 @@ class FusedBuilder:
 
 
 def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, accuracy_level: int = 4,
-           max_len: int = 4096, lora: bool = True, kernel: str = "nbits") -> Path:
+           max_len: int = 4096, lora: bool = True, kernel: str = "nbits", adapter_type: str = "f32") -> Path:
     """Builds the fused graph into ``out_dir/model.onnx`` (+ ``model.onnx.data``). `kernel` "q41"
     writes every int4 linear as edgelora's exact Q4_1 operator (sessions then need the library:
-    edgelora.native), "nbits" as ONNX Runtime's MatMulNBits."""
+    edgelora.native), "nbits" as ONNX Runtime's MatMulNBits. `adapter_type` "f16": the MatMulQ41
+    nodes' LoRA slots take float16 (half an active adapter's bytes per token); other slots stay f32."""
     import onnx
     from onnx import helper
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    b = FusedBuilder(base, quant, accuracy_level, max_len, lora, kernel)
+    b = FusedBuilder(base, quant, accuracy_level, max_len, lora, kernel, adapter_type)
     g = b.build()
     graph = helper.make_graph(g.nodes, "edgelora-decoder", g.inputs, g.outputs, g.inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
@@ -602,6 +666,7 @@ def without_q41(model, accuracy_level: int = 4):
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
+    types = graph_slots(model)
     g = _Graph()
     g.names = set(inits)
     lin = Linears(g, "int4", accuracy_level)
@@ -611,17 +676,19 @@ def without_q41(model, accuracy_level: int = 4):
             nodes.append(node)
             continue
         n = next(a.i for a in node.attribute if a.name == "N")
-        x, w, *rest = node.input
+        x, w, *rest = node.input  # lora_a, lora_b, bias, lora_b1, lora_b2: any may be absent or ""
+        rest += [""] * (6 - len(rest))
         blocks = q41.unpack(numpy_helper.to_array(inits[w]), n)
         nibbles = blocks.q
         codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], -1)
         dropped.add(w)
         name = node.name.strip("/").split("/")[0]
-        bias = rest[2:3]
         g.nodes = []
-        y = lin.folded_q41(x, codes, blocks.scale, blocks.offset, name, ["", *bias] if bias else [])
-        if rest[:2] and not rest[0].startswith("const.no_lora"):
-            y = g.node("Add", [y, lin.lora_delta(x, rest[0], rest[1], name)], f"/{name}/Add")
+        bias = rest[2] if rest[2] and (rest[2] not in inits or any(inits[rest[2]].dims)) else ""  # 0 values: none
+        y = lin.folded_q41(x, codes, blocks.scale, blocks.offset, name, ["", bias] if bias else [])
+        if rest[0] and not rest[0].startswith("const.no_lora"):
+            bs = [b for b in (rest[1], *rest[3:5]) if b]
+            y = g.node("Add", [y, lin.lora_delta(x, rest[0], bs, name, types.get(rest[0], np.float32))], f"/{name}/Add")
         nodes += g.nodes
         nodes.append(helper.make_node("Identity", [y], list(node.output), name=f"/{name}/out"))
     keep = [i for i in model.graph.initializer if i.name not in dropped]

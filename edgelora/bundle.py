@@ -119,9 +119,10 @@ class _ExportContext:
     """Float intermediates shared by the artifacts of one export (cached per fingerprint)."""
 
     def __init__(self, base: BaseModel, tmp: Path, progress: bool, profile: DeviceProfile | None = None,
-                 onnx_graph: str = "fused"):
+                 onnx_graph: str = "fused", onnx_adapter_type: str = "f32"):
         self.base, self.tmp, self.progress = base, tmp, progress
         self.profile, self.onnx_graph = profile, onnx_graph
+        self.onnx_adapter_type = onnx_adapter_type  # what MatMulQ41 nodes read adapters in: f32 or f16
         self._f32_gguf: Path | None = None
         self._hf_dir: Path | None = None
 
@@ -196,7 +197,7 @@ def _build_onnx(ws: _ExportContext, quant: str, out: Path, threads: int) -> list
     if ws.onnx_graph == "fused":
         lib = _q41_library(ws.profile) if quant == "int4" else None
         path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length,
-                                 kernel="q41" if lib else "nbits")
+                                 kernel="q41" if lib else "nbits", adapter_type=ws.onnx_adapter_type)
         if lib:  # the bundle carries the library its graph needs (genai_config.json names it)
             shutil.copyfile(lib, target_dir / native.LIBRARY)
     else:
@@ -318,7 +319,7 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     `onnx_graph`: "fused" (edgelora's graph built from the weights with ONNX Runtime's fused
     kernels; the default) or "optimum" (optimum's export plus LoRA slots). `adapter_precision`:
     what llama.cpp computes installed adapters in, f32, f16 or q8_0 (the store keeps each adapter's
-    f32 value beside)."""
+    f32 value beside); the ONNX graph's MatMulQ41 nodes take f16 for f16 and q8_0 (their nearest)."""
     from .converters.gguf_lora import PRECISIONS
 
     if adapter_precision not in PRECISIONS:
@@ -336,7 +337,8 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     tokens = _eval_tokens(base, eval_tokens)
     artifacts: list[Artifact] = []
     with tempfile.TemporaryDirectory(prefix="edgelora-export-") as work, atomic_dir(out, replace=replace) as tmp:
-        ws = _ExportContext(base, Path(work), progress, profile, onnx_graph)
+        # ONNX computes with what is nearest the GGUF choice that MatMulQ41 reads: f32, or f16 (for f16 and q8_0)
+        ws = _ExportContext(base, Path(work), progress, profile, onnx_graph, "f32" if adapter_precision == "f32" else "f16")
         reference = float_scores(ws, tokens, threads, progress)
         for b, q in plan:
             artifacts.append(_build_artifact(ws, b, q, tmp, threads, tokens, reference, force))
@@ -418,6 +420,7 @@ def _manifest(tmp: Path, base: BaseModel, profile: DeviceProfile, artifacts: lis
 class Bundle:
     root: Path
     manifest: dict[str, Any]
+    _slots: dict | None = field(default=None, repr=False, compare=False)  # the CPU ONNX graph's LoRA slots, read once
 
     @property
     def fingerprint(self) -> str:
@@ -496,10 +499,21 @@ class Bundle:
         """The bundle's adapter store (install, list, info, remove)."""
         from .store import AdapterStore
 
-        cpu_onnx = self._cpu_onnx_artifact()
         return AdapterStore(self.root / "adapters", fingerprint=self.fingerprint, config=self.config,
-                            backends=self.backends, genai_graph=(cpu_onnx.graph or None) if cpu_onnx else None,
-                            gguf_precision=self.adapter_precision)
+                            backends=self.backends, genai_slots=self._genai_slots(), gguf_precision=self.adapter_precision)
+
+    def _genai_slots(self) -> dict | None:
+        """The LoRA slots (name -> type) of the graph an onnxruntime-genai app loads, if any."""
+        import onnx
+
+        from .converters import onnx_fused
+
+        art = self._cpu_onnx_artifact()
+        if art is None:
+            return None
+        if self._slots is None:
+            self._slots = onnx_fused.graph_slots(onnx.load(str(self.path(art.main)), load_external_data=False))
+        return self._slots
 
     @property
     def adapter_precision(self) -> str:
@@ -535,7 +549,7 @@ class Bundle:
             if chosen:
                 (tmp / "adapters").mkdir()
             for name, adapter in chosen.items():
-                genai.write_adapter(adapter, tmp / "adapters" / f"{name}.onnx_adapter", self.config, art.graph or "fused")
+                genai.write_adapter(adapter, tmp / "adapters" / f"{name}.onnx_adapter", self.config, self._genai_slots())
         return out
 
     def engine(self, backend: str | None = None, *, threads: int | None = None, n_ctx: int | None = None, **kw):

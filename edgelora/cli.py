@@ -119,8 +119,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="Write the bundle even if it is over the quality budget."),
     replace: bool = typer.Option(False, "--replace", help="Replace an existing bundle at --out."),
     eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Evaluate quality on the first N held-out tokens only."),
-    adapter_precision: str = typer.Option("f32", "--adapter-precision", help="What llama.cpp computes installed "
-                                          "adapters in: f32, f16 (half the bytes per token) or q8_0."),
+    adapter_precision: str = typer.Option("f32", "--adapter-precision", help="What engines compute installed "
+                                          "adapters in: f32, f16 (half the bytes per token) or q8_0 (llama.cpp; ONNX takes f16)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Export a base model as a self-contained bundle for one device profile, with its quality measured."""

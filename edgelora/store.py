@@ -25,7 +25,7 @@ from typing import Any
 
 from ._io import atomic_dir, sha256_file
 from .adapters import LoraAdapter
-from .converters import genai, keys, load_adapter, save_adapter
+from .converters import genai, keys, load_adapter, onnx_fused, save_adapter
 from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError
 
 ADAPTER_FILES = keys.ADAPTER_FILES
@@ -50,13 +50,14 @@ class StoreLimits:
 
 class AdapterStore:
     def __init__(self, root: str | os.PathLike, *, fingerprint: str, config, backends: list[str],
-                 limits: StoreLimits | None = None, genai_graph: str | None = None, gguf_precision: str = "f32"):
+                 limits: StoreLimits | None = None, genai_slots: dict | None = None, gguf_precision: str = "f32"):
         self.root = Path(root)
         self.gguf_precision = gguf_precision  # what llama.cpp computes with; adapter.gguf keeps the f32 value
         self.fingerprint = fingerprint
         self.config = config
         self.backends = backends
-        self.genai_graph = genai_graph  # the bundle's CPU ONNX graph ("fused"/"optimum"): genai apps load its adapters
+        # the LoRA slots (name -> type) of the bundle's CPU ONNX graph, which genai apps load adapters onto
+        self.genai_slots = genai_slots
         self.limits = limits or StoreLimits()
         self.root.mkdir(parents=True, exist_ok=True)
         self._verified: dict[tuple[str, int, int], str] = {}  # file identity -> the sha256 it was checked against
@@ -153,6 +154,10 @@ class AdapterStore:
         """The adapter's file for `backend`: the f32 value, or with `engine` the one its engine loads."""
         return self.root / name / self._file(name, backend, engine)[1]
 
+    def _genai_copy(self) -> bool:
+        """Whether genai apps need a copy of each adapter in the graph's own layout."""
+        return self.genai_slots is not None and not onnx_fused.per_module_f32(self.genai_slots)
+
     def _gguf_copy(self) -> bool:
         return "gguf" in self.backends and self.gguf_precision != "f32"
 
@@ -196,7 +201,7 @@ class AdapterStore:
             raise StoreError(f"adapter {name} is {adapter.nbytes() / (1 << 20):.1f} MB, over the limit of "
                              f"{self.limits.max_adapter_mb:g} MB per adapter")
         other = sum(f["size"] for m in self.list() if m["name"] != name for f in m["files"].values()) / (1 << 20)
-        copies = len(self.backends) + (self.genai_graph == "fused") + 0.5 * self._gguf_copy()
+        copies = len(self.backends) + self._genai_copy() + 0.5 * self._gguf_copy()
         expected = other + copies * adapter.nbytes() / (1 << 20)
         if expected > self.limits.max_store_mb:
             raise StoreError(f"installing {name} would grow the store to ~{expected:.1f} MB, over its limit of "
@@ -209,9 +214,9 @@ class AdapterStore:
                 save_adapter(adapter, tmp / keys.GGUF_ADAPTER_IN.format(precision=self.gguf_precision), "gguf",
                              self.config, check=False, precision=self.gguf_precision)
             genai_file = None
-            if self.genai_graph == "fused":  # onnxruntime-genai needs the grouped slots' names
-                genai_file = genai.write_adapter(adapter, tmp / keys.GENAI_ADAPTER, self.config, "fused").name
-            elif self.genai_graph == "optimum":  # the per-module file is already in the graph's slot names
+            if self._genai_copy():  # onnxruntime-genai needs the graph's own slot names and types
+                genai_file = genai.write_adapter(adapter, tmp / keys.GENAI_ADAPTER, self.config, self.genai_slots).name
+            elif self.genai_slots is not None:  # the per-module file is already in the graph's slot names
                 genai_file = ADAPTER_FILES["onnx"]
             files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -2,14 +2,18 @@
 // SessionOptions.register_custom_ops_library. Built by scripts/env.sh against ONNX Runtime's C API
 // headers (any version from 1.21: the library asks the runtime for the API version it was built with).
 //
-// MatMulQ41(x, w[, lora_a, lora_b][, bias]) -> y, attributes N and accuracy_level (as MatMulNBits':
-// 4, the default, int8 activations; 0 float activations, a slow exact reference for tests)
+// MatMulQ41(x, w[, lora_a, lora_b][, bias][, lora_b1[, lora_b2]]) -> y (a bias of 0 values: none), attributes N and accuracy_level
+// (as MatMulNBits': 4, the default, int8 activations; 0 float activations, a slow exact reference for tests)
 //   y[M, N] = x[M, K] . W^T (+ (x . lora_a) . lora_b) (+ bias), W exact Q4_1: W[n, k] = d * code + m
 //   per block of 32 along K, with d and m in fp16 (GGUF's own Q4_1 types, so GGUF weights stay exact).
 //   The activations are quantized to int8 per block of 32 (scale max|x| / 127) and the block sums
 //   times m enter the dot product, as llama.cpp's q4_1 x q8_1 does.
-//   lora_a [K, r], lora_b [r, N]: an adapter added in the same pass (r = 0: none), so an active
-//   adapter costs no extra node.
+//   The adapter is added in the same pass, so an active adapter costs no extra node: lora_a [K, r],
+//   and either lora_b [r, N] or, for a node computing several projections side by side (q|k|v),
+//   one B per projection: lora_b [r0, N0], lora_b1 [r1, N1], lora_b2 [r2, N2] with N0 + N1 + N2 = N
+//   and r0 + r1 + r2 = r (projection i's columns take xa[r0 + .. + r(i-1) ...] . B_i), so no zeros of
+//   a block-diagonal B are stored or read. r = 0: no adapter. The adapter is float32 or float16 (its
+//   bytes are the active adapter's cost per token); x, y and the bias are float32.
 //
 // w is written by the exporter (converters/q41.py: pack) as uint8 [ceil(N/8), K/32, 160]: one
 // linear stream of 160-byte tiles per group of 8 output columns (the last group padded with zero
@@ -44,6 +48,7 @@
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -132,20 +137,44 @@ Act quantize(const float* x, int64_t M, int64_t K) {
   return a;
 }
 
+constexpr int kMaxSeg = 3;
+
+// Output columns [n0, n1) take xa[r0 : r0 + rank] . b, b [rank, n1 - n0] (float or fp16).
+struct Seg { int64_t n0, n1, r0, rank; const void* b; };
+
 struct Job {
   const uint8_t* w; float* y; int64_t M, N, K, blocks;
   const Act* a;
-  const float* xa; const float* lora_b; int64_t rank;  // xa [M, rank] = x . lora_a
   const float* bias;
-  const float* x; const float* lora_a;                  // for the xa pass
+  const float* x;
+  const void* lora_a; bool half; int64_t rank;  // lora_a [K, rank], float or fp16
+  float* xa;                                     // [M, rank] = x . lora_a
+  Seg seg[kMaxSeg]; int nseg;
 };
+
+float half_to_float(uint16_t h);
+
+inline float load1(const void* p, bool half, int64_t i) {
+  return half ? half_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
 
 // The adapter's and the bias's share of output column n for row r.
 inline float extra(const Job& j, int64_t r, int64_t n) {
   float v = j.bias ? j.bias[n] : 0.f;
-  const float* xa = j.xa + r * j.rank;
-  for (int64_t i = 0; i < j.rank; ++i) v += xa[i] * j.lora_b[i * j.N + n];
+  for (int s = 0; s < j.nseg; ++s) {
+    const Seg& g = j.seg[s];
+    if (n < g.n0 || n >= g.n1) continue;
+    const float* xa = j.xa + r * j.rank + g.r0;
+    for (int64_t i = 0; i < g.rank; ++i) v += xa[i] * load1(g.b, j.half, i * (g.n1 - g.n0) + n - g.n0);
+  }
   return v;
+}
+
+// The segment holding all of columns [n, n + kGroup), or none.
+inline const Seg* whole(const Job& j, int64_t n) {
+  for (int s = 0; s < j.nseg; ++s)
+    if (j.seg[s].n0 <= n && n + kGroup <= j.seg[s].n1) return &j.seg[s];
+  return nullptr;
 }
 
 float half_to_float(uint16_t h) {  // exact
@@ -193,6 +222,12 @@ __attribute__((target("avx2,fma"))) inline __m256i pair_dot(const uint8_t* p, __
   return _mm256_add_epi16(_mm256_maddubs_epi16(lo, qlo), _mm256_maddubs_epi16(hi, qhi));
 }
 
+// 8 consecutive adapter values from element i, widened to float.
+__attribute__((target("avx2,f16c"))) inline __m256 load8(const void* p, bool half, int64_t i) {
+  return half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)))
+              : _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
+
 __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
   const Job& j = *static_cast<const Job*>(p);
   const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
@@ -220,17 +255,21 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
     }
     acc = _mm256_add_ps(acc, accm);
     float* y = j.y + r * j.N + n0;
-    if (nc == kGroup) {
+    const Seg* sg = nc == kGroup ? whole(j, n0) : nullptr;
+    if (nc == kGroup && (sg || j.rank == 0)) {
       if (j.bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(j.bias + n0));
       // the adapter: four independent chains of FMAs (one chain would wait on each FMA's latency)
-      const float* xa = j.xa + r * j.rank;
-      const float* bn = j.lora_b + n0;
       __m256 part[4] = {acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      int64_t i = 0;
-      for (; i + 4 <= j.rank; i += 4)
-        for (int u = 0; u < 4; ++u)
-          part[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), _mm256_loadu_ps(bn + (i + u) * j.N), part[u]);
-      for (; i < j.rank; ++i) part[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), _mm256_loadu_ps(bn + i * j.N), part[0]);
+      if (sg) {
+        const float* xa = j.xa + r * j.rank + sg->r0;
+        const int64_t width = sg->n1 - sg->n0, c0 = n0 - sg->n0;
+        int64_t i = 0;
+        for (; i + 4 <= sg->rank; i += 4)
+          for (int u = 0; u < 4; ++u)
+            part[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), load8(sg->b, j.half, (i + u) * width + c0), part[u]);
+        for (; i < sg->rank; ++i)
+          part[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), load8(sg->b, j.half, i * width + c0), part[0]);
+      }
       _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3])));
     } else {
       alignas(32) float out[kGroup];
@@ -312,22 +351,19 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) void group_neon(void* p, size_
 
 void lora_rows_portable(void* p, size_t r) {  // xa[r] = x[r] . lora_a
   const Job& j = *static_cast<const Job*>(p);
-  float* xa = const_cast<float*>(j.xa) + r * j.rank;
+  float* xa = j.xa + r * j.rank;
   std::fill(xa, xa + j.rank, 0.f);
   const float* x = j.x + r * j.K;
-  for (int64_t k = 0; k < j.K; ++k) {
-    const float xk = x[k];
-    const float* a = j.lora_a + k * j.rank;
-    for (int64_t i = 0; i < j.rank; ++i) xa[i] += xk * a[i];
-  }
+  for (int64_t k = 0; k < j.K; ++k)
+    for (int64_t i = 0; i < j.rank; ++i) xa[i] += x[k] * load1(j.lora_a, j.half, k * j.rank + i);
 }
 
 #ifdef EDGELORA_X86
 // The same, 8 ranks at a time (the grouped slots' ranks are multiples of 8 for rank-8 adapters), the
 // rest one by one.
-__attribute__((target("avx2,fma"))) void lora_rows_avx2(void* p, size_t r) {
+__attribute__((target("avx2,fma,f16c"))) void lora_rows_avx2(void* p, size_t r) {
   const Job& j = *static_cast<const Job*>(p);
-  float* xa = const_cast<float*>(j.xa) + r * j.rank;
+  float* xa = j.xa + r * j.rank;
   const float* x = j.x + r * j.K;
   const int64_t r8 = j.rank / 8 * 8;
   for (int64_t i0 = 0; i0 < r8; i0 += 32) {  // up to 4 vectors of 8 ranks, two chains each (k even, odd)
@@ -335,22 +371,22 @@ __attribute__((target("avx2,fma"))) void lora_rows_avx2(void* p, size_t r) {
     __m256 acc[2][4];
     for (auto& c : acc)
       for (auto& v : c) v = _mm256_setzero_ps();
-    const float* a = j.lora_a + i0;
-    int64_t k = 0;
-    for (; k + 2 <= j.K; k += 2, a += 2 * j.rank) {
+    int64_t k = 0, at = i0;  // at: element (k, i0) of lora_a
+    for (; k + 2 <= j.K; k += 2, at += 2 * j.rank) {
       const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
       for (int64_t v = 0; v < n; ++v) {
-        acc[0][v] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(a + 8 * v), acc[0][v]);
-        acc[1][v] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(a + j.rank + 8 * v), acc[1][v]);
+        acc[0][v] = _mm256_fmadd_ps(x0, load8(j.lora_a, j.half, at + 8 * v), acc[0][v]);
+        acc[1][v] = _mm256_fmadd_ps(x1, load8(j.lora_a, j.half, at + j.rank + 8 * v), acc[1][v]);
       }
     }
-    for (; k < j.K; ++k, a += j.rank)
-      for (int64_t v = 0; v < n; ++v) acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), _mm256_loadu_ps(a + 8 * v), acc[0][v]);
+    for (; k < j.K; ++k, at += j.rank)
+      for (int64_t v = 0; v < n; ++v)
+        acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), load8(j.lora_a, j.half, at + 8 * v), acc[0][v]);
     for (int64_t v = 0; v < n; ++v) _mm256_storeu_ps(xa + i0 + 8 * v, _mm256_add_ps(acc[0][v], acc[1][v]));
   }
   for (int64_t i = r8; i < j.rank; ++i) {
     float v = 0.f;
-    for (int64_t k = 0; k < j.K; ++k) v += x[k] * j.lora_a[k * j.rank + i];
+    for (int64_t k = 0; k < j.K; ++k) v += x[k] * load1(j.lora_a, j.half, k * j.rank + i);
     xa[i] = v;
   }
 }
@@ -363,8 +399,11 @@ void lora_rows(void* p, size_t r) {
   lora_rows_portable(p, r);
 }
 
-using OptTensor = std::optional<const Ort::Custom::Tensor<float>*>;
+template <typename T>
+using Opt = std::optional<const Ort::Custom::Tensor<T>*>;
 
+// T: the adapter's type (float or Ort::Float16_t); one kernel per type, under one name.
+template <typename T>
 struct MatMulQ41 {
   MatMulQ41(const OrtApi*, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo k(info);
@@ -376,35 +415,51 @@ struct MatMulQ41 {
   }
 
   void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<uint8_t>& w,
-               OptTensor lora_a, OptTensor lora_b, OptTensor bias, Ort::Custom::Tensor<float>& y) {
+               Opt<T> lora_a, Opt<T> lora_b, Opt<float> bias, Opt<T> lora_b1, Opt<T> lora_b2,
+               Ort::Custom::Tensor<float>& y) {
     const auto xs = x.Shape(), ws = w.Shape();
     const int64_t K = xs.back(), M = K ? x.NumberOfElement() / K : 0, groups = (N + kGroup - 1) / kGroup;
     if (K % kBlock || ws.size() != 3 || ws[0] != groups || ws[1] != K / kBlock || ws[2] != kTile)
       ORT_CXX_API_THROW("MatMulQ41: w must be uint8 [ceil(N/8), K/32, 160] for an input of width K (a multiple of 32)",
                         ORT_INVALID_ARGUMENT);
-    int64_t rank = 0;
-    if (lora_a.has_value() != lora_b.has_value())
-      ORT_CXX_API_THROW("MatMulQ41: lora_a and lora_b come together", ORT_INVALID_ARGUMENT);
+    Job j{};
+    if (lora_a.has_value() != lora_b.has_value() || (lora_b1.has_value() && !lora_b.has_value()) ||
+        (lora_b2.has_value() && !lora_b1.has_value()))
+      ORT_CXX_API_THROW("MatMulQ41: lora_a comes with lora_b (then lora_b1, lora_b2)", ORT_INVALID_ARGUMENT);
     if (lora_a.has_value()) {
-      const auto as = (*lora_a)->Shape(), bs = (*lora_b)->Shape();
-      if (as.size() != 2 || bs.size() != 2 || as[0] != K || bs[1] != N || as[1] != bs[0])
-        ORT_CXX_API_THROW("MatMulQ41: lora_a must be [K, r] and lora_b [r, N]", ORT_INVALID_ARGUMENT);
-      rank = as[1];
+      const auto as = (*lora_a)->Shape();
+      if (as.size() != 2 || as[0] != K)
+        ORT_CXX_API_THROW("MatMulQ41: lora_a must be [K, r]", ORT_INVALID_ARGUMENT);
+      j.rank = as[1];
+      int64_t n = 0, r = 0;
+      for (const Opt<T>& b : {lora_b, lora_b1, lora_b2}) {
+        if (!b.has_value()) break;
+        const auto bs = (*b)->Shape();
+        if (bs.size() != 2) ORT_CXX_API_THROW("MatMulQ41: each lora_b must be [r_i, N_i]", ORT_INVALID_ARGUMENT);
+        j.seg[j.nseg++] = Seg{n, n + bs[1], r, bs[0], bs[0] && bs[1] ? (*b)->Data() : nullptr};
+        n += bs[1];
+        r += bs[0];
+      }
+      if (n != N || r != j.rank)
+        ORT_CXX_API_THROW("MatMulQ41: the lora_b's must cover the N outputs and the r ranks of lora_a", ORT_INVALID_ARGUMENT);
+      j.lora_a = j.rank ? (*lora_a)->Data() : nullptr;
+      j.half = std::is_same<T, Ort::Float16_t>::value;
     }
-    if (bias.has_value() && (*bias)->NumberOfElement() != N)
-      ORT_CXX_API_THROW("MatMulQ41: bias must hold N values", ORT_INVALID_ARGUMENT);
+    const int64_t nbias = bias.has_value() ? (*bias)->NumberOfElement() : 0;  // 0: none (ONNX Runtime's lite
+    if (nbias != 0 && nbias != N)                                              // operators take no "" inputs)
+      ORT_CXX_API_THROW("MatMulQ41: bias must hold N values (or none)", ORT_INVALID_ARGUMENT);
     std::vector<int64_t> ys(xs.begin(), xs.end());
     ys.back() = N;
     float* out = y.Allocate(ys);
     if (M == 0) return;
     const Act a = exact ? Act{} : quantize(x.Data(), M, K);
-    std::vector<float> xa(size_t(M * rank));
-    Job j{w.Data(), out, M, N, K, K / kBlock, &a, xa.data(), rank ? (*lora_b)->Data() : nullptr, rank,
-          bias.has_value() ? (*bias)->Data() : nullptr, x.Data(), rank ? (*lora_a)->Data() : nullptr};
+    std::vector<float> xa(size_t(M * j.rank));
+    j.w = w.Data(), j.y = out, j.M = M, j.N = N, j.K = K, j.blocks = K / kBlock, j.a = &a, j.xa = xa.data();
+    j.bias = nbias ? (*bias)->Data() : nullptr, j.x = x.Data();
     Ort::KernelContext ctx(context);
-    if (rank && M <= 4) {  // a decode step: less work than waking the pool
+    if (j.rank && M <= 4) {  // a decode step: less work than waking the pool
       for (int64_t r = 0; r < M; ++r) lora_rows(&j, size_t(r));
-    } else if (rank) {
+    } else if (j.rank) {
       ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
     }
     if (exact) return ctx.ParallelFor(group_float, size_t(groups), 0, &j);
@@ -431,11 +486,13 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   if (!api) return nullptr;  // an onnxruntime older than these headers: it cannot report an error through an API it lacks
   Ort::InitApi(api);
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> q41{
-      Ort::Custom::CreateLiteCustomOp<MatMulQ41>("MatMulQ41", "CPUExecutionProvider")};
+      Ort::Custom::CreateLiteCustomOp<MatMulQ41<float>>("MatMulQ41", "CPUExecutionProvider")};
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> q41h{
+      Ort::Custom::CreateLiteCustomOp<MatMulQ41<Ort::Float16_t>>("MatMulQ41", "CPUExecutionProvider")};
   static Ort::CustomOpDomain domain{nullptr};
   static std::once_flag once;
   try {
-    std::call_once(once, [] { domain = Ort::CustomOpDomain{"edgelora"}; domain.Add(q41.get()); });
+    std::call_once(once, [] { domain = Ort::CustomOpDomain{"edgelora"}; domain.Add(q41.get()); domain.Add(q41h.get()); });
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const Ort::Exception& e) {
     return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());

@@ -49,10 +49,11 @@ def ours(bundle, ids: list[int], active: str | None = None) -> list[int]:
         return e.generate(ids, max_tokens=MAX_NEW).tokens
 
 
-@pytest.fixture(scope="module", params=["f32", "int8", "int4"])
+@pytest.fixture(scope="module", params=["f32", "int8", "int4", "int4@f16"])
 def bundle(request, tiny_llama, tmp_path_factory, isolated_cache):
+    quant, _, precision = request.param.partition("@")  # f16: MatMulQ41 reads adapters in half the bytes
     b = edgelora.export(tiny_llama, "x86-64", tmp_path_factory.mktemp("genai") / request.param, backend="onnx",
-                        quant=request.param, eval_tokens=256, force=True, progress=False)
+                        quant=quant, eval_tokens=256, force=True, progress=False, adapter_precision=precision or "f32")
     for seed, name in ((1, "a"), (2, "b")):
         b.store.install(random_adapter(b.config, rank=4, seed=seed, scale=0.2, fingerprint=b.fingerprint), name)
     return b
@@ -70,6 +71,10 @@ def test_genai_loads_the_bundle_and_the_stores_adapters_as_they_are(bundle):
     if bundle.artifact("onnx").quant == "int4" and native.library(warn=False):  # edgelora's MatMulQ41, shipped beside
         assert cfg["model"]["decoder"]["session_options"]["custom_ops_library"] == native.LIBRARY
         assert (model_dir / native.LIBRARY).is_file()
+        # its slots take one B per projection, in the bundle's adapter precision: so do genai's files
+        half = bundle.adapter_precision == "f16"
+        assert set(bundle.store.genai_slots.values()) == {np.dtype(np.float16 if half else np.float32)}
+        assert "layers.0.k.lora_B" in bundle.store.genai_slots and "layers.0.qkv.lora_B" not in bundle.store.genai_slots
     ids = _prompt(bundle)
     base = ours(bundle, ids)
     assert og_tokens(model_dir, ids) == base

@@ -100,6 +100,7 @@ def test_fused_graph_with_the_operator_matches_transformers_peft_and_matmulnbits
     ids = base.tokenizer.encode("The quick brown fox jumps over the lazy dog. A Raspberry Pi has four cores. "
                                 "Edge devices run small language models.")
     paths = {k: onnx_fused.export(base, tmp_path / k, "int4", max_len=128, kernel=k) for k in ("q41", "nbits")}
+    paths["q41-f16"] = onnx_fused.export(base, tmp_path / "q41-f16", "int4", max_len=128, kernel="q41", adapter_type="f16")
     meta = {p.key: p.value for p in onnx.load(str(paths["q41"]), load_external_data=False).metadata_props}
     assert meta["edgelora.encodings"] == "{'q4_1 exact (MatMulQ41)': 8}"  # qkv, o, gate_up, down in 2 layers
     dense, packed = onnx_fused.read_weights(paths["q41"], base.config)
@@ -125,6 +126,10 @@ def test_fused_graph_with_the_operator_matches_transformers_peft_and_matmulnbits
             e.close()
 
     out = {k: run(p) for k, p in paths.items()}
+    # the adapter in float16 (half its bytes per token): the same base, the adapter's effect within 1%
+    np.testing.assert_array_equal(out["q41-f16"][0], out["q41"][0])
+    effect, effect16 = out["q41"][1] - out["q41"][0], out["q41-f16"][1] - out["q41-f16"][0]
+    assert np.linalg.norm(effect16 - effect) <= 0.01 * np.linalg.norm(effect)
     for got, ref, nbits in zip(out["q41"], refs, out["nbits"]):
         err = np.abs(got - ref).max()
         assert err <= 0.01 * np.abs(ref).max(), err
@@ -142,3 +147,11 @@ def test_fused_graph_with_the_operator_matches_transformers_peft_and_matmulnbits
     assert len(said) == 1 and "MatMulNBits" in said[0], said
     for got, nbits in zip(fallback, out["nbits"]):
         np.testing.assert_array_equal(got, nbits)
+    os.environ["EDGELORA_ORT_OPS"] = "0"
+    try:  # float16 slots without the library: cast to float in front of the MatMuls
+        plain16, with16 = run(paths["q41-f16"])
+    finally:
+        del os.environ["EDGELORA_ORT_OPS"]
+    np.testing.assert_array_equal(plain16, out["nbits"][0])
+    effect_nbits = out["nbits"][1] - out["nbits"][0]
+    assert np.linalg.norm(with16 - plain16 - effect_nbits) <= 0.01 * np.linalg.norm(effect_nbits)
