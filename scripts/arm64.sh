@@ -35,42 +35,18 @@ flock 9  # one set-up at a time (pytest and this script may race)
 say() { echo "arm64: $*" >&2; }
 die() { echo "arm64: cannot set up the emulator: $*" >&2; exit 3; }
 
-apt_private() {  # apt-get / apt-cache with a private state: another suite and architecture, no root change
-    local state="$CACHE/apt"
-    if [ ! -f "$state/.updated" ]; then
-        mkdir -p "$state/lists/partial" "$state/archives/partial"
-        : > "$state/status"
-        cat > "$state/apt.conf" <<EOF
-Dir::State "$state";
-Dir::State::status "$state/status";
-Dir::State::Lists "$state/lists";
-Dir::Cache "$state";
-Dir::Cache::archives "$state/archives";
-Dir::Etc::SourceList "$state/sources.list";
-Dir::Etc::SourceParts "/dev/null";
-Dir::Etc::Preferences "/dev/null";
-Dir::Etc::PreferencesParts "/dev/null";
-APT::Architecture "amd64";
-APT::Architectures { "amd64"; "arm64"; };
-APT::Sandbox::User "root";
-EOF
-        cat > "$state/sources.list" <<EOF
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE-backports main
-EOF
-        command -v apt-get >/dev/null || die "no apt-get (a Debian machine is needed to fetch the arm64 packages)"
-        [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || die "no Debian archive keyring (install debian-archive-keyring)"
-        APT_CONFIG="$state/apt.conf" apt-get -q --error-on=any update >"$state/update.log" 2>&1 \
-            || die "apt-get update failed with the private state (is $MIRROR reachable?): $(tail -1 "$state/update.log")"
-        touch "$state/.updated"
-    fi
-    APT_CONFIG="$state/apt.conf" "$@"
+source "$ROOT/scripts/apt_private.sh"
+arm64_apt() {  # apt-get / apt-cache for $SUITE and its backports, amd64 and arm64, with a private state
+    [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || die "no Debian archive keyring (install debian-archive-keyring)"
+    apt_private "$CACHE/apt" "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE-backports main" "amd64 arm64" "$@" \
+        || die "apt with the private state failed (is $MIRROR reachable?): $(tail -1 "$CACHE/apt/update.log" 2>/dev/null)"
 }
 
 fetch_debs() {  # fetch_debs DIR PKG...: download .debs into DIR (no install)
     local dir="$1"; shift
     mkdir -p "$dir"
-    (cd "$dir" && apt_private apt-get -q download "$@" >"$dir/download.log" 2>&1) \
+    (cd "$dir" && arm64_apt apt-get -q download "$@" >"$dir/download.log" 2>&1) \
         || die "apt-get download failed: $(tail -1 "$dir/download.log")"
 }
 
@@ -79,7 +55,7 @@ QEMU="$CACHE/qemu/usr/bin/qemu-aarch64"
 if [ ! -f "$CACHE/qemu/.done" ]; then
     say "fetching qemu-user from $SUITE-backports"
     rm -rf "$CACHE/qemu" "$CACHE/debs-qemu"
-    ver="$(apt_private apt-cache madison qemu-user | awk -v s="$SUITE-backports" '$0 ~ s {print $3; exit}')"
+    ver="$(arm64_apt apt-cache madison qemu-user | awk -v s="$SUITE-backports" '$0 ~ s {print $3; exit}')"
     [ -n "$ver" ] || die "qemu-user is not in $SUITE-backports"
     fetch_debs "$CACHE/debs-qemu" "qemu-user=$ver"
     mkdir -p "$CACHE/qemu"
@@ -94,7 +70,7 @@ SYSROOT="$CACHE/sysroot"
 if [ ! -f "$SYSROOT/.done" ]; then
     say "fetching Debian's arm64 python3.11 into a sysroot"
     rm -rf "$SYSROOT" "$CACHE/debs-arm64"
-    pkgs="$(apt_private apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+    pkgs="$(arm64_apt apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
         --no-replaces --no-enhances python3.11:arm64 libstdc++6:arm64 libgomp1:arm64 \
         | grep -E '^[a-z0-9].*:arm64$' | grep -vE '^(dpkg|install-info|tar):' | sort -u)"
     fetch_debs "$CACHE/debs-arm64" $pkgs

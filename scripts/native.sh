@@ -5,6 +5,8 @@
 # library is built for baseline x86-64/arm64 and picks its SIMD kernels at run time, so one build
 # serves the machine. Without a compiler or the headers, edgelora falls back to MatMulNBits: this
 # says so in one line and the install goes on.
+source "$(dirname "${BASH_SOURCE[0]}")/apt_private.sh"
+
 native_build() {
     local src="$ROOT/native/edgelora_ort.cc" out="$VENV/lib/edgelora/libedgelora_ort.so"
     local headers="$WHEEL_CACHE/onnxruntime-headers" cxx="${CXX:-g++}"
@@ -14,29 +16,17 @@ native_build() {
     native_skip() { echo "edgelora: not building the Q4_1 operator library ($*); ONNX bundles use MatMulNBits" >&2; }
     command -v "$cxx" >/dev/null || { native_skip "no C++ compiler: install g++"; return 0; }
     if [ ! -f "$headers/.done" ]; then
-        local state="$headers.apt"
+        local state="$headers.apt" mirror="${EDGELORA_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
         rm -rf "$headers" "$state"
-        mkdir -p "$state/lists/partial" "$state/archives/partial" "$headers"
-        : > "$state/status"
-        cat > "$state/apt.conf" <<APT
-Dir::State "$state";
-Dir::State::status "$state/status";
-Dir::State::Lists "$state/lists";
-Dir::Cache "$state";
-Dir::Cache::archives "$state/archives";
-Dir::Etc::SourceList "$state/sources.list";
-Dir::Etc::SourceParts "/dev/null";
-Dir::Etc::Preferences "/dev/null";
-Dir::Etc::PreferencesParts "/dev/null";
-APT::Sandbox::User "root";
-APT
-        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${EDGELORA_DEBIAN_MIRROR:-http://deb.debian.org/debian} trixie main" \
-            > "$state/sources.list"
+        mkdir -p "$state" "$headers"
         echo "edgelora: fetching ONNX Runtime's C API headers (Debian trixie's libonnxruntime-dev), once" >&2
-        if ! (command -v apt-get >/dev/null && APT_CONFIG="$state/apt.conf" apt-get -q update >"$state/log" 2>&1 \
-                && cd "$state" && APT_CONFIG="$state/apt.conf" apt-get -q download libonnxruntime-dev >>"$state/log" 2>&1 \
+        if ! apt_private "$state" "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" "" true; then
+            native_skip "could not fetch trixie's package index: $(tail -1 "$state/update.log")"
+            return 0
+        fi
+        if ! (cd "$state" && apt_private "$state" "" "" apt-get -q download libonnxruntime-dev >"$state/log" 2>&1 \
                 && dpkg -x "$state"/libonnxruntime-dev_*.deb "$headers"); then
-            native_skip "could not fetch libonnxruntime-dev: $(tail -1 "$state/log" 2>/dev/null)"
+            native_skip "could not fetch libonnxruntime-dev: $(tail -1 "$state/log")"
             return 0
         fi
         rm -rf "$state"
