@@ -86,7 +86,7 @@ def write_model_dir(model_dir: Path, model_config: ModelConfig, tokenizer: Token
     write_tokenizer(tokenizer, model_dir)
 
 
-def adapter_parameters(adapter: LoraAdapter, model_config: ModelConfig, slots: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: LoraAdapter, model_config: ModelConfig, slots: dict) -> dict[str, np.ndarray]:
     """The adapter's tensors under the names and in the types of a graph's LoRA slots
     (`onnx_fused.graph_slots`: the fused graph's grouped slots, an optimum graph's per-module ones)."""
     from .onnx_adapter import parameters
@@ -95,7 +95,7 @@ def adapter_parameters(adapter: LoraAdapter, model_config: ModelConfig, slots: d
     return slot_parameters(parameters(adapter), model_config, slots)
 
 
-def write_adapter(adapter: LoraAdapter, path: Path, model_config: ModelConfig, slots: dict[str, np.dtype]) -> Path:
+def write_adapter(adapter: LoraAdapter, path: Path, model_config: ModelConfig, slots: dict) -> Path:
     """An .onnx_adapter that og.Adapters loads onto the graph with LoRA slots `slots` (no manifest:
     genai reads none)."""
     from .onnx_adapter import write_parameters

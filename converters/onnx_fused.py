@@ -21,7 +21,8 @@ initializers with zero-rank defaults, added to the projection's output. Modules 
 share a slot, so an active adapter costs 8 small MatMuls a layer instead of 14; `slot_parameters`
 lays an adapter out for them (A's side by side, B's block-diagonal). With edgelora's MatMulQ41
 operator the slot is inputs of the projection's own node: the A's side by side, then one B per
-member (no block-diagonal zeros to store or read), in float32 or float16 (`adapter_type`).
+member (no block-diagonal zeros to store or read) in tiles of 8 output columns (`tile`: one run
+of memory per tile), in float32 or float16 (`adapter_type`).
 `.onnx_adapter` files keep one slot per module (as optimum graphs and ONNX Runtime's own
 multi-LoRA use them); the engine fills the grouped slots from them.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,6 +47,7 @@ EDGELORA = "edgelora"  # native/edgelora_ort.cc
 KERNELS = ("nbits", "q41")
 QUANTS = ("f32", "int8", "int4")
 ADAPTER_TYPES = {"f32": np.float32, "f16": np.float16}  # what MatMulQ41 reads an adapter in (other linears: f32)
+TILE = 8  # MatMulQ41's output columns per tile (native/edgelora_ort.cc: kGroup)
 
 
 # Projections of one layer: target modules sharing an input are one MatMulNBits and one LoRA slot.
@@ -66,13 +69,25 @@ def module_slots(config) -> dict[str, list]:
     return slots
 
 
-def slot_parameters(params: dict[str, np.ndarray], config, slots: dict[str, np.dtype] | None = None) -> dict[str, np.ndarray]:
+class SlotType(NamedTuple):
+    """How a graph's LoRA slot input holds its tensor."""
+    dtype: type = np.float32
+    tiled: bool = False  # a B in MatMulQ41's tiles of 8 output columns: [out / 8, r, 8] (`tile`)
+
+
+def tile(b: np.ndarray) -> np.ndarray:
+    """B [r, out] (out a multiple of 8) as MatMulQ41's tiles: [out / 8, r, 8]."""
+    r, out = b.shape
+    return np.ascontiguousarray(b.reshape(r, out // TILE, TILE).transpose(1, 0, 2))
+
+
+def slot_parameters(params: dict[str, np.ndarray], config, slots: dict[str, SlotType] | None = None) -> dict[str, np.ndarray]:
     """An adapter's per-module slot parameters (`onnx_adapter.parameters`) laid out in a graph's
-    slots (`slots`: `graph_slots`, name -> type; None: the fused graph's grouped float32 slots). A
-    grouped slot holds its members' A^T side by side ([in, sum of ranks]); its B is either the
-    members' (scale * B)^T block-diagonal ([sum of ranks, sum of outs]) or, where the graph takes one
-    B per member (MatMulQ41), each member's own. A member the adapter lacks has rank 0 there (zero
-    outputs), a group it lacks keeps its default; each array comes in its slot's type."""
+    slots (`slots`: `graph_slots`; None: the fused graph's grouped float32 slots). A grouped slot
+    holds its members' A^T side by side ([in, sum of ranks]); its B is either the members' (scale *
+    B)^T block-diagonal ([sum of ranks, sum of outs]) or, where the graph takes one B per member
+    (MatMulQ41), each member's own. A member the adapter lacks has rank 0 there (zero outputs), a
+    group it lacks keeps its default; each array comes in its slot's type and layout."""
     out, shapes = {}, config.shapes()
     for i in range(config.num_layers):
         for group, members in GROUPS.items():
@@ -99,21 +114,23 @@ def slot_parameters(params: dict[str, np.ndarray], config, slots: dict[str, np.d
                 c0 += width
             out[b_group] = b
     if slots is not None:
-        out = {k: np.ascontiguousarray(v, slots.get(k, np.float32)) for k, v in out.items()}
+        out = {k: np.ascontiguousarray(tile(v) if slots.get(k, SlotType()).tiled else v, slots.get(k, SlotType()).dtype)
+               for k, v in out.items()}
     return out
 
 
-def graph_slots(model) -> dict[str, np.dtype]:
-    """A graph's LoRA slots (its `*.lora_A` / `*.lora_B` inputs) and their element types."""
+def graph_slots(model) -> dict[str, SlotType]:
+    """A graph's LoRA slots (its `*.lora_A` / `*.lora_B` inputs): element type and layout."""
     from onnx import helper
 
-    return {i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)) for i in model.graph.input
-            if i.name.endswith((".lora_A", ".lora_B"))}
+    return {i.name: SlotType(np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)).type,
+                             len(i.type.tensor_type.shape.dim) == 3)
+            for i in model.graph.input if i.name.endswith((".lora_A", ".lora_B"))}
 
 
-def per_module_f32(slots: dict[str, np.dtype]) -> bool:
+def per_module_f32(slots: dict[str, SlotType]) -> bool:
     """Whether a graph's slots take `onnx_adapter.parameters` as they are (per module, float32)."""
-    return not any(".qkv." in n or ".gate_up." in n for n in slots) and all(t == np.float32 for t in slots.values())
+    return not any(".qkv." in n or ".gate_up." in n for n in slots) and all(t == SlotType() for t in slots.values())
 
 
 # -- weight encodings --------------------------------------------------------------------------
@@ -250,14 +267,24 @@ class Linears:
             return y
         return g.node("Add", [y, self.lora_delta(x, *lora, name, lora_type)], f"/{name}/Add")
 
-    def lora_delta(self, x: str, a: str, bs: list[str], name: str, lora_type=np.float32) -> str:
-        """(x @ A) @ B, or with one B per member, member i's share of x @ A times its B, side by side."""
+    def lora_delta(self, x: str, a: str, bs: list[str], name: str, lora_type=np.float32,
+                   tiled: dict[str, int] | None = None) -> str:
+        """(x @ A) @ B, or with one B per member, member i's share of x @ A times its B, side by side.
+        (A MatMulQ41 graph's slots in the fallback: float16 ones cast to float, the B's in `tiled`
+        (name -> width) taken out of their tiles.)"""
         from onnx import TensorProto
 
-        g = self.g
-        if lora_type != np.float32:  # the float16 slots of a MatMulQ41 graph run as MatMulNBits (the fallback)
-            a = g.node("Cast", [a], f"/lora/{name}/Cast_A", to=TensorProto.FLOAT)
-            bs = [g.node("Cast", [b], f"/lora/{name}/Cast_B{i}", to=TensorProto.FLOAT) for i, b in enumerate(bs)]
+        g, tiled = self.g, tiled or {}
+        cast = (lambda v, what: g.node("Cast", [v], f"/lora/{name}/Cast_{what}", to=TensorProto.FLOAT)) \
+            if lora_type != np.float32 else (lambda v, what: v)
+        a, flat = cast(a, "A"), []
+        for i, b in enumerate(bs):
+            v = cast(b, f"B{i}")
+            if b in tiled:  # [out / 8, r, 8] -> [r, out]
+                v = g.node("Reshape", [g.node("Transpose", [v], f"/lora/{name}/untile{i}", perm=[1, 0, 2]),
+                                       g.const(np.array([0, tiled[b]], np.int64), f"untile_{tiled[b]}")], f"/lora/{name}/B{i}")
+            flat.append(v)
+        bs = flat
         xa = g.node("MatMul", [x, a], f"/lora/{name}/MatMul_A")
         if len(bs) == 1:
             return g.node("MatMul", [xa, bs[0]], f"/lora/{name}/MatMul_B")
@@ -326,26 +353,27 @@ class FusedBuilder:
         self.g = _Graph()
         self.linear = Linears(self.g, quant, accuracy_level, kernel)
 
-    def lora_slot(self, slot: str, d_in: int, outs: dict[str, int]) -> tuple[tuple[str, list[str]], type]:
+    def lora_slot(self, slot: str, d_in: int, outs: dict[str, int]) -> tuple[tuple[str, list[str]], SlotType]:
         """The slot of a projection whose members' output widths are `outs`: A [d_in, r] and either
-        one block-diagonal B [r, sum of outs] or (MatMulQ41) one B [r_m, out] per member, as
-        overridable initializers of rank 0 by default; and their element type."""
+        one block-diagonal B [r, sum of outs] or (MatMulQ41) one B per member, in tiles of 8
+        columns ([out / 8, r_m, 8]) where out allows, as overridable initializers of rank 0 by
+        default; and how A holds its values."""
         from onnx import helper
 
         g = self.g
         a, b = slot_names(slot)
-        per_member = self.linear.q41(d_in) and len(outs) > 1
-        dtype = self.adapter_type if self.linear.q41(d_in) else np.float32
+        q41 = self.linear.q41(d_in)
+        dtype = self.adapter_type if q41 else np.float32
         shapes = {a: [d_in, rank_dim(slot)]}
-        if per_member:
-            shapes.update({slot_names(m)[1]: [rank_dim(m), out] for m, out in outs.items()})
-        else:
-            shapes[b] = [rank_dim(slot), sum(outs.values())]
+        members = outs if q41 else {slot: sum(outs.values())}
+        for m, out in members.items():
+            r = rank_dim(m if len(members) > 1 else slot)
+            shapes[slot_names(m)[1] if len(members) > 1 else b] = [out // TILE, r, TILE] if q41 and not out % TILE else [r, out]
         for name, shape in shapes.items():
             g.init(name, np.zeros([d if isinstance(d, int) else 0 for d in shape], dtype))
             g.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
         names = list(shapes)
-        return (names[0], names[1:]), dtype
+        return (names[0], names[1:]), SlotType(dtype)
 
     def projection(self, x: str, slot: str) -> str:
         """One projection (a group of target modules sharing the input x: their weights stacked by
@@ -357,8 +385,8 @@ class FusedBuilder:
         bias = np.concatenate([W[b] for b in biases], 0) if biases[0] in W else None
         if not self.lora:
             return self.linear(x, w, slot, bias)
-        lora, dtype = self.lora_slot(slot, w.shape[1], {f"{layer}.{m}": W[f"{layer}.{m}"].shape[0] for m in GROUPS[group]})
-        return self.linear(x, w, slot, bias, lora, dtype)
+        lora, kind = self.lora_slot(slot, w.shape[1], {f"{layer}.{m}": W[f"{layer}.{m}"].shape[0] for m in GROUPS[group]})
+        return self.linear(x, w, slot, bias, lora, kind.dtype)
 
     def build(self):
         from onnx import TensorProto
@@ -667,6 +695,7 @@ def without_q41(model, accuracy_level: int = 4):
 
     inits = {i.name: i for i in model.graph.initializer}
     types = graph_slots(model)
+    widths = {i.name: i.type.tensor_type.shape.dim[0].dim_value * TILE for i in model.graph.input if i.name in types}
     g = _Graph()
     g.names = set(inits)
     lin = Linears(g, "int4", accuracy_level)
@@ -688,7 +717,8 @@ def without_q41(model, accuracy_level: int = 4):
         y = lin.folded_q41(x, codes, blocks.scale, blocks.offset, name, ["", bias] if bias else [])
         if rest[0] and not rest[0].startswith("const.no_lora"):
             bs = [b for b in (rest[1], *rest[3:5]) if b]
-            y = g.node("Add", [y, lin.lora_delta(x, rest[0], bs, name, types.get(rest[0], np.float32))], f"/{name}/Add")
+            tiled = {b: widths[b] for b in bs if types[b].tiled}
+            y = g.node("Add", [y, lin.lora_delta(x, rest[0], bs, name, types[rest[0]].dtype, tiled)], f"/{name}/Add")
         nodes += g.nodes
         nodes.append(helper.make_node("Identity", [y], list(node.output), name=f"/{name}/out"))
     keep = [i for i in model.graph.initializer if i.name not in dropped]

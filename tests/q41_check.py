@@ -17,9 +17,10 @@ TOLERANCE = 1e-6  # of the output's range
 
 
 def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, bias: np.ndarray | None = None,
-            threads: int = 2, accuracy_level: int = 4, split: tuple[int, ...] = (), dtype=np.float32):
+            threads: int = 2, accuracy_level: int = 4, split: tuple[int, ...] = (), dtype=np.float32, tiled: bool = False):
     """One MatMulQ41 node; with `lora`, inputs a [k, r] and b [r, n] in `dtype`, or with `split` (the
-    widths of side-by-side projections) one B per projection: b, b1, b2 [r_i, split[i]]."""
+    widths of side-by-side projections) one B per projection: b, b1, b2 [r_i, split[i]]; `tiled`: the
+    B's whose width is a multiple of 8 in tiles, [width / 8, r_i, 8] (`tile`)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -30,7 +31,8 @@ def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, 
     bs = [f"b{i or ''}" for i in range(len(split))] if split else ["b"]
     if lora:  # a LoRA slot of any rank
         ins += [helper.make_tensor_value_info("a", t, [k, "r"])]
-        ins += [helper.make_tensor_value_info(b, t, [f"r{b}", w]) for b, w in zip(bs, split or (n,))]
+        ins += [helper.make_tensor_value_info(b, t, [w // 8, f"r{b}", 8] if tiled and not w % 8 else [f"r{b}", w])
+                for b, w in zip(bs, split or (n,))]
         names += ["a", bs[0]]
     if bias is not None or split:  # (the B's of a split come after the bias: none is 0 values)
         inits.append(numpy_helper.from_array(bias if bias is not None else np.zeros(0, np.float32), "bias"))
@@ -90,13 +92,15 @@ def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float
     err["split lora"] = 0.0
     for parts in split_cases(n):  # one B per projection, float32 and float16, member ranks 0 included
         widths, ranks = zip(*parts)
-        for dtype, with_bias in ((np.float32, True), (np.float16, True), (np.float16, False)):
-            s = session(lib, k, n, tiles, lora=True, bias=bias if with_bias else None, split=widths, dtype=dtype)
+        for dtype, with_bias, tiled in ((np.float32, True, False), (np.float16, True, False), (np.float16, False, False),
+                                        (np.float32, True, True), (np.float16, False, True)):
+            s = session(lib, k, n, tiles, lora=True, bias=bias if with_bias else None, split=widths, dtype=dtype,
+                        tiled=tiled)
             a = (rng.standard_normal((k, sum(ranks))) * 0.5).astype(dtype)
             feeds, full, r0 = {"x": x, "a": a}, ref + (bias if with_bias else 0.0), 0
             for i, (w, r) in enumerate(parts):
                 b = (rng.standard_normal((r, w)) * 0.1).astype(dtype)
-                feeds[f"b{i or ''}"] = b
+                feeds[f"b{i or ''}"] = tile(b) if tiled and not w % 8 else b
                 c0 = sum(widths[:i])
                 full[:, c0:c0 + w] += (x.astype(np.float64) @ a[:, r0:r0 + r].astype(np.float64)) @ b.astype(np.float64)
                 r0 += r
@@ -105,12 +109,22 @@ def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float
     return err
 
 
+def tile(b: np.ndarray) -> np.ndarray:
+    """B [r, w] (w a multiple of 8) in MatMulQ41's tiles of 8 columns: [w / 8, r, 8]."""
+    r, w = b.shape
+    return np.ascontiguousarray(b.reshape(r, w // 8, 8).transpose(1, 0, 2))
+
+
 def split_cases(n: int) -> list[list[tuple[int, int]]]:
     """(width, rank) per projection for an output of width n: three projections (one of rank 0, and
-    widths that cut through a group of 8 columns when n allows), and two."""
+    widths that cut through a group of 8 columns when n allows), two, and three of whole tiles."""
     a, b = max(1, n // 2 + 3), max(1, n // 4)
     three = [(a, 8), (b, 0), (n - a - b, 12)] if n - a - b > 0 else [(n, 8)]
-    return [three, [(n - n // 3, 16), (n // 3, 8)] if n >= 3 else [(n, 16)]]
+    cases = [three, [(n - n // 3, 16), (n // 3, 8)] if n >= 3 else [(n, 16)]]
+    if n >= 24:
+        t = 8 * (n // 24)
+        cases.append([(t, 8), (t, 4), (n - 2 * t, 8)])
+    return cases
 
 
 def main(lib: str) -> int:

@@ -71,10 +71,10 @@ def test_genai_loads_the_bundle_and_the_stores_adapters_as_they_are(bundle):
     if bundle.artifact("onnx").quant == "int4" and native.library(warn=False):  # edgelora's MatMulQ41, shipped beside
         assert cfg["model"]["decoder"]["session_options"]["custom_ops_library"] == native.LIBRARY
         assert (model_dir / native.LIBRARY).is_file()
-        # its slots take one B per projection, in the bundle's adapter precision: so do genai's files
-        half = bundle.adapter_precision == "f16"
-        assert set(bundle.store.genai_slots.values()) == {np.dtype(np.float16 if half else np.float32)}
-        assert "layers.0.k.lora_B" in bundle.store.genai_slots and "layers.0.qkv.lora_B" not in bundle.store.genai_slots
+        # its slots take one B per projection, in tiles, in the bundle's adapter precision: so do genai's files
+        slots = bundle.store.genai_slots
+        assert {t.dtype for t in slots.values()} == {np.float16 if bundle.adapter_precision == "f16" else np.float32}
+        assert slots["layers.0.k.lora_B"].tiled and slots["layers.0.o.lora_B"].tiled and "layers.0.qkv.lora_B" not in slots
     ids = _prompt(bundle)
     base = ours(bundle, ids)
     assert og_tokens(model_dir, ids) == base

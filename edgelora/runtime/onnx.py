@@ -59,7 +59,8 @@ class OnnxEngine(Engine):
         self.input_names = {i.name for i in self.session.get_inputs()}
         overridable = self.session.get_overridable_initializers()
         self.slots = {i.name: i.shape for i in overridable}
-        self._slot_types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in overridable}
+        self._slot_types = {i.name: onnx_fused.SlotType(np.float16 if i.type == "tensor(float16)" else np.float32,
+                                                        len(i.shape) == 3) for i in overridable}
         meta = self.session.get_modelmeta().custom_metadata_map
         self.shared_kv = meta.get(keys.GRAPH) == "fused"
         self.grouped = any(n.startswith("layers.0.qkv.lora") for n in self.slots)
@@ -201,8 +202,8 @@ class OnnxEngine(Engine):
 
     def _layout(self, params: dict[str, np.ndarray]) -> tuple[list, dict]:
         """An adapter's per-module parameters (`onnx_adapter.parameters`: the scale folded into B) as
-        this graph's slot parameters, grouped slots laid out from them, each in its slot's type (the
-        float32 value stays in the store): (arrays kept alive, OrtValues)."""
+        this graph's slot parameters, grouped slots laid out from them, each in its slot's type and
+        layout (the float32 value stays in the store): (arrays kept alive, OrtValues)."""
         if self.grouped:
             params = onnx_fused.slot_parameters(params, self.config, self._slot_types)
         return list(params.values()), {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()}
