@@ -77,8 +77,10 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
         prof = bundles.get("profile") or bundles.get("x86") or next(iter(bundles.values()))
         for engine, e in prof["engines"].items():
             base, one = e["decode"]["base"]["tok_s"], e["decode"]["one"]["tok_s"]
-            q41 = prof is bundles.get("x86") and engine == "onnx int4"
-            label = f"edgelora {engine}" + (" (x86-64 bundle, MatMulQ41)" if q41 else "")
+            kind = next(k for k, v in bundles.items() if v is prof)
+            q41 = kind.startswith("x86") and engine == "onnx int4"
+            label = f"edgelora {engine}" + (" (x86-64 bundle, MatMulQ41" if q41 else " (x86-64 bundle" if kind.startswith("x86") else "") \
+                + (", adapter in f16)" if kind == "x86-f16" else ")" if kind.startswith("x86") else "")
             rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", f"{one / base:.3f}x base",
                          "", "", f"{e['bandwidth_fraction']:.0%}", ">= 0.97x (issue 18)" if q41 else ">= 0.95x (issue 12)", thr))
             plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", one / base))
