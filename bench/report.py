@@ -31,6 +31,14 @@ def first(stem: str, size: str) -> dict | None:
     return next((d for t in (2, 1) if (d := load(common.named(stem, size, t)))), None)
 
 
+def adapter_label(kind: str, engine: str) -> str:
+    """An adapter row's engine, with what its bundle kind (bench/adapters.py --bundles) adds."""
+    if not kind.startswith("x86"):
+        return f"edgelora {engine}"
+    what = ["x86-64 bundle"] + ["MatMulQ41"] * (engine == "onnx int4") + ["adapter in f16"] * (kind == "x86-f16")
+    return f"edgelora {engine} ({', '.join(what)})"
+
+
 def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
     """(table rows, missing runs, plot data) at one size."""
     rows, missing, plot = [], [], {}
@@ -79,12 +87,11 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
             base, one = e["decode"]["base"]["tok_s"], e["decode"]["one"]["tok_s"]
             kind = next(k for k, v in bundles.items() if v is prof)
             q41 = kind.startswith("x86") and engine == "onnx int4"
-            label = f"edgelora {engine}" + (" (x86-64 bundle, MatMulQ41" if q41 else " (x86-64 bundle" if kind.startswith("x86") else "") \
-                + (", adapter in f16)" if kind == "x86-f16" else ")" if kind.startswith("x86") else "")
+            label = adapter_label(kind, engine)
             rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", f"{one / base:.3f}x base",
                          "", "", f"{e['bandwidth_fraction']:.0%}", ">= 0.97x (issue 18)" if q41 else ">= 0.95x (issue 12)", thr))
             plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", one / base))
-        for kind, what in (("x86", "x86-64 bundle, MatMulQ41"), ("x86-f16", "x86-64 bundle, adapter in f16")):
+        for kind in ("x86", "x86-f16"):
             other = bundles.get(kind)
             if other is None or other is prof:
                 continue
@@ -92,12 +99,11 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
                 if kind == "x86" and engine != "onnx int4":
                     continue
                 base, one = e["decode"]["base"]["tok_s"], e["decode"]["one"]["tok_s"]
-                q41 = engine == "onnx int4"
-                rows.append((name, f"rank-{adapters['rank']} adapter active, edgelora {engine} ({what})",
-                             f"{one / base:.3f}x base", "", "", f"{e['bandwidth_fraction']:.0%}",
-                             ">= 0.97x (issue 18)" if q41 else ">= 0.95x (issue 12)", thr))
-                plot.setdefault("adapter", []).append((f"edgelora {engine} ({what.replace('x86-64 bundle, ', '')}), {thr} thr",
-                                                       one / base))
+                label = adapter_label(kind, engine)
+                rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", f"{one / base:.3f}x base", "", "",
+                             f"{e['bandwidth_fraction']:.0%}",
+                             ">= 0.97x (issue 18)" if engine == "onnx int4" else ">= 0.95x (issue 12)", thr))
+                plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", one / base))
         anchor = prof.get("llama_cpp_lora_path")
         if anchor:
             rows.append((name, f"rank-{adapters['rank']} adapter, llama.cpp's own --lora", f"{anchor['ratio']:.3f}x its base",

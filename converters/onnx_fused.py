@@ -130,7 +130,8 @@ def graph_slots(model) -> dict[str, SlotType]:
 
 def per_module_f32(slots: dict[str, SlotType]) -> bool:
     """Whether a graph's slots take `onnx_adapter.parameters` as they are (per module, float32)."""
-    return not any(".qkv." in n or ".gate_up." in n for n in slots) and all(t == SlotType() for t in slots.values())
+    grouped = tuple(f".{g}." for g, members in GROUPS.items() if len(members) > 1)
+    return not any(g in n for g in grouped for n in slots) and all(t == SlotType() for t in slots.values())
 
 
 # -- weight encodings --------------------------------------------------------------------------
@@ -353,11 +354,11 @@ class FusedBuilder:
         self.g = _Graph()
         self.linear = Linears(self.g, quant, accuracy_level, kernel)
 
-    def lora_slot(self, slot: str, d_in: int, outs: dict[str, int]) -> tuple[tuple[str, list[str]], SlotType]:
+    def lora_slot(self, slot: str, d_in: int, outs: dict[str, int]) -> tuple[tuple[str, list[str]], type]:
         """The slot of a projection whose members' output widths are `outs`: A [d_in, r] and either
         one block-diagonal B [r, sum of outs] or (MatMulQ41) one B per member, in tiles of 8
         columns ([out / 8, r_m, 8]) where out allows, as overridable initializers of rank 0 by
-        default; and how A holds its values."""
+        default; and their element type."""
         from onnx import helper
 
         g = self.g
@@ -373,7 +374,7 @@ class FusedBuilder:
             g.init(name, np.zeros([d if isinstance(d, int) else 0 for d in shape], dtype))
             g.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
         names = list(shapes)
-        return (names[0], names[1:]), SlotType(dtype)
+        return (names[0], names[1:]), dtype
 
     def projection(self, x: str, slot: str) -> str:
         """One projection (a group of target modules sharing the input x: their weights stacked by
@@ -385,8 +386,8 @@ class FusedBuilder:
         bias = np.concatenate([W[b] for b in biases], 0) if biases[0] in W else None
         if not self.lora:
             return self.linear(x, w, slot, bias)
-        lora, kind = self.lora_slot(slot, w.shape[1], {f"{layer}.{m}": W[f"{layer}.{m}"].shape[0] for m in GROUPS[group]})
-        return self.linear(x, w, slot, bias, lora, kind.dtype)
+        lora, dtype = self.lora_slot(slot, w.shape[1], {f"{layer}.{m}": W[f"{layer}.{m}"].shape[0] for m in GROUPS[group]})
+        return self.linear(x, w, slot, bias, lora, dtype)
 
     def build(self):
         from onnx import TensorProto
@@ -695,7 +696,8 @@ def without_q41(model, accuracy_level: int = 4):
 
     inits = {i.name: i for i in model.graph.initializer}
     types = graph_slots(model)
-    widths = {i.name: i.type.tensor_type.shape.dim[0].dim_value * TILE for i in model.graph.input if i.name in types}
+    widths = {i.name: i.type.tensor_type.shape.dim[0].dim_value * TILE for i in model.graph.input  # of tiled B's
+              if i.name in types and types[i.name].tiled}
     g = _Graph()
     g.names = set(inits)
     lin = Linears(g, "int4", accuracy_level)
@@ -717,7 +719,7 @@ def without_q41(model, accuracy_level: int = 4):
         y = lin.folded_q41(x, codes, blocks.scale, blocks.offset, name, ["", bias] if bias else [])
         if rest[0] and not rest[0].startswith("const.no_lora"):
             bs = [b for b in (rest[1], *rest[3:5]) if b]
-            tiled = {b: widths[b] for b in bs if types[b].tiled}
+            tiled = {b: widths[b] for b in bs if b in widths}
             y = g.node("Add", [y, lin.lora_delta(x, rest[0], bs, name, types[rest[0]].dtype, tiled)], f"/{name}/Add")
         nodes += g.nodes
         nodes.append(helper.make_node("Identity", [y], list(node.output), name=f"/{name}/out"))
