@@ -2,14 +2,15 @@
 llama.cpp's own `lora_path` route as the anchor; the ONNX decode loop's cost over the graph's own
 time; adapter file size against the raw tensor bytes.
 
-    python bench/adapters.py [--size 135m|1b] [--threads 2] [--rank 8] [--bundles f32,profile,x86,x86-f16]
+    python bench/adapters.py [--size 135m|1b] [--threads 2] [--rank 8] [--bundles f32,profile,x86,x86-f16,x86-q8]
 
 `f32` is an x86-64 bundle with float weights in both engines; `profile` is the Raspberry Pi 5
 bundle as the profile chooses it (GGUF Q8_0, ONNX int4 on MatMulNBits), where the base is fastest
 and an adapter's share of the time largest; `x86` the x86-64 profile's bundle, whose ONNX int4 graph
 runs edgelora's MatMulQ41 operator with the adapter inside it (when its library is built); `x86-f16`
 the same with installed adapters computed in float16 in both engines (`--adapter-precision f16`:
-half their bytes per token). Decode speeds are measured interleaved (base, one, two, base, ...) and
+half their bytes per token), `x86-q8` in 8 bits (`--adapter-precision q8_0`: GGUF Q8_0 in llama.cpp,
+MatMulQ41's 8-bit slots in ONNX, about a quarter of the bytes). Decode speeds are measured interleaved (base, one, two, base, ...) and
 the median taken, so the ratios hold on a busy machine. Both sides use the same thread count.
 Prints one table per bundle and writes bench/out/adapters.json.
 """
@@ -171,9 +172,10 @@ def main() -> None:
     ap.add_argument("--no-genai", action="store_true", help="leave out onnxruntime-genai's anchor")
     ap.add_argument("--genai-python", default=None, help="a Python whose onnxruntime-genai builder runs (default: a "
                     "venv made once in the cache)")
-    ap.add_argument("--bundles", default=None, help="default: f32,profile,x86,x86-f16 at 135m, profile,x86,x86-f16 at 1b")
+    ap.add_argument("--bundles", default=None, help="any of f32, profile, x86, x86-f16, x86-q8 (adapters in f32, f16, "
+                    "8 bits); default: f32,profile,x86,x86-f16,x86-q8 at 135m, without f32 at 1b")
     args = ap.parse_args()
-    args.bundles = args.bundles or ("f32,profile,x86,x86-f16" if args.size == "135m" else "profile,x86,x86-f16")
+    args.bundles = args.bundles or ("f32,profile,x86,x86-f16,x86-q8" if args.size == "135m" else "profile,x86,x86-f16,x86-q8")
     args.bandwidth = common.read_bandwidth(args.threads)
     out = {"size": args.size, "read_bandwidth": args.bandwidth, "threads": args.threads, "rank": args.rank, "machine": common.machine(), "bundles": {}}
     layers = None
@@ -182,10 +184,12 @@ def main() -> None:
              "profile": lambda: common.bundle("raspberry-pi-5", "both", None, name="adapters-pi5", size=args.size),
              "x86": lambda: common.bundle("x86-64", "both", None, name="adapters-x86", size=args.size),
              "x86-f16": lambda: common.bundle("x86-64", "both", None, name="adapters-x86-f16", size=args.size,
-                                              adapter_precision="f16")}[which]()
+                                              adapter_precision="f16"),
+             "x86-q8": lambda: common.bundle("x86-64", "both", None, name="adapters-x86-q8", size=args.size,
+                                             adapter_precision="q8_0")}[which]()
         layers = b.config.num_layers
         rows, res = bench_bundle(b, args)
-        if which in ("profile", "x86", "x86-f16") and not args.no_genai:
+        if which != "f32" and not args.no_genai:
             g = genai_anchor(b, args)
             if g:
                 res["genai_adapter_path"] = g

@@ -35,7 +35,8 @@ def adapter_label(kind: str, engine: str) -> str:
     """An adapter row's engine, with what its bundle kind (bench/adapters.py --bundles) adds."""
     if not kind.startswith("x86"):
         return f"edgelora {engine}"
-    what = ["x86-64 bundle"] + ["MatMulQ41"] * (engine == "onnx int4") + ["adapter in f16"] * (kind == "x86-f16")
+    width = {"x86-f16": "adapter in f16", "x86-q8": "adapter in 8 bits"}.get(kind)
+    what = ["x86-64 bundle"] + ["MatMulQ41"] * (engine == "onnx int4") + [width] * bool(width)
     return f"edgelora {engine} ({', '.join(what)})"
 
 
@@ -91,7 +92,7 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
             rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", f"{one / base:.3f}x base",
                          "", "", f"{e['bandwidth_fraction']:.0%}", ">= 0.97x (issue 18)" if q41 else ">= 0.95x (issue 12)", thr))
             plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", one / base))
-        for kind in ("x86", "x86-f16"):
+        for kind in ("x86", "x86-f16", "x86-q8"):
             other = bundles.get(kind)
             if other is None or other is prof:
                 continue

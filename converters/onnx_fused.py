@@ -22,7 +22,8 @@ share a slot, so an active adapter costs 8 small MatMuls a layer instead of 14; 
 lays an adapter out for them (A's side by side, B's block-diagonal). With edgelora's MatMulQ41
 operator the slot is inputs of the projection's own node: the A's side by side, then one B per
 member (no block-diagonal zeros to store or read) in tiles of 8 output columns (`tile`: one run
-of memory per tile), in float32 or float16 (`adapter_type`).
+of memory per tile), in float32, float16 or 8 bits (`adapter_type`; `q8_a`, `q8_b`: GGUF's Q8_0
+blocks for A, whose dot products reuse the node's int8 activations, and one scale per column for B).
 `.onnx_adapter` files keep one slot per module (as optimum graphs and ONNX Runtime's own
 multi-LoRA use them); the engine fills the grouped slots from them.
 """
@@ -46,7 +47,8 @@ MS = "com.microsoft"
 EDGELORA = "edgelora"  # native/edgelora_ort.cc
 KERNELS = ("nbits", "q41")
 QUANTS = ("f32", "int8", "int4")
-ADAPTER_TYPES = {"f32": np.float32, "f16": np.float16}  # what MatMulQ41 reads an adapter in (other linears: f32)
+# What MatMulQ41 reads an adapter in (other linears: f32); uint8: 8-bit blocks (`q8_a`, `q8_b`).
+ADAPTER_TYPES = {"f32": np.float32, "f16": np.float16, "q8": np.uint8}
 TILE = 8  # MatMulQ41's output columns per tile (native/edgelora_ort.cc: kGroup)
 
 
@@ -71,14 +73,60 @@ def module_slots(config) -> dict[str, list]:
 
 class SlotType(NamedTuple):
     """How a graph's LoRA slot input holds its tensor."""
-    dtype: type = np.float32
+    dtype: type = np.float32  # np.uint8: 8 bits (`q8_a`, `q8_b`)
     tiled: bool = False  # a B in MatMulQ41's tiles of 8 output columns: [out / 8, r, 8] (`tile`)
+
+    @classmethod
+    def of(cls, name: str, dtype, ndim: int) -> "SlotType":
+        """The type of slot input `name` declared with element type `dtype` and `ndim` dims."""
+        return cls(np.dtype(dtype).type, name.endswith(".lora_B") and ndim == 3)
+
+    def layout(self, name: str, v: np.ndarray) -> np.ndarray:
+        """A float slot parameter (A [in, r] or B [r, out]) as this slot holds it."""
+        if self.dtype is np.uint8:
+            return q8_b(v) if name.endswith(".lora_B") else q8_a(v)
+        return np.ascontiguousarray(tile(v) if self.tiled else v, self.dtype)
 
 
 def tile(b: np.ndarray) -> np.ndarray:
     """B [r, out] (out a multiple of 8) as MatMulQ41's tiles: [out / 8, r, 8]."""
     r, out = b.shape
     return np.ascontiguousarray(b.reshape(r, out // TILE, TILE).transpose(1, 0, 2))
+
+
+def _q8(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and fp16 scales (max |v| / 127 along `axis`), as GGUF's Q8_0."""
+    d = (np.abs(v).max(axis, keepdims=True, initial=0.0) / 127).astype(np.float16)
+    d32 = d.astype(np.float32)
+    codes = np.rint(np.divide(v, d32, out=np.zeros(v.shape, np.float32), where=d32 > 0))
+    return np.clip(codes, -127, 127).astype(np.int8), d
+
+
+def q8_a(a: np.ndarray) -> np.ndarray:
+    """A [in, r] (in a multiple of 32) as MatMulQ41's 8-bit lora_a: uint8 [r, in / 32, 34], per rank
+    and block of 32 inputs an fp16 scale, then the 32 int8 codes."""
+    k, r = a.shape
+    codes, d = _q8(np.asarray(a, np.float32).T.reshape(r, k // BLK, BLK), -1)
+    return np.ascontiguousarray(np.concatenate([d.view(np.uint8), codes.view(np.uint8)], -1))
+
+
+def q8_b(b: np.ndarray) -> np.ndarray:
+    """B [r, out] (out a multiple of 8) as MatMulQ41's 8-bit tiles: uint8 [out / 8, r + 2, 8], per
+    tile r rows of its 8 columns' int8 codes, then the columns' fp16 scales (over their r codes)."""
+    codes, d = _q8(tile(np.asarray(b, np.float32)), 1)  # [out / 8, r, 8], d [out / 8, 1, 8]
+    return np.ascontiguousarray(np.concatenate([codes.view(np.uint8), d.view(np.uint8).reshape(-1, 2, TILE)], 1))
+
+
+def q8_values(v: np.ndarray, name: str) -> np.ndarray:
+    """The float values an 8-bit slot parameter holds, as `SlotType.layout` took them ([in, r] or [r, out])."""
+    if name.endswith(".lora_B"):
+        n8, r2, _ = v.shape
+        codes = v[:, :-2].view(np.int8).astype(np.float32)
+        d = v[:, -2:].copy().view(np.float16).reshape(n8, 1, TILE).astype(np.float32)
+        return (codes * d).transpose(1, 0, 2).reshape(r2 - 2, n8 * TILE)
+    r, nb, _ = v.shape
+    d = v[..., :2].copy().view(np.float16).astype(np.float32)
+    return (v[..., 2:].view(np.int8).astype(np.float32) * d).reshape(r, nb * BLK).T
 
 
 def slot_parameters(params: dict[str, np.ndarray], config, slots: dict[str, SlotType] | None = None) -> dict[str, np.ndarray]:
@@ -114,8 +162,7 @@ def slot_parameters(params: dict[str, np.ndarray], config, slots: dict[str, Slot
                 c0 += width
             out[b_group] = b
     if slots is not None:
-        out = {k: np.ascontiguousarray(tile(v) if slots.get(k, SlotType()).tiled else v, slots.get(k, SlotType()).dtype)
-               for k, v in out.items()}
+        out = {k: slots.get(k, SlotType()).layout(k, v) for k, v in out.items()}
     return out
 
 
@@ -123,8 +170,8 @@ def graph_slots(model) -> dict[str, SlotType]:
     """A graph's LoRA slots (its `*.lora_A` / `*.lora_B` inputs): element type and layout."""
     from onnx import helper
 
-    return {i.name: SlotType(np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)).type,
-                             len(i.type.tensor_type.shape.dim) == 3)
+    return {i.name: SlotType.of(i.name, helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
+                                len(i.type.tensor_type.shape.dim))
             for i in model.graph.input if i.name.endswith((".lora_A", ".lora_B"))}
 
 
@@ -358,20 +405,25 @@ class FusedBuilder:
         """The slot of a projection whose members' output widths are `outs`: A [d_in, r] and either
         one block-diagonal B [r, sum of outs] or (MatMulQ41) one B per member, in tiles of 8
         columns ([out / 8, r_m, 8]) where out allows, as overridable initializers of rank 0 by
-        default; and their element type."""
+        default; and their element type. 8-bit slots (MatMulQ41 with every out a multiple of 8, else
+        float16): A [r, d_in / 32, 34] (`q8_a`), each B [out / 8, r_m + 2, 8] (`q8_b`)."""
         from onnx import helper
 
         g = self.g
         a, b = slot_names(slot)
         q41 = self.linear.q41(d_in)
         dtype = self.adapter_type if q41 else np.float32
-        shapes = {a: [d_in, rank_dim(slot)]}
+        if dtype is np.uint8 and any(out % TILE for out in outs.values()):
+            dtype = np.float16  # 8-bit B's come in whole tiles
+        q8 = dtype is np.uint8
+        shapes = {a: [rank_dim(slot), d_in // BLK, 34] if q8 else [d_in, rank_dim(slot)]}
         members = outs if q41 else {slot: sum(outs.values())}
         for m, out in members.items():
             r = rank_dim(m if len(members) > 1 else slot)
-            shapes[slot_names(m)[1] if len(members) > 1 else b] = [out // TILE, r, TILE] if q41 and not out % TILE else [r, out]
-        for name, shape in shapes.items():
-            g.init(name, np.zeros([d if isinstance(d, int) else 0 for d in shape], dtype))
+            shapes[slot_names(m)[1] if len(members) > 1 else b] = [out // TILE, f"{r}+2", TILE] if q8 else \
+                [out // TILE, r, TILE] if q41 and not out % TILE else [r, out]
+        for name, shape in shapes.items():  # the defaults: rank 0 (an 8-bit B's two rows of scales)
+            g.init(name, np.zeros([d if isinstance(d, int) else 2 if d.endswith("+2") else 0 for d in shape], dtype))
             g.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
         names = list(shapes)
         return (names[0], names[1:]), dtype
@@ -549,7 +601,8 @@ def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, 
     """Builds the fused graph into ``out_dir/model.onnx`` (+ ``model.onnx.data``). `kernel` "q41"
     writes every int4 linear as edgelora's exact Q4_1 operator (sessions then need the library:
     edgelora.native), "nbits" as ONNX Runtime's MatMulNBits. `adapter_type` "f16": the MatMulQ41
-    nodes' LoRA slots take float16 (half an active adapter's bytes per token); other slots stay f32."""
+    nodes' LoRA slots take float16 (half an active adapter's bytes per token), "q8" 8-bit blocks
+    (about a quarter); other slots stay f32."""
     import onnx
     from onnx import helper
 
@@ -688,6 +741,26 @@ def uses_q41(model) -> bool:
     return any(o.domain == EDGELORA for o in model.opset_import)
 
 
+def _q8_slots_as_f16(model, inits: dict) -> dict[str, SlotType]:
+    """Redeclares a graph's 8-bit slots (which only MatMulQ41 reads) as float16 ones in the float
+    layout (A [in, r], B [out / 8, r, 8]), rank 0 by default; returns the graph's slot types after."""
+    from onnx import helper, numpy_helper
+
+    types = graph_slots(model)
+    for inp in model.graph.input:
+        if inp.name not in types or types[inp.name].dtype is not np.uint8:
+            continue
+        d = inp.type.tensor_type.shape.dim
+        if types[inp.name].tiled:
+            shape, default = [d[0].dim_value, d[1].dim_param.removesuffix("+2"), TILE], (d[0].dim_value, 0, TILE)
+        else:
+            shape, default = [d[1].dim_value * BLK, d[0].dim_param], (d[1].dim_value * BLK, 0)
+        inp.CopyFrom(helper.make_tensor_value_info(inp.name, helper.np_dtype_to_tensor_dtype(np.dtype(np.float16)), shape))
+        inits[inp.name].CopyFrom(numpy_helper.from_array(np.zeros(default, np.float16), inp.name))
+        types[inp.name] = SlotType(np.float16, types[inp.name].tiled)
+    return types
+
+
 def without_q41(model, accuracy_level: int = 4):
     """The same graph with every MatMulQ41 node (exact Q4_1, LoRA inside) as ONNX Runtime's own nodes:
     the Q4_1 folded into one MatMulNBits, the LoRA slot as MatMul, MatMul, Add. `model` holds its
@@ -695,7 +768,7 @@ def without_q41(model, accuracy_level: int = 4):
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    types = graph_slots(model)
+    types = _q8_slots_as_f16(model, inits)
     widths = {i.name: i.type.tensor_type.shape.dim[0].dim_value * TILE for i in model.graph.input  # of tiled B's
               if i.name in types and types[i.name].tiled}
     g = _Graph()

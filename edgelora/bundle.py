@@ -122,7 +122,7 @@ class _ExportContext:
                  onnx_graph: str = "fused", onnx_adapter_type: str = "f32"):
         self.base, self.tmp, self.progress = base, tmp, progress
         self.profile, self.onnx_graph = profile, onnx_graph
-        self.onnx_adapter_type = onnx_adapter_type  # what MatMulQ41 nodes read adapters in: f32 or f16
+        self.onnx_adapter_type = onnx_adapter_type  # what MatMulQ41 nodes read adapters in: f32, f16 or q8
         self._f32_gguf: Path | None = None
         self._hf_dir: Path | None = None
 
@@ -319,7 +319,7 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     `onnx_graph`: "fused" (edgelora's graph built from the weights with ONNX Runtime's fused
     kernels; the default) or "optimum" (optimum's export plus LoRA slots). `adapter_precision`:
     what llama.cpp computes installed adapters in, f32, f16 or q8_0 (the store keeps each adapter's
-    f32 value beside); the ONNX graph's MatMulQ41 nodes take f16 for f16 and q8_0 (their nearest)."""
+    f32 value beside); the ONNX graph's MatMulQ41 nodes take the same width (q8_0: 8-bit blocks)."""
     from .converters.gguf_lora import PRECISIONS
 
     if adapter_precision not in PRECISIONS:
@@ -337,8 +337,8 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     tokens = _eval_tokens(base, eval_tokens)
     artifacts: list[Artifact] = []
     with tempfile.TemporaryDirectory(prefix="edgelora-export-") as work, atomic_dir(out, replace=replace) as tmp:
-        # ONNX computes with what is nearest the GGUF choice that MatMulQ41 reads: f32, or f16 (for f16 and q8_0)
-        ws = _ExportContext(base, Path(work), progress, profile, onnx_graph, "f32" if adapter_precision == "f32" else "f16")
+        # MatMulQ41 reads adapters in the GGUF choice's width: f32, f16, or 8-bit blocks for q8_0
+        ws = _ExportContext(base, Path(work), progress, profile, onnx_graph, {"q8_0": "q8"}.get(adapter_precision, adapter_precision))
         reference = float_scores(ws, tokens, threads, progress)
         for b, q in plan:
             artifacts.append(_build_artifact(ws, b, q, tmp, threads, tokens, reference, force))

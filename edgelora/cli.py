@@ -120,7 +120,7 @@ def export(
     replace: bool = typer.Option(False, "--replace", help="Replace an existing bundle at --out."),
     eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Evaluate quality on the first N held-out tokens only."),
     adapter_precision: str = typer.Option("f32", "--adapter-precision", help="What engines compute installed "
-                                          "adapters in: f32, f16 (half the bytes per token) or q8_0 (llama.cpp; ONNX takes f16)."),
+                                          "adapters in: f32, f16 (half the bytes per token) or q8_0 (8 bits, about a quarter)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Export a base model as a self-contained bundle for one device profile, with its quality measured."""

@@ -15,8 +15,11 @@
 //   a block-diagonal B are stored or read. A B may also come in tiles of 8 columns, [N_i / 8, r_i, 8]
 //   (the rows of one group of output columns side by side, so the pass over a group reads one run of
 //   memory instead of r_i strided ones: measurably faster). r = 0: no adapter. The adapter is
-//   float32 or float16 (its bytes are the active adapter's cost per token); x, y and the bias are
-//   float32.
+//   float32, float16 or 8-bit (its bytes are the active adapter's cost per token); x, y and the bias
+//   are float32. An 8-bit adapter comes as uint8: lora_a [r, K/32, 34], per rank and block of 32
+//   along K an fp16 scale then 32 int8 codes (GGUF's Q8_0 block), dotted with the activations' own
+//   int8 blocks; each lora_b in tiles [N_i / 8, r_i + 2, 8]: r_i rows of the tile's 8 columns' int8
+//   codes, then the 8 columns' fp16 scales (one per output column, over its r_i codes).
 //
 // w is written by the exporter (converters/q41.py: pack) as uint8 [ceil(N/8), K/32, 160]: one
 // linear stream of 160-byte tiles per group of 8 output columns (the last group padded with zero
@@ -56,7 +59,7 @@
 
 namespace {
 
-constexpr int kBlock = 32, kGroup = 8, kTile = 160;
+constexpr int kBlock = 32, kGroup = 8, kTile = 160, kQ8 = 34;  // kQ8: an 8-bit lora_a block (fp16 scale, 32 codes)
 constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
 
 bool use_simd() {
@@ -142,11 +145,28 @@ Act quantize(const float* x, int64_t M, int64_t K) {
 
 constexpr int kMaxSeg = 3;
 
+// What the adapter's tensors hold.
+enum class Lt { F32, F16, Q8 };
+
+float half_to_float(uint16_t h);
+
+inline float load1(const void* p, bool half, int64_t i) {
+  return half ? half_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
 // Output columns [n0, n1) take xa[r0 : r0 + rank] . b, b [rank, n1 - n0] or, tiled, [(n1 - n0) / 8,
-// rank, 8] (float or fp16).
+// rank, 8] (float or fp16), or 8-bit tiles [(n1 - n0) / 8, rank + 2, 8].
 struct Seg {
   int64_t n0, n1, r0, rank; const void* b; bool tiled;
   int64_t at(int64_t i, int64_t c) const { return tiled ? ((c >> 3) * rank + i) * 8 + (c & 7) : i * (n1 - n0) + c; }
+  const int8_t* q8_tile(int64_t c) const { return static_cast<const int8_t*>(b) + (c >> 3) * (rank + 2) * 8; }
+  float value(int64_t i, int64_t c, Lt lt) const {  // element (i, c) of b
+    if (lt != Lt::Q8) return load1(b, lt == Lt::F16, at(i, c));
+    const int8_t* t = q8_tile(c);
+    uint16_t d;
+    std::memcpy(&d, t + rank * 8 + 2 * (c & 7), 2);
+    return float(t[i * 8 + (c & 7)]) * half_to_float(d);
+  }
 };
 
 struct Job {
@@ -154,16 +174,11 @@ struct Job {
   const Act* a;
   const float* bias;
   const float* x;
-  const void* lora_a; bool half; int64_t rank;  // lora_a [K, rank], float or fp16
-  float* xa;                                     // [M, rank] = x . lora_a
+  const void* lora_a; Lt lt; int64_t rank;  // lora_a [K, rank] float or fp16, or 8-bit [rank, K / 32, 34]
+  float* xa;                                 // [M, rank] = x . lora_a
   Seg seg[kMaxSeg]; int nseg;
+  bool half() const { return lt == Lt::F16; }
 };
-
-float half_to_float(uint16_t h);
-
-inline float load1(const void* p, bool half, int64_t i) {
-  return half ? half_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
-}
 
 // The adapter's and the bias's share of output column n for row r.
 inline float extra(const Job& j, int64_t r, int64_t n) {
@@ -172,7 +187,7 @@ inline float extra(const Job& j, int64_t r, int64_t n) {
     const Seg& g = j.seg[s];
     if (n < g.n0 || n >= g.n1) continue;
     const float* xa = j.xa + r * j.rank + g.r0;
-    for (int64_t i = 0; i < g.rank; ++i) v += xa[i] * load1(g.b, j.half, g.at(i, n - g.n0));
+    for (int64_t i = 0; i < g.rank; ++i) v += xa[i] * g.value(i, n - g.n0, j.lt);
   }
   return v;
 }
@@ -237,6 +252,11 @@ __attribute__((target("avx2,f16c"))) inline __m256 load8(const void* p, bool hal
               : _mm256_loadu_ps(static_cast<const float*>(p) + i);
 }
 
+// 8 int8 codes widened to float.
+__attribute__((target("avx2"))) inline __m256 load8_q8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
   const Job& j = *static_cast<const Job*>(p);
   const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
@@ -269,15 +289,25 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
       if (j.bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(j.bias + n0));
       // the adapter: four independent chains of FMAs (one chain would wait on each FMA's latency)
       __m256 part[4] = {acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      if (sg) {
+      if (sg && sg->rank && j.lt == Lt::Q8) {  // the codes' sums, then times the columns' scales
+        const float* xa = j.xa + r * j.rank + sg->r0;
+        const int8_t* t = sg->q8_tile(n0 - sg->n0);
+        __m256 lo[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int64_t i = 0;
+        for (; i + 4 <= sg->rank; i += 4)
+          for (int u = 0; u < 4; ++u) lo[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), load8_q8(t + 8 * (i + u)), lo[u]);
+        for (; i < sg->rank; ++i) lo[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), load8_q8(t + 8 * i), lo[0]);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + sg->rank * 8)));
+        part[0] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3])), d, part[0]);
+      } else if (sg && j.lt != Lt::Q8) {
         const float* xa = j.xa + r * j.rank + sg->r0;
         const int64_t c0 = n0 - sg->n0, step = sg->at(1, c0) - sg->at(0, c0), at = sg->at(0, c0);
         int64_t i = 0;
         for (; i + 4 <= sg->rank; i += 4)
           for (int u = 0; u < 4; ++u)
-            part[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), load8(sg->b, j.half, at + (i + u) * step), part[u]);
+            part[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), load8(sg->b, j.half(), at + (i + u) * step), part[u]);
         for (; i < sg->rank; ++i)
-          part[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), load8(sg->b, j.half, at + i * step), part[0]);
+          part[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), load8(sg->b, j.half(), at + i * step), part[0]);
       }
       _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3])));
     } else {
@@ -364,7 +394,7 @@ void lora_rows_portable(void* p, size_t r) {  // xa[r] = x[r] . lora_a
   std::fill(xa, xa + j.rank, 0.f);
   const float* x = j.x + r * j.K;
   for (int64_t k = 0; k < j.K; ++k)
-    for (int64_t i = 0; i < j.rank; ++i) xa[i] += x[k] * load1(j.lora_a, j.half, k * j.rank + i);
+    for (int64_t i = 0; i < j.rank; ++i) xa[i] += x[k] * load1(j.lora_a, j.half(), k * j.rank + i);
 }
 
 #ifdef EDGELORA_X86
@@ -384,24 +414,130 @@ __attribute__((target("avx2,fma,f16c"))) void lora_rows_avx2(void* p, size_t r) 
     for (; k + 2 <= j.K; k += 2, at += 2 * j.rank) {
       const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
       for (int64_t v = 0; v < n; ++v) {
-        acc[0][v] = _mm256_fmadd_ps(x0, load8(j.lora_a, j.half, at + 8 * v), acc[0][v]);
-        acc[1][v] = _mm256_fmadd_ps(x1, load8(j.lora_a, j.half, at + j.rank + 8 * v), acc[1][v]);
+        acc[0][v] = _mm256_fmadd_ps(x0, load8(j.lora_a, j.half(), at + 8 * v), acc[0][v]);
+        acc[1][v] = _mm256_fmadd_ps(x1, load8(j.lora_a, j.half(), at + j.rank + 8 * v), acc[1][v]);
       }
     }
     for (; k < j.K; ++k, at += j.rank)
       for (int64_t v = 0; v < n; ++v)
-        acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), load8(j.lora_a, j.half, at + 8 * v), acc[0][v]);
+        acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), load8(j.lora_a, j.half(), at + 8 * v), acc[0][v]);
     for (int64_t v = 0; v < n; ++v) _mm256_storeu_ps(xa + i0 + 8 * v, _mm256_add_ps(acc[0][v], acc[1][v]));
   }
   for (int64_t i = r8; i < j.rank; ++i) {
     float v = 0.f;
-    for (int64_t k = 0; k < j.K; ++k) v += x[k] * load1(j.lora_a, j.half, k * j.rank + i);
+    for (int64_t k = 0; k < j.K; ++k) v += x[k] * load1(j.lora_a, j.half(), k * j.rank + i);
     xa[i] = v;
   }
 }
 #endif
 
+// 8-bit lora_a: xa[r, i] = sum over blocks b of s_x[b] d_A[i, b] (q_x[b] . q_A[i, b]), an integer dot
+// per block as llama.cpp's q8_0 x q8_0 (float activations when there are no int8 ones: accuracy_level 0).
+inline float q8_scale(const uint8_t* blk) {
+  uint16_t d;
+  std::memcpy(&d, blk, 2);
+  return half_to_float(d);
+}
+
+void lora_rows_q8_portable(void* p, size_t r) {
+  const Job& j = *static_cast<const Job*>(p);
+  const uint8_t* A = static_cast<const uint8_t*>(j.lora_a);
+  for (int64_t i = 0; i < j.rank; ++i) {
+    float v = 0.f;
+    for (int64_t b = 0; b < j.blocks; ++b) {
+      const uint8_t* blk = A + (i * j.blocks + b) * kQ8;
+      const int8_t* c = reinterpret_cast<const int8_t*>(blk + 2);
+      if (j.a->q.empty()) {
+        const float* x = j.x + r * j.K + b * kBlock;
+        float dot = 0.f;
+        for (int k = 0; k < kBlock; ++k) dot += x[k] * float(c[k]);
+        v += dot * q8_scale(blk);
+      } else {
+        const int8_t* q = j.a->q.data() + r * j.K + b * kBlock;
+        int32_t dot = 0;
+        for (int k = 0; k < kBlock; ++k) dot += int32_t(q[k]) * c[k];
+        v = std::fma(float(dot), j.a->s[r * j.blocks + b] * q8_scale(blk), v);
+      }
+    }
+    j.xa[r * j.rank + i] = v;
+  }
+}
+
+#ifdef EDGELORA_X86
+// Eight ranks at a time: per block, eight integer dots (maddubs of |q_x| with q_A signed as q_x),
+// summed across lanes in one hadd tree, then one FMA for the eight; the rest of the ranks one by one.
+__attribute__((target("avx2,fma,f16c"))) void lora_rows_q8_avx2(void* p, size_t r) {
+  const Job& j = *static_cast<const Job*>(p);
+  const uint8_t* A = static_cast<const uint8_t*>(j.lora_a);
+  const int8_t* q = j.a->q.data() + r * j.K;
+  const float* s = j.a->s.data() + r * j.blocks;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t r8 = j.rank / 8 * 8;
+  for (int64_t i0 = 0; i0 < r8; i0 += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < j.blocks; ++b) {
+      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
+      const __m256i ax = _mm256_abs_epi8(qx);
+      __m256i dot[8];
+      alignas(16) uint16_t dh[8];
+      for (int u = 0; u < 8; ++u) {
+        const uint8_t* blk = A + ((i0 + u) * j.blocks + b) * kQ8;
+        std::memcpy(dh + u, blk, 2);
+        const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        dot[u] = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qa, qx)), ones);
+      }
+      const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(dot[0], dot[1]), _mm256_hadd_epi32(dot[2], dot[3]));
+      const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(dot[4], dot[5]), _mm256_hadd_epi32(dot[6], dot[7]));
+      const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+      const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(s[b]), _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(dh))));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+    }
+    _mm256_storeu_ps(j.xa + r * j.rank + i0, acc);
+  }
+  for (int64_t i = r8; i < j.rank; ++i) {
+    float v = 0.f;
+    for (int64_t b = 0; b < j.blocks; ++b) {
+      const uint8_t* blk = A + (i * j.blocks + b) * kQ8;
+      const int8_t* c = reinterpret_cast<const int8_t*>(blk + 2);
+      int32_t dot = 0;
+      for (int k = 0; k < kBlock; ++k) dot += int32_t(q[b * kBlock + k]) * c[k];
+      v = std::fma(float(dot), s[b] * q8_scale(blk), v);
+    }
+    j.xa[r * j.rank + i] = v;
+  }
+}
+#endif
+
+#ifdef EDGELORA_ARM64
+__attribute__((target("arch=armv8.2-a+dotprod"))) void lora_rows_q8_neon(void* p, size_t r) {
+  const Job& j = *static_cast<const Job*>(p);
+  const uint8_t* A = static_cast<const uint8_t*>(j.lora_a);
+  const int8_t* q = j.a->q.data() + r * j.K;
+  const float* s = j.a->s.data() + r * j.blocks;
+  for (int64_t i = 0; i < j.rank; ++i) {
+    float v = 0.f;
+    for (int64_t b = 0; b < j.blocks; ++b) {
+      const uint8_t* blk = A + (i * j.blocks + b) * kQ8;
+      const int8_t* c = reinterpret_cast<const int8_t*>(blk + 2);
+      const int32x4_t d = vdotq_s32(vdotq_s32(vdupq_n_s32(0), vld1q_s8(q + b * kBlock), vld1q_s8(c)),
+                                    vld1q_s8(q + b * kBlock + 16), vld1q_s8(c + 16));
+      v = std::fma(float(vaddvq_s32(d)), s[b] * q8_scale(blk), v);
+    }
+    j.xa[r * j.rank + i] = v;
+  }
+}
+#endif
+
 void lora_rows(void* p, size_t r) {
+  const Job& j = *static_cast<const Job*>(p);
+  if (j.lt == Lt::Q8) {
+#if defined(EDGELORA_X86)
+    if (use_simd() && !j.a->q.empty()) return lora_rows_q8_avx2(p, r);
+#elif defined(EDGELORA_ARM64)
+    if (use_simd() && !j.a->q.empty()) return lora_rows_q8_neon(p, r);
+#endif
+    return lora_rows_q8_portable(p, r);
+  }
 #ifdef EDGELORA_X86
   if (use_simd()) return lora_rows_avx2(p, r);
 #endif
@@ -411,7 +547,7 @@ void lora_rows(void* p, size_t r) {
 template <typename T>
 using Opt = std::optional<const Ort::Custom::Tensor<T>*>;
 
-// T: the adapter's type (float or Ort::Float16_t); one kernel per type, under one name.
+// T: the adapter's type (float, Ort::Float16_t, or uint8_t for 8-bit); one kernel per type, under one name.
 template <typename T>
 struct MatMulQ41 {
   MatMulQ41(const OrtApi*, const OrtKernelInfo* info) {
@@ -437,17 +573,19 @@ struct MatMulQ41 {
       ORT_CXX_API_THROW("MatMulQ41: lora_a comes with lora_b (then lora_b1, lora_b2)", ORT_INVALID_ARGUMENT);
     if (lora_a.has_value()) {
       const auto as = (*lora_a)->Shape();
-      if (as.size() != 2 || as[0] != K)
-        ORT_CXX_API_THROW("MatMulQ41: lora_a must be [K, r]", ORT_INVALID_ARGUMENT);
-      j.rank = as[1];
+      if (q8 ? as.size() != 3 || as[1] != K / kBlock || as[2] != kQ8 : as.size() != 2 || as[0] != K)
+        ORT_CXX_API_THROW(q8 ? "MatMulQ41: an 8-bit lora_a must be uint8 [r, K/32, 34]" : "MatMulQ41: lora_a must be [K, r]",
+                          ORT_INVALID_ARGUMENT);
+      j.rank = q8 ? as[0] : as[1];
       int64_t n = 0, r = 0;
       for (const Opt<T>& b : {lora_b, lora_b1, lora_b2}) {
         if (!b.has_value()) break;
         const auto bs = (*b)->Shape();
         const bool tiled = bs.size() == 3;
-        if (!(bs.size() == 2 || (tiled && bs[2] == kGroup)))
-          ORT_CXX_API_THROW("MatMulQ41: each lora_b must be [r_i, N_i] or [N_i / 8, r_i, 8]", ORT_INVALID_ARGUMENT);
-        const int64_t rank = tiled ? bs[1] : bs[0], width = tiled ? bs[0] * kGroup : bs[1];
+        if (q8 ? !tiled || bs[1] < 2 || bs[2] != kGroup : !(bs.size() == 2 || (tiled && bs[2] == kGroup)))
+          ORT_CXX_API_THROW(q8 ? "MatMulQ41: each 8-bit lora_b must be uint8 [N_i / 8, r_i + 2, 8]"
+                               : "MatMulQ41: each lora_b must be [r_i, N_i] or [N_i / 8, r_i, 8]", ORT_INVALID_ARGUMENT);
+        const int64_t rank = tiled ? bs[1] - (q8 ? 2 : 0) : bs[0], width = tiled ? bs[0] * kGroup : bs[1];
         j.seg[j.nseg++] = Seg{n, n + width, r, rank, rank && width ? (*b)->Data() : nullptr, tiled};
         n += width;
         r += rank;
@@ -455,7 +593,7 @@ struct MatMulQ41 {
       if (n != N || r != j.rank)
         ORT_CXX_API_THROW("MatMulQ41: the lora_b's must cover the N outputs and the r ranks of lora_a", ORT_INVALID_ARGUMENT);
       j.lora_a = j.rank ? (*lora_a)->Data() : nullptr;
-      j.half = std::is_same<T, Ort::Float16_t>::value;
+      j.lt = q8 ? Lt::Q8 : std::is_same<T, Ort::Float16_t>::value ? Lt::F16 : Lt::F32;
     }
     const int64_t nbias = bias.has_value() ? (*bias)->NumberOfElement() : 0;  // 0: none (ONNX Runtime's lite
     if (nbias != 0 && nbias != N)                                              // operators take no "" inputs)
@@ -486,6 +624,7 @@ struct MatMulQ41 {
 
   int64_t N;
   bool exact = false;
+  static constexpr bool q8 = std::is_same<T, uint8_t>::value;
 };
 
 }  // namespace
@@ -501,10 +640,12 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
       Ort::Custom::CreateLiteCustomOp<MatMulQ41<float>>("MatMulQ41", "CPUExecutionProvider")};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> q41h{
       Ort::Custom::CreateLiteCustomOp<MatMulQ41<Ort::Float16_t>>("MatMulQ41", "CPUExecutionProvider")};
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> q41q8{
+      Ort::Custom::CreateLiteCustomOp<MatMulQ41<uint8_t>>("MatMulQ41", "CPUExecutionProvider")};
   static Ort::CustomOpDomain domain{nullptr};
   static std::once_flag once;
   try {
-    std::call_once(once, [] { domain = Ort::CustomOpDomain{"edgelora"}; domain.Add(q41.get()); domain.Add(q41h.get()); });
+    std::call_once(once, [] { domain = Ort::CustomOpDomain{"edgelora"}; domain.Add(q41.get()); domain.Add(q41h.get()); domain.Add(q41q8.get()); });
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const Ort::Exception& e) {
     return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());

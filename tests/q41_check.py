@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-SHAPES = [(1, 32, 5), (1, 576, 1536), (3, 96, 13), (7, 64, 8), (2, 2048, 4093), (5, 160, 1538)]
+SHAPES = [(1, 32, 5), (1, 576, 1536), (3, 96, 13), (7, 64, 8), (2, 2048, 4093), (5, 160, 1538), (6, 64, 48)]
 TOLERANCE = 1e-6  # of the output's range
 
 
@@ -20,7 +20,8 @@ def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, 
             threads: int = 2, accuracy_level: int = 4, split: tuple[int, ...] = (), dtype=np.float32, tiled: bool = False):
     """One MatMulQ41 node; with `lora`, inputs a [k, r] and b [r, n] in `dtype`, or with `split` (the
     widths of side-by-side projections) one B per projection: b, b1, b2 [r_i, split[i]]; `tiled`: the
-    B's whose width is a multiple of 8 in tiles, [width / 8, r_i, 8] (`tile`)."""
+    B's whose width is a multiple of 8 in tiles, [width / 8, r_i, 8] (`tile`). dtype uint8: 8 bits,
+    a [r, k / 32, 34] and b's [width / 8, r_i + 2, 8] (onnx_fused.q8_a, q8_b)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -30,8 +31,9 @@ def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, 
     names = ["x", "w"]
     bs = [f"b{i or ''}" for i in range(len(split))] if split else ["b"]
     if lora:  # a LoRA slot of any rank
-        ins += [helper.make_tensor_value_info("a", t, [k, "r"])]
-        ins += [helper.make_tensor_value_info(b, t, [w // 8, f"r{b}", 8] if tiled and not w % 8 else [f"r{b}", w])
+        q8 = dtype is np.uint8
+        ins += [helper.make_tensor_value_info("a", t, ["r", k // 32, 34] if q8 else [k, "r"])]
+        ins += [helper.make_tensor_value_info(b, t, [w // 8, f"r{b}", 8] if (tiled or q8) and not w % 8 else [f"r{b}", w])
                 for b, w in zip(bs, split or (n,))]
         names += ["a", bs[0]]
     if bias is not None or split:  # (the B's of a split come after the bias: none is 0 values)
@@ -47,6 +49,15 @@ def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, 
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def int8_x(x: np.ndarray) -> np.ndarray:
+    """The activations as the operator quantizes them (int8 per block of 32), back in float64."""
+    mm, k = x.shape
+    b = x.reshape(mm, k // 32, 32)
+    s = np.abs(b).max(-1) / np.float32(127)
+    xq = np.rint(b * np.where(s > 0, 1 / np.where(s > 0, s, 1), 0)[..., None].astype(np.float32))
+    return (xq * s[..., None].astype(np.float64)).reshape(mm, k)
+
+
 def emulate(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     mm, k = x.shape
     b = x.reshape(mm, k // 32, 32).astype(np.float64)
@@ -59,7 +70,7 @@ def emulate(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.nd
 def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float]:
     """Worst errors, relative to the output's range: int8 activations against the emulation, float
     activations (accuracy_level 0) against the float weight, and with a LoRA slot and a bias."""
-    from edgelora.converters import q41
+    from edgelora.converters import onnx_fused, q41
 
     rng = np.random.default_rng(k * n + rows)
     w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
@@ -90,19 +101,27 @@ def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float
     zero = {"x": x, "a": np.zeros((k, 0), np.float32), "b": np.zeros((0, n), np.float32)}
     err["rank 0"] = float(np.abs(s.run(None, zero)[0] - (ref + bias)).max() / np.abs(ref + bias).max())
     err["split lora"] = 0.0
-    for parts in split_cases(n):  # one B per projection, float32 and float16, member ranks 0 included
+    for parts in split_cases(n):  # one B per projection, float32, float16 and 8 bits, member ranks 0 included
         widths, ranks = zip(*parts)
-        for dtype, with_bias, tiled in ((np.float32, True, False), (np.float16, True, False), (np.float16, False, False),
-                                        (np.float32, True, True), (np.float16, False, True)):
+        variants = [(np.float32, True, False, 4), (np.float16, True, False, 4), (np.float16, False, False, 4),
+                    (np.float32, True, True, 4), (np.float16, False, True, 4)]
+        if not any(w % 8 for w in widths):  # 8-bit B's come in whole tiles; A's dots take the int8 activations
+            variants += [(np.uint8, True, True, 4), (np.uint8, False, True, 0)]
+        for dtype, with_bias, tiled, level in variants:
             s = session(lib, k, n, tiles, lora=True, bias=bias if with_bias else None, split=widths, dtype=dtype,
-                        tiled=tiled)
-            a = (rng.standard_normal((k, sum(ranks))) * 0.5).astype(dtype)
-            feeds, full, r0 = {"x": x, "a": a}, ref + (bias if with_bias else 0.0), 0
+                        tiled=tiled, accuracy_level=level)
+            a = (rng.standard_normal((k, sum(ranks))) * 0.5).astype(np.float32 if dtype is np.uint8 else dtype)
+            feeds, r0 = {"x": x, "a": onnx_fused.q8_a(a) if dtype is np.uint8 else a}, 0
+            full = (ref if level else exact) + (bias if with_bias else 0.0)
+            xs = x.astype(np.float64) if level == 0 or dtype is not np.uint8 else int8_x(x)
+            a = onnx_fused.q8_values(feeds["a"], "a.lora_A") if dtype is np.uint8 else a
             for i, (w, r) in enumerate(parts):
-                b = (rng.standard_normal((r, w)) * 0.1).astype(dtype)
-                feeds[f"b{i or ''}"] = tile(b) if tiled and not w % 8 else b
+                b = (rng.standard_normal((r, w)) * 0.1).astype(np.float32 if dtype is np.uint8 else dtype)
+                name = f"b{i or ''}"
+                feeds[name] = onnx_fused.q8_b(b) if dtype is np.uint8 else tile(b) if tiled and not w % 8 else b
+                b = onnx_fused.q8_values(feeds[name], "b.lora_B") if dtype is np.uint8 else b
                 c0 = sum(widths[:i])
-                full[:, c0:c0 + w] += (x.astype(np.float64) @ a[:, r0:r0 + r].astype(np.float64)) @ b.astype(np.float64)
+                full[:, c0:c0 + w] += (xs @ a[:, r0:r0 + r].astype(np.float64)) @ b.astype(np.float64)
                 r0 += r
             got = s.run(None, feeds)[0]
             err["split lora"] = max(err["split lora"], float(np.abs(got - full).max() / np.abs(full).max()))

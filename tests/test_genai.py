@@ -49,9 +49,9 @@ def ours(bundle, ids: list[int], active: str | None = None) -> list[int]:
         return e.generate(ids, max_tokens=MAX_NEW).tokens
 
 
-@pytest.fixture(scope="module", params=["f32", "int8", "int4", "int4@f16"])
+@pytest.fixture(scope="module", params=["f32", "int8", "int4", "int4@f16", "int4@q8_0"])
 def bundle(request, tiny_llama, tmp_path_factory, isolated_cache):
-    quant, _, precision = request.param.partition("@")  # f16: MatMulQ41 reads adapters in half the bytes
+    quant, _, precision = request.param.partition("@")  # f16, q8_0: MatMulQ41 reads adapters in half, a quarter the bytes
     b = edgelora.export(tiny_llama, "x86-64", tmp_path_factory.mktemp("genai") / request.param, backend="onnx",
                         quant=quant, eval_tokens=256, force=True, progress=False, adapter_precision=precision or "f32")
     for seed, name in ((1, "a"), (2, "b")):
@@ -73,7 +73,7 @@ def test_genai_loads_the_bundle_and_the_stores_adapters_as_they_are(bundle):
         assert (model_dir / native.LIBRARY).is_file()
         # its slots take one B per projection, in tiles, in the bundle's adapter precision: so do genai's files
         slots = bundle.store.genai_slots
-        assert {t.dtype for t in slots.values()} == {np.float16 if bundle.adapter_precision == "f16" else np.float32}
+        assert {t.dtype for t in slots.values()} == {{"f16": np.float16, "q8_0": np.uint8}.get(bundle.adapter_precision, np.float32)}
         assert slots["layers.0.k.lora_B"].tiled and slots["layers.0.o.lora_B"].tiled and "layers.0.qkv.lora_B" not in slots
     ids = _prompt(bundle)
     base = ours(bundle, ids)

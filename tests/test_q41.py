@@ -100,7 +100,8 @@ def test_fused_graph_with_the_operator_matches_transformers_peft_and_matmulnbits
     ids = base.tokenizer.encode("The quick brown fox jumps over the lazy dog. A Raspberry Pi has four cores. "
                                 "Edge devices run small language models.")
     paths = {k: onnx_fused.export(base, tmp_path / k, "int4", max_len=128, kernel=k) for k in ("q41", "nbits")}
-    paths["q41-f16"] = onnx_fused.export(base, tmp_path / "q41-f16", "int4", max_len=128, kernel="q41", adapter_type="f16")
+    for t in ("f16", "q8"):
+        paths[f"q41-{t}"] = onnx_fused.export(base, tmp_path / f"q41-{t}", "int4", max_len=128, kernel="q41", adapter_type=t)
     meta = {p.key: p.value for p in onnx.load(str(paths["q41"]), load_external_data=False).metadata_props}
     assert meta["edgelora.encodings"] == "{'q4_1 exact (MatMulQ41)': 8}"  # qkv, o, gate_up, down in 2 layers
     dense, packed = onnx_fused.read_weights(paths["q41"], base.config)
@@ -126,10 +127,15 @@ def test_fused_graph_with_the_operator_matches_transformers_peft_and_matmulnbits
             e.close()
 
     out = {k: run(p) for k, p in paths.items()}
-    # the adapter in float16 (half its bytes per token): the same base, the adapter's effect within 1%
-    np.testing.assert_array_equal(out["q41-f16"][0], out["q41"][0])
-    effect, effect16 = out["q41"][1] - out["q41"][0], out["q41-f16"][1] - out["q41-f16"][0]
-    assert np.linalg.norm(effect16 - effect) <= 0.01 * np.linalg.norm(effect)
+    # the adapter in float16 (half its bytes per token) and in 8 bits (about a quarter): the same base,
+    # the adapter's effect within 1% of the float adapter's in f16, 3% in 8 bits. (On this tiny random
+    # model even f16's 0.05% per weight moves the effect by ~0.8%: the adapter's change re-rounds the
+    # int8 activations downstream. 8 bits: ~1.6%; llama.cpp's own Q8_0 LoRA ~4%, test_adapter_formats.)
+    effect = out["q41"][1] - out["q41"][0]
+    for t, bound in (("f16", 0.01), ("q8", 0.03)):
+        np.testing.assert_array_equal(out[f"q41-{t}"][0], out["q41"][0])
+        narrow = out[f"q41-{t}"][1] - out[f"q41-{t}"][0]
+        assert np.linalg.norm(narrow - effect) <= bound * np.linalg.norm(effect), t
     for got, ref, nbits in zip(out["q41"], refs, out["nbits"]):
         err = np.abs(got - ref).max()
         assert err <= 0.01 * np.abs(ref).max(), err
@@ -147,11 +153,12 @@ def test_fused_graph_with_the_operator_matches_transformers_peft_and_matmulnbits
     assert len(said) == 1 and "MatMulNBits" in said[0], said
     for got, nbits in zip(fallback, out["nbits"]):
         np.testing.assert_array_equal(got, nbits)
-    os.environ["EDGELORA_ORT_OPS"] = "0"
-    try:  # float16 slots without the library: cast to float in front of the MatMuls
-        plain16, with16 = run(paths["q41-f16"])
-    finally:
-        del os.environ["EDGELORA_ORT_OPS"]
-    np.testing.assert_array_equal(plain16, out["nbits"][0])
     effect_nbits = out["nbits"][1] - out["nbits"][0]
-    assert np.linalg.norm(with16 - plain16 - effect_nbits) <= 0.01 * np.linalg.norm(effect_nbits)
+    for t in ("f16", "q8"):  # narrow slots without the library: float16 inputs cast to float in front of the MatMuls
+        os.environ["EDGELORA_ORT_OPS"] = "0"
+        try:
+            plain16, with16 = run(paths[f"q41-{t}"])
+        finally:
+            del os.environ["EDGELORA_ORT_OPS"]
+        np.testing.assert_array_equal(plain16, out["nbits"][0])
+        assert np.linalg.norm(with16 - plain16 - effect_nbits) <= 0.01 * np.linalg.norm(effect_nbits), t

@@ -30,6 +30,7 @@ from edgelora.tokenizer import Tokenizer
 from .engine import Engine, EngineError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}  # of LoRA slots
 
 
 class OnnxEngineError(EngineError):
@@ -59,8 +60,8 @@ class OnnxEngine(Engine):
         self.input_names = {i.name for i in self.session.get_inputs()}
         overridable = self.session.get_overridable_initializers()
         self.slots = {i.name: i.shape for i in overridable}
-        self._slot_types = {i.name: onnx_fused.SlotType(np.float16 if i.type == "tensor(float16)" else np.float32,
-                                                        len(i.shape) == 3) for i in overridable}
+        self._slot_types = {i.name: onnx_fused.SlotType.of(i.name, _ORT_TYPES.get(i.type, np.float32), len(i.shape))
+                            for i in overridable}
         meta = self.session.get_modelmeta().custom_metadata_map
         self.shared_kv = meta.get(keys.GRAPH) == "fused"
         self.grouped = any(n.startswith("layers.0.qkv.lora") for n in self.slots)
