@@ -77,18 +77,37 @@ def model(size: str = "135m") -> str:
     return str(out)
 
 
+# What a bundle's files are made by: a cached bench bundle is rebuilt when any of these changed.
+EXPORTER = ("converters", "edgelora/bundle.py", "edgelora/base.py", "edgelora/arch.py", "edgelora/rope.py")
+
+
+def exporter_key() -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for entry in EXPORTER:
+        for f in sorted((ROOT / entry).rglob("*.py")) if (ROOT / entry).is_dir() else [ROOT / entry]:
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def bundle(device: str, backend: str, quant: str, *, name: str | None = None, size: str = "135m",
            adapter_precision: str = "f32"):
-    """A bundle of the model at `size`, exported once and kept in the cache (delete it there after
-    changing how bundles are built)."""
+    """A bundle of the model at `size`, exported once and kept in the cache; exported again when the
+    exporter's code (EXPORTER) changed since."""
     import edgelora
 
     stem = name or f"{device}-{backend}-{quant}"
     path = edgelora.models.cache_dir() / "bench" / named(stem, size)
-    if (path / "bundle.json").exists():
+    key, stamp = exporter_key(), path.with_name(path.name + ".exporter")
+    if (path / "bundle.json").exists() and stamp.exists() and stamp.read_text() == key:
         return edgelora.open_bundle(path, verify=False)
-    return edgelora.export(model(size), device, path, backend=backend, quant=quant, force=True, replace=True,
-                           eval_tokens=None if size == "135m" else 256, adapter_precision=adapter_precision)
+    if path.exists():
+        print(f"exporting {path.name} again: the exporter changed since it was made", file=sys.stderr)
+    b = edgelora.export(model(size), device, path, backend=backend, quant=quant, force=True, replace=True,
+                        eval_tokens=None if size == "135m" else 256, adapter_precision=adapter_precision)
+    stamp.write_text(key)
+    return b
 
 
 GENAI_BUILDER_PACKAGES = ("torch==2.13.0", "transformers>=5", "onnx", "onnx_ir", "peft", "sentencepiece")
