@@ -214,6 +214,7 @@ def profile_verdicts(rows: list[dict]) -> list[dict]:
     emulator's speed says nothing about a device)."""
     import platform
 
+    from edgelora.bundle import _q41_library
     from edgelora.profiles import list_profiles
 
     here = {"amd64": "x86_64", "aarch64": "arm64"}.get(platform.machine().lower(), platform.machine().lower())
@@ -226,6 +227,8 @@ def profile_verdicts(rows: list[dict]) -> list[dict]:
         within = {n: r["change"] <= q.max_perplexity_increase and r["top1"] >= q.min_top1_agreement
                   for n, r in measured.items() if n.split()[1] in bk.order}
         default = f"edgelora {bk.order[0]} {bk.gguf_quant if bk.order[0] == 'gguf' else bk.onnx_quant}"
+        if default == "edgelora onnx int4":  # named, as measured, by the kernel the profile's bundle takes
+            default += " (MatMulQ41)" if _q41_library(prof) else " (MatMulNBits)"
         fastest = max((n for n, ok in within.items() if ok), key=lambda n: measured[n]["tok_s"], default=None)
         same_arch = prof.arch == here
         out.append(dict(profile=prof.name, budget=f"ppl +{q.max_perplexity_increase:.0%}, top-1 >= {q.min_top1_agreement:.0%}",
