@@ -7,7 +7,7 @@ the nodes). Interleaved rounds, medians, decode only (one token per eval after t
     python bench/adapter_bytes.py [--threads 1,2] [--base q8_0|q4_1] [--rounds 7]
 
 Prints each setting's tok/s, its ratio to the base, and the bytes it reads per token as a fraction of
-the base's. Writes bench/out/adapter_bytes.json.
+the base's. Writes bench/results/adapter_bytes.json.
 """
 
 from __future__ import annotations

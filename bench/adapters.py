@@ -12,7 +12,7 @@ the same with installed adapters computed in float16 in both engines (`--adapter
 half their bytes per token), `x86-q8` in 8 bits (`--adapter-precision q8_0`: GGUF Q8_0 in llama.cpp,
 MatMulQ41's 8-bit slots in ONNX, about a quarter of the bytes). Decode speeds are measured interleaved (base, one, two, base, ...) and
 the median taken, so the ratios hold on a busy machine. Both sides use the same thread count.
-Prints one table per bundle and writes bench/out/adapters.json.
+Prints one table per bundle and writes bench/results/adapters.json.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ worker), `--jobs` jobs at once (jobs per hour), and Ray's cost per job against t
 
     python bench/cloud.py [--steps 40] [--clients 16] [--seconds 10] [--engine local|ray|both] [--jobs 4]
 
-Writes bench/out/cloud.json.
+Writes bench/results/cloud.json.
 """
 
 from __future__ import annotations

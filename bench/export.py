@@ -10,7 +10,7 @@ quality figures mean nothing and are shown as n/a, and llama.cpp's row is its Q4
 the same weights. Every speed is also given as the share of the machine's read bandwidth it uses
 (the weight bytes a token reads x tokens/s over numpy's read rate at the same thread count).
 
-Prints one table; writes bench/out/export[-1b]-<threads>t.json and .png (decode speed against
+Prints one table; writes bench/results/export[-1b]-<threads>t.json and .png (decode speed against
 perplexity change, with the Pareto front).
 """
 

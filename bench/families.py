@@ -5,7 +5,7 @@ build (tests/families.py): the table behind the README's supported-architectures
 
 Prints, per family and engine, the largest |logit - transformers| (float engines, with the logits'
 own scale beside it) or the KL divergence from transformers (quantized ones), and writes
-bench/out/families.json.
+bench/results/families.json.
 """
 
 from __future__ import annotations

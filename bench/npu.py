@@ -6,7 +6,7 @@ compare) and on the QDQ graph on CPU.
 
 The bundle is the default model's snapdragon-8-gen-3 export (made once into the cache; ~11 minutes);
 the adapter is the quickstart's persona adapter recipe (80 steps on the shipped persona chats),
-trained against the float base if the store lacks `maren`. Writes bench/out/npu.json.
+trained against the float base if the store lacks `maren`. Writes bench/results/npu.json.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""The README's benchmark table and plot, from the last runs' JSON in bench/out/:
+"""The README's benchmark table and plot, from the last runs' JSON in bench/results/:
 
     python bench/report.py            # after bench/export.py, bench/adapters.py, bench/train.py (each --size 135m and 1b)
 
 Rewrites the block between the README's `bench:begin` and `bench:end` markers with one table
 (edgelora against the reference runtimes, the ratio, the share of the machine's read bandwidth,
-the issue's target) and writes docs/benchmarks.png. A missing run leaves its rows out and says so.
+the issue's target) and writes docs/benchmarks.png. The runs' JSON is committed, so a partial rerun
+replaces only its own rows; a run whose JSON is missing keeps the rows the table already had for it
+(said below the table), or is named as not run yet.
 """
 
 from __future__ import annotations
@@ -182,6 +184,22 @@ def draw(plots: dict[str, dict]) -> bool:
     return True
 
 
+def run_of(row: tuple) -> tuple[str, str, str]:
+    """(model, bench, threads) of a table row: which run it came from."""
+    what = row[1]
+    bench = "train" if what.startswith("training") else "adapters" if "adapter" in what else "export"
+    return row[0], bench, str(row[-1])
+
+
+def table_rows(text: str) -> list[tuple]:
+    """The rows of the README's current benchmark table."""
+    if BEGIN not in text:
+        return []
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    rows = [tuple(c.strip() for c in line.strip().strip("|").split("|")) for line in block.splitlines() if line.startswith("| ")]
+    return [r for r in rows[1:] if len(r) == 8]  # (the first is the header)
+
+
 def main() -> None:
     rows, missing, plots = [], [], {}
     for size in common.SIZES:
@@ -189,6 +207,15 @@ def main() -> None:
         rows += r
         missing += m
         plots[size] = p
+    text = README.read_text()
+    measured = {run_of(r) for r in rows}
+    kept = [r for r in table_rows(text) if run_of(r) not in measured]
+    if kept:  # runs whose JSON is not here (an earlier machine's): their rows stay as the table had them
+        order = [common.NAMES[s] for s in common.SIZES]
+        rows = sorted(rows + kept, key=lambda r: order.index(r[0]) if r[0] in order else len(order))
+        earlier = sorted({run_of(r) for r in kept})
+        missing = [m for m in missing if not any(m.startswith(f"bench/{b}.py") and f"--size {s}" in m and common.NAMES[s] == n
+                                                 for n, b, _ in earlier for s in common.SIZES)]
     header = ("model", "what", "edgelora", "reference", "ratio", "of bandwidth", "target", "threads")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -196,11 +223,13 @@ def main() -> None:
              "by numpy with the same thread count. Decode figures are medians of "
              "interleaved runs at the same thread count on both sides; the 1B model has random weights "
              "(speed does not depend on them)."]
+    if kept:
+        notes.append("Carried from an earlier run (its JSON is not in bench/results; not plotted): " +
+                     "; ".join(f"{n}, `bench/{b}.py`, {t} thread{'s' * (t != '1')}" for n, b, t in earlier) + ".")
     if missing:
         notes.append("Not run yet: " + "; ".join(f"`{m}`" for m in missing) + ".")
-    plotted = draw(plots)
-    block = "\n".join([BEGIN, *lines, "", *notes, *(["", "![benchmarks](docs/benchmarks.png)"] if plotted else []), END])
-    text = README.read_text()
+    plotted = draw(plots) if any(plots.values()) else PLOT.exists()  # nothing measured here: keep the plot
+    block = "\n".join([BEGIN, *lines, "", "\n\n".join(notes), *(["", "![benchmarks](docs/benchmarks.png)"] if plotted else []), END])
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{README} has no {BEGIN} ... {END} block to rewrite")
     head, rest = text.split(BEGIN, 1)

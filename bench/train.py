@@ -13,7 +13,7 @@ With --load, N other processes spin on the cores while each side trains (a phone
 apps too): edgelora with a fixed thread count, edgelora with its CoreGovernor (the default: fewer
 threads while cores are busy), and PEFT+torch, each against itself unloaded.
 
-Writes bench/out/train.json (train-load.json) and bench/out/train.png (the loss curves).
+Writes bench/results/train.json (train-load.json) and bench/results/train.png (the loss curves).
 """
 
 from __future__ import annotations
