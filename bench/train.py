@@ -78,7 +78,10 @@ else:
         loss = m(input_ids=x, labels=x).loss
         loss.backward(); opt.step(); opt.zero_grad()
         times.append(time.perf_counter() - t); losses.append(float(loss))
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+try:  # this process's own peak: ru_maxrss would carry the parent's from before the exec (an export there)
+    rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+except OSError:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
 print(json.dumps({"side": side, "threads": threads, "tokens_per_s": seq / steady, "peak_rss_mb": rss, "losses": losses,
                   "expanded_layers": getattr(w, "keep_layers", None) if side.startswith("numpy") else None}))
@@ -146,7 +149,7 @@ def main() -> None:
     print(common.table(("threads", "edgelora", "expanded layers", "edgelora tok/s", "PEFT+torch tok/s", "speed",
                         "edgelora MB", "PEFT MB", "memory", "final loss (ours Q8_0 / PEFT float)"), rows))
     print(f"{common.NAMES[args.size]}, LoRA r={args.rank} on all 7 targets, sequence {args.seq}, {args.steps} steps, "
-          "median step time; peak = ru_maxrss of each process. Targets: speed >= 1.00x, memory <= 0.50x.")
+          "median step time; peak = VmHWM of each process. Targets: speed >= 1.00x, memory <= 0.50x.")
     print(f"wrote {common.write_json(common.named('train', args.size), {'args': vars(args), 'machine': common.machine(), 'results': results})}")
     try:
         import matplotlib
