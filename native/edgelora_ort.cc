@@ -439,28 +439,31 @@ inline float q8_scale(const uint8_t* blk) {
   return half_to_float(d);
 }
 
+// xa[r, i] for one rank i, in plain loops.
+void lora_rank_q8(const Job& j, int64_t r, int64_t i) {
+  const uint8_t* A = static_cast<const uint8_t*>(j.lora_a);
+  float v = 0.f;
+  for (int64_t b = 0; b < j.blocks; ++b) {
+    const uint8_t* blk = A + (i * j.blocks + b) * kQ8;
+    const int8_t* c = reinterpret_cast<const int8_t*>(blk + 2);
+    if (j.a->q.empty()) {
+      const float* x = j.x + r * j.K + b * kBlock;
+      float dot = 0.f;
+      for (int k = 0; k < kBlock; ++k) dot += x[k] * float(c[k]);
+      v += dot * q8_scale(blk);
+    } else {
+      const int8_t* q = j.a->q.data() + r * j.K + b * kBlock;
+      int32_t dot = 0;
+      for (int k = 0; k < kBlock; ++k) dot += int32_t(q[k]) * c[k];
+      v = std::fma(float(dot), j.a->s[r * j.blocks + b] * q8_scale(blk), v);
+    }
+  }
+  j.xa[r * j.rank + i] = v;
+}
+
 void lora_rows_q8_portable(void* p, size_t r) {
   const Job& j = *static_cast<const Job*>(p);
-  const uint8_t* A = static_cast<const uint8_t*>(j.lora_a);
-  for (int64_t i = 0; i < j.rank; ++i) {
-    float v = 0.f;
-    for (int64_t b = 0; b < j.blocks; ++b) {
-      const uint8_t* blk = A + (i * j.blocks + b) * kQ8;
-      const int8_t* c = reinterpret_cast<const int8_t*>(blk + 2);
-      if (j.a->q.empty()) {
-        const float* x = j.x + r * j.K + b * kBlock;
-        float dot = 0.f;
-        for (int k = 0; k < kBlock; ++k) dot += x[k] * float(c[k]);
-        v += dot * q8_scale(blk);
-      } else {
-        const int8_t* q = j.a->q.data() + r * j.K + b * kBlock;
-        int32_t dot = 0;
-        for (int k = 0; k < kBlock; ++k) dot += int32_t(q[k]) * c[k];
-        v = std::fma(float(dot), j.a->s[r * j.blocks + b] * q8_scale(blk), v);
-      }
-    }
-    j.xa[r * j.rank + i] = v;
-  }
+  for (int64_t i = 0; i < j.rank; ++i) lora_rank_q8(j, int64_t(r), i);
 }
 
 #ifdef EDGELORA_X86
@@ -494,17 +497,7 @@ __attribute__((target("avx2,fma,f16c"))) void lora_rows_q8_avx2(void* p, size_t 
     }
     _mm256_storeu_ps(j.xa + r * j.rank + i0, acc);
   }
-  for (int64_t i = r8; i < j.rank; ++i) {
-    float v = 0.f;
-    for (int64_t b = 0; b < j.blocks; ++b) {
-      const uint8_t* blk = A + (i * j.blocks + b) * kQ8;
-      const int8_t* c = reinterpret_cast<const int8_t*>(blk + 2);
-      int32_t dot = 0;
-      for (int k = 0; k < kBlock; ++k) dot += int32_t(q[b * kBlock + k]) * c[k];
-      v = std::fma(float(dot), s[b] * q8_scale(blk), v);
-    }
-    j.xa[r * j.rank + i] = v;
-  }
+  for (int64_t i = r8; i < j.rank; ++i) lora_rank_q8(j, int64_t(r), i);
 }
 #endif
 

@@ -49,20 +49,22 @@ def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, 
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def int8_x(x: np.ndarray) -> np.ndarray:
-    """The activations as the operator quantizes them (int8 per block of 32), back in float64."""
-    mm, k = x.shape
-    b = x.reshape(mm, k // 32, 32)
-    s = np.abs(b).max(-1) / np.float32(127)
-    xq = np.rint(b * np.where(s > 0, 1 / np.where(s > 0, s, 1), 0)[..., None].astype(np.float32))
-    return (xq * s[..., None].astype(np.float64)).reshape(mm, k)
-
-
-def emulate(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+def int8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The activations as the operator quantizes them: int8 codes [rows, k / 32, 32] and scales."""
     mm, k = x.shape
     b = x.reshape(mm, k // 32, 32).astype(np.float64)
     s = np.abs(x.reshape(mm, k // 32, 32)).max(-1) / np.float32(127)
-    xq = np.rint(b * np.where(s > 0, 1 / np.where(s > 0, s, 1), 0)[..., None].astype(np.float32)).astype(np.int64)
+    return np.rint(b * np.where(s > 0, 1 / np.where(s > 0, s, 1), 0)[..., None].astype(np.float32)).astype(np.int64), s
+
+
+def int8_x(x: np.ndarray) -> np.ndarray:
+    """The quantized activations back in float64."""
+    xq, s = int8_blocks(x)
+    return (xq * s[..., None].astype(np.float64)).reshape(x.shape)
+
+
+def emulate(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    xq, s = int8_blocks(x)
     dots = np.einsum("rbk,nbk->rnb", xq, q.astype(np.int64))
     return (dots * (d[None] * s[:, None, :])).sum(-1) + (m[None] * (s * xq.sum(-1))[:, None, :]).sum(-1)
 
