@@ -214,8 +214,8 @@ def main() -> None:
         order = [common.NAMES[s] for s in common.SIZES]
         rows = sorted(rows + kept, key=lambda r: order.index(r[0]) if r[0] in order else len(order))
         earlier = sorted({run_of(r) for r in kept})
-        missing = [m for m in missing if not any(m.startswith(f"bench/{b}.py") and f"--size {s}" in m and common.NAMES[s] == n
-                                                 for n, b, _ in earlier for s in common.SIZES)]
+        carried = {f"bench/{b}.py --size {s}" for n, b, _ in earlier for s in common.SIZES if common.NAMES[s] == n}
+        missing = [m for m in missing if m not in carried]
     header = ("model", "what", "edgelora", "reference", "ratio", "of bandwidth", "target", "threads")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
