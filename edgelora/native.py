@@ -4,6 +4,7 @@ LoRA slot inside), built by scripts/env.sh into the environment (``<prefix>/lib/
 `library()` finds it, checked once by loading it into a session's options; a graph that needs it
 and cannot have it falls back to ONNX Runtime's own nodes (converters/onnx_fused.without_q41)
 after one warning line. ``EDGELORA_ORT_OPS`` names another library file, or turns it off with 0.
+``EDGELORA_Q41_KERNEL=portable`` (or ``avx2``) holds the operator's kernel back to that one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from .errors import EdgeloraWarning
 
 LIBRARY = "libedgelora_ort.so"
+HOLDS = ("", "portable", "avx2")  # what EDGELORA_Q41_KERNEL may say (native/edgelora_ort.cc: held_to)
 
 
 def default_path() -> Path:
@@ -44,6 +46,10 @@ def library(warn: bool = True) -> Path | None:
     chosen = os.environ.get("EDGELORA_ORT_OPS", "")
     if chosen == "0":
         return None
+    held = os.environ.get("EDGELORA_Q41_KERNEL", "")
+    if held not in HOLDS and warn:
+        warnings.warn(f"EDGELORA_Q41_KERNEL={held} is not a kernel MatMulQ41 can be held to ({' or '.join(HOLDS[1:])}); "
+                      "it runs the best kernel this CPU has", EdgeloraWarning, stacklevel=2)
     path = Path(chosen) if chosen else default_path()
     why = _check(str(path))
     if why is None:
@@ -55,7 +61,8 @@ def library(warn: bool = True) -> Path | None:
 
 
 def kernel(path: Path | str) -> str:
-    """Which MatMulQ41 kernel the library runs on this CPU ("avx2" or "portable")."""
+    """Which MatMulQ41 kernel the library runs on this CPU: "avx512vnni", "avx2", "neon-dotprod" or
+    "portable" ("avx512vnni-emulated" in the tests' build of scripts/native.sh)."""
     fn = ctypes.CDLL(str(path)).edgelora_q41_kernel
     fn.restype = ctypes.c_char_p
     return fn().decode()

@@ -29,10 +29,11 @@
 // covers two columns; after maddubs, madd(hadd16(hadd16(v0, v1), hadd16(v2, v3)), 1) leaves the 8
 // block dots of the tile in 8 int32 lanes in column order, and one FMA applies d x s to all of them.
 //
-// Kernels: AVX2+FMA+F16C on x86-64, NEON with the dot product on arm64 (ARMv8.2+), chosen at run time
-// from the CPU's features, portable C++ otherwise
-// (EDGELORA_Q41_PORTABLE=1 forces it, to test it on an AVX2 machine). Threads: ORT's intra-op pool,
-// over groups of columns.
+// Kernels, chosen at run time from the CPU's features: on x86-64 AVX-512 VNNI for the weight dots
+// (q41_avx512.cc, built when scripts/native.sh has SIMDe's headers) with the AVX2 code for the rest,
+// or AVX2+FMA+F16C; NEON with the dot product on arm64 (ARMv8.2+); portable C++ otherwise
+// (EDGELORA_Q41_KERNEL=portable or avx2 holds the choice back, to test a kernel on a machine with a
+// better one). Threads: ORT's intra-op pool, over groups of columns.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #include "onnxruntime_lite_custom_op.h"
@@ -62,12 +63,37 @@ namespace {
 constexpr int kBlock = 32, kGroup = 8, kTile = 160, kQ8 = 34;  // kQ8: an 8-bit lora_a block (fp16 scale, 32 codes)
 constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
 
-bool use_simd() {
+// EDGELORA_Q41_KERNEL=portable (or avx2) holds the kernel back to that one, to test it on a machine that
+// has a better one; otherwise the best the CPU has.
+bool held_to(const char* name) {
+  const char* c = std::getenv("EDGELORA_Q41_KERNEL");
+  return c && !std::strcmp(c, name);
+}
+
+bool use_simd() {  // AVX2 (the AVX-512 kernel needs it too) or NEON with the dot product
 #if defined(EDGELORA_X86)
-  static const bool yes = !std::getenv("EDGELORA_Q41_PORTABLE") && __builtin_cpu_supports("avx2") &&
+  static const bool yes = !held_to("portable") && __builtin_cpu_supports("avx2") &&
                           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #elif defined(EDGELORA_ARM64)  // the dot product instructions (ARMv8.2 and later: Pi 5, phones; not the Pi 4)
-  static const bool yes = !std::getenv("EDGELORA_Q41_PORTABLE") && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP);
+  static const bool yes = !held_to("portable") && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP);
+#else
+  static const bool yes = false;
+#endif
+  return yes;
+}
+
+#if defined(EDGELORA_X86) && defined(EDGELORA_AVX512)
+extern "C" void edgelora_q41_dots_avx512(const uint8_t* tile, const int8_t* q, const float* s, const float* sum,
+                                         int64_t blocks, float* out);
+#endif
+
+bool use_avx512() {  // AVX-512 with VNNI (Ice Lake and later, Zen 4 and later), in a build that has the kernel
+#if defined(EDGELORA_X86) && defined(EDGELORA_AVX512_EMULATED)  // SIMDe's portable lanes: any AVX2 machine
+  static const bool yes = use_simd() && !held_to("avx2");
+#elif defined(EDGELORA_X86) && defined(EDGELORA_AVX512)
+  static const bool yes = use_simd() && !held_to("avx2") && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512vnni");
 #else
   static const bool yes = false;
 #endif
@@ -75,8 +101,11 @@ bool use_simd() {
 }
 
 const char* simd_name() {
+#if defined(EDGELORA_X86) && defined(EDGELORA_AVX512_EMULATED)
+  if (use_avx512()) return "avx512vnni-emulated";
+#endif
 #if defined(EDGELORA_X86)
-  return use_simd() ? "avx2" : "portable";
+  return use_avx512() ? "avx512vnni" : use_simd() ? "avx2" : "portable";
 #elif defined(EDGELORA_ARM64)
   return use_simd() ? "neon-dotprod" : "portable";
 #else
@@ -257,6 +286,42 @@ __attribute__((target("avx2"))) inline __m256 load8_q8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Row r of the group of columns [n0, n0 + nc), from their weight dots: the bias and the adapter added, stored.
+__attribute__((target("avx2,fma,f16c"))) void finish_avx2(const Job& j, int64_t r, int64_t n0, int64_t nc, __m256 acc) {
+  float* y = j.y + r * j.N + n0;
+  const Seg* sg = nc == kGroup ? whole(j, n0) : nullptr;
+  if (nc == kGroup && (sg || j.rank == 0)) {
+    if (j.bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(j.bias + n0));
+    // the adapter: four independent chains of FMAs (one chain would wait on each FMA's latency)
+    __m256 part[4] = {acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    if (sg && sg->rank && j.lt == Lt::Q8) {  // the codes' sums, then times the columns' scales
+      const float* xa = j.xa + r * j.rank + sg->r0;
+      const int8_t* t = sg->q8_tile(n0 - sg->n0);
+      __m256 lo[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t i = 0;
+      for (; i + 4 <= sg->rank; i += 4)
+        for (int u = 0; u < 4; ++u) lo[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), load8_q8(t + 8 * (i + u)), lo[u]);
+      for (; i < sg->rank; ++i) lo[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), load8_q8(t + 8 * i), lo[0]);
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + sg->rank * 8)));
+      part[0] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3])), d, part[0]);
+    } else if (sg && j.lt != Lt::Q8) {
+      const float* xa = j.xa + r * j.rank + sg->r0;
+      const int64_t c0 = n0 - sg->n0, step = sg->at(1, c0) - sg->at(0, c0), at = sg->at(0, c0);
+      int64_t i = 0;
+      for (; i + 4 <= sg->rank; i += 4)
+        for (int u = 0; u < 4; ++u)
+          part[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), load8(sg->b, j.half(), at + (i + u) * step), part[u]);
+      for (; i < sg->rank; ++i)
+        part[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), load8(sg->b, j.half(), at + i * step), part[0]);
+    }
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3])));
+  } else {
+    alignas(32) float out[kGroup];
+    _mm256_store_ps(out, acc);
+    for (int64_t c = 0; c < nc; ++c) y[c] = out[c] + extra(j, r, n0 + c);
+  }
+}
+
 __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
   const Job& j = *static_cast<const Job*>(p);
   const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
@@ -282,41 +347,22 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
       acc = _mm256_fmadd_ps(dots, _mm256_mul_ps(d, _mm256_broadcast_ss(s + b)), acc);
       accm = _mm256_fmadd_ps(m, _mm256_broadcast_ss(sum + b), accm);
     }
-    acc = _mm256_add_ps(acc, accm);
-    float* y = j.y + r * j.N + n0;
-    const Seg* sg = nc == kGroup ? whole(j, n0) : nullptr;
-    if (nc == kGroup && (sg || j.rank == 0)) {
-      if (j.bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(j.bias + n0));
-      // the adapter: four independent chains of FMAs (one chain would wait on each FMA's latency)
-      __m256 part[4] = {acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      if (sg && sg->rank && j.lt == Lt::Q8) {  // the codes' sums, then times the columns' scales
-        const float* xa = j.xa + r * j.rank + sg->r0;
-        const int8_t* t = sg->q8_tile(n0 - sg->n0);
-        __m256 lo[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        int64_t i = 0;
-        for (; i + 4 <= sg->rank; i += 4)
-          for (int u = 0; u < 4; ++u) lo[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), load8_q8(t + 8 * (i + u)), lo[u]);
-        for (; i < sg->rank; ++i) lo[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), load8_q8(t + 8 * i), lo[0]);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + sg->rank * 8)));
-        part[0] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3])), d, part[0]);
-      } else if (sg && j.lt != Lt::Q8) {
-        const float* xa = j.xa + r * j.rank + sg->r0;
-        const int64_t c0 = n0 - sg->n0, step = sg->at(1, c0) - sg->at(0, c0), at = sg->at(0, c0);
-        int64_t i = 0;
-        for (; i + 4 <= sg->rank; i += 4)
-          for (int u = 0; u < 4; ++u)
-            part[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i + u), load8(sg->b, j.half(), at + (i + u) * step), part[u]);
-        for (; i < sg->rank; ++i)
-          part[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(xa + i), load8(sg->b, j.half(), at + i * step), part[0]);
-      }
-      _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3])));
-    } else {
-      alignas(32) float out[kGroup];
-      _mm256_store_ps(out, acc);
-      for (int64_t c = 0; c < nc; ++c) y[c] = out[c] + extra(j, r, n0 + c);
-    }
+    finish_avx2(j, r, n0, nc, _mm256_add_ps(acc, accm));
   }
 }
+
+#ifdef EDGELORA_AVX512
+__attribute__((target("avx2,fma,f16c"))) void group_avx512(void* p, size_t g) {
+  const Job& j = *static_cast<const Job*>(p);
+  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
+  for (int64_t r = 0; r < j.M; ++r) {
+    alignas(32) float dots[kGroup];
+    edgelora_q41_dots_avx512(j.w + int64_t(g) * j.blocks * kTile, j.a->q.data() + r * j.K, j.a->s.data() + r * j.blocks,
+                             j.a->sum.data() + r * j.blocks, j.blocks, dots);
+    finish_avx2(j, r, n0, nc, _mm256_load_ps(dots));
+  }
+}
+#endif
 #endif
 
 // accuracy_level 0: float activations against the exact Q4_1 weights (a reference, not a fast path).
@@ -606,7 +652,9 @@ struct MatMulQ41 {
       ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
     }
     if (exact) return ctx.ParallelFor(group_float, size_t(groups), 0, &j);
-#if defined(EDGELORA_X86)
+#if defined(EDGELORA_X86) && defined(EDGELORA_AVX512)
+    ctx.ParallelFor(use_avx512() ? group_avx512 : use_simd() ? group_avx2 : group_portable, size_t(groups), 0, &j);
+#elif defined(EDGELORA_X86)
     ctx.ParallelFor(use_simd() ? group_avx2 : group_portable, size_t(groups), 0, &j);
 #elif defined(EDGELORA_ARM64)
     ctx.ParallelFor(use_simd() ? group_neon : group_portable, size_t(groups), 0, &j);
@@ -622,7 +670,8 @@ struct MatMulQ41 {
 
 }  // namespace
 
-// Which kernel MatMulQ41 runs on this CPU: "avx2", "neon-dotprod" or "portable" (edgelora reports it).
+// Which kernel MatMulQ41 runs on this CPU: "avx512vnni", "avx2", "neon-dotprod" or "portable" (edgelora
+// reports it; "avx512vnni-emulated" in the tests' build, where SIMDe computes the AVX-512 lanes).
 extern "C" const char* edgelora_q41_kernel() { return simd_name(); }
 
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {

@@ -4,8 +4,10 @@ activations per block of 32, the LoRA slot and bias inside; and the fallback wit
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from edgelora.converters import q41
 from edgelora.errors import EdgeloraWarning
 from tests import q41_check
 
+ROOT = Path(__file__).resolve().parent.parent
 LIB = native.library(warn=False)
 needs_lib = pytest.mark.skipif(LIB is None and not os.environ.get("EDGELORA_REQUIRE_NATIVE"),
                                reason="the operator library is not built (scripts/env.sh builds it)")
@@ -24,15 +27,43 @@ def session(k: int, n: int, tiles: np.ndarray, **kw):
     return q41_check.session(str(LIB), k, n, tiles, **kw)
 
 
+def assert_within_tolerance(err: dict[str, float]) -> None:
+    assert err["int8"] <= q41_check.TOLERANCE and err["float"] <= q41_check.TOLERANCE, err
+    assert err["lora"] <= 10 * q41_check.TOLERANCE and err["rank 0"] <= q41_check.TOLERANCE, err
+    assert err["split lora"] <= 10 * q41_check.TOLERANCE, err
+    assert err["int8 vs float"] <= 0.02, err  # int8 activations' own error
+
+
 @needs_lib
 @pytest.mark.parametrize("rows,k,n", q41_check.SHAPES)
 def test_matmul_q41_matches_numpy(rows, k, n):
     """int8 activations against the emulation (1 and 2 threads), float activations against the float
     weight, and the LoRA slot and bias in the same node (and a zero-rank slot)."""
-    err = q41_check.case(str(LIB), rows, k, n)
-    assert err["int8"] <= q41_check.TOLERANCE and err["float"] <= q41_check.TOLERANCE, err
-    assert err["lora"] <= 10 * q41_check.TOLERANCE and err["rank 0"] <= q41_check.TOLERANCE, err
-    assert err["int8 vs float"] <= 0.02, err  # int8 activations' own error
+    assert_within_tolerance(q41_check.case(str(LIB), rows, k, n))
+
+
+@pytest.fixture(scope="module")
+def emulated_avx512(tmp_path_factory) -> Path:
+    """The library built as the tests' variant: the AVX-512 VNNI kernel's lanes computed by SIMDe's
+    portable code (this machine may have no AVX-512), from the same source as the native build."""
+    if LIB is None or platform.machine() != "x86_64":
+        pytest.skip("the AVX-512 kernel is built on x86-64, with the operator library")
+    out = tmp_path_factory.mktemp("avx512") / native.LIBRARY
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "native.sh"), "--emulated-avx512", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    if native.kernel(out) != "avx512vnni-emulated":
+        pytest.skip("no AVX2 here, which the AVX-512 kernel's build needs for the rest of the operator")
+    return out
+
+
+@needs_lib
+@pytest.mark.parametrize("rows,k,n", q41_check.SHAPES)
+def test_avx512_vnni_kernel_matches_numpy_under_emulation(emulated_avx512, rows, k, n):
+    """The AVX-512 VNNI kernel (native/q41_avx512.cc), its instructions computed by SIMDe, against the
+    same numpy emulation and tolerances as the kernel this CPU runs: odd K and N, one row and many,
+    with the adapter slots of every precision."""
+    assert_within_tolerance(q41_check.case(str(emulated_avx512), rows, k, n))
 
 
 @needs_lib
@@ -47,26 +78,27 @@ def test_tiles_round_trip_and_exact_q41_stays_exact():
 
 
 @needs_lib
-def test_portable_kernel_agrees_with_avx2():
-    """EDGELORA_Q41_PORTABLE=1 forces the portable loops (the kernel is chosen once per process)."""
-    code = ("import sys, numpy as np; sys.path.insert(0, 'tests'); import test_q41 as t; "
+def test_the_kernels_agree(emulated_avx512):
+    """EDGELORA_Q41_KERNEL=portable or avx2 holds the kernel back (it is chosen once per process): the
+    portable loops, AVX2 and AVX-512 VNNI (emulated) give the same outputs up to float summation order."""
+    code = ("import sys, numpy as np; sys.path.insert(0, 'tests'); import q41_check; "
             "from edgelora import native; from edgelora.converters import q41; "
             "rng = np.random.default_rng(3); w = rng.standard_normal((1538, 160)).astype(np.float32); "
             "x = rng.standard_normal((3, 160)).astype(np.float32); q, d, m = q41.quantize(w); "
-            "print(native.kernel(t.LIB)); np.save(sys.argv[1], t.session(160, 1538, q41.pack(q, d, m)).run(None, {'x': x})[0])")
+            "print(native.kernel(sys.argv[2])); "
+            "np.save(sys.argv[1], q41_check.session(sys.argv[2], 160, 1538, q41.pack(q, d, m)).run(None, {'x': x})[0])")
     out = {}
-    for portable in ("", "1"):
-        path = f"/tmp/q41_{os.getpid()}_{portable or 0}.npy"
-        env = {**os.environ, "EDGELORA_Q41_PORTABLE": portable} if portable else \
-            {k: v for k, v in os.environ.items() if k != "EDGELORA_Q41_PORTABLE"}
-        proc = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.dirname(__file__)))
+    for lib, held in ((LIB, "portable"), (LIB, ""), (emulated_avx512, "avx2"), (emulated_avx512, "")):
+        path = f"/tmp/q41_{os.getpid()}_{len(out)}.npy"
+        env = {k: v for k, v in os.environ.items() if k != "EDGELORA_Q41_KERNEL"}
+        proc = subprocess.run([sys.executable, "-c", code, path, str(lib)], env={**env, "EDGELORA_Q41_KERNEL": held},
+                              capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr
         out[proc.stdout.split()[-1]] = np.load(path)
         os.unlink(path)
-    assert set(out) == {"portable", "avx2"} or set(out) == {"portable"}
-    if "avx2" in out:
-        np.testing.assert_allclose(out["avx2"], out["portable"], rtol=0, atol=1e-5 * np.abs(out["portable"]).max())
+    assert set(out) == {"portable", "avx2", "avx512vnni-emulated"}
+    for name in ("avx2", "avx512vnni-emulated"):
+        np.testing.assert_allclose(out[name], out["portable"], rtol=0, atol=1e-5 * np.abs(out["portable"]).max())
 
 
 def test_a_bad_library_path_is_one_warning_and_no_library(monkeypatch, tmp_path):
@@ -79,6 +111,13 @@ def test_a_bad_library_path_is_one_warning_and_no_library(monkeypatch, tmp_path)
         assert len(caught) == 1 and "\n" not in str(caught[0].message)
     monkeypatch.setenv("EDGELORA_ORT_OPS", "0")
     assert native.library() is None
+
+
+def test_an_unknown_kernel_hold_is_one_warning(monkeypatch):
+    monkeypatch.setenv("EDGELORA_Q41_KERNEL", "avx9")
+    with pytest.warns(EdgeloraWarning, match="EDGELORA_Q41_KERNEL=avx9 is not a kernel MatMulQ41 can be held to") as caught:
+        native.library()
+    assert len([w for w in caught if "EDGELORA_Q41_KERNEL" in str(w.message)]) == 1
 
 
 @needs_lib
