@@ -223,3 +223,19 @@ def test_merge_into_a_quantized_gguf_requantizes(setup, tmp_path, tiny_llama):
     for got in (active, merged):  # Q8_0 weights and activations: close to PEFT's float logits, not equal
         assert np.abs(got - ref).max() < 0.05 and (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
     engine.close()
+
+
+def test_the_onnx_engine_writes_onnx_runtimes_profile(setup, tmp_path):
+    """`profile`: ONNX Runtime's per-node profile of every run, as bench/decode_profile.py reads it."""
+    import json
+
+    base, files, *_ = setup
+    e = OnnxEngine(files["onnx-fused"], base.config, threads=1, n_ctx=128, tokenizer=base.tokenizer,
+                   fingerprint=base.fingerprint, profile=str(tmp_path / "prof"))
+    e.generate(TEXT, max_tokens=4)
+    path = e.end_profiling()
+    e.close()
+    events = json.loads(path.read_text())
+    assert path.parent == tmp_path and path.name.startswith("prof")
+    assert sum(ev.get("name") == "model_run" for ev in events) >= 4  # the prompt, then each decode step
+    assert {"GroupQueryAttention", "MatMul"} <= {ev["args"].get("op_name") for ev in events if ev.get("cat") == "Node"}

@@ -42,7 +42,8 @@ class OnnxEngine(Engine):
 
     def __init__(self, path: str | os.PathLike, config: ModelConfig, *, threads: int = 2,
                  providers: Sequence[str] = ("CPUExecutionProvider",), n_ctx: int = 2048,
-                 tokenizer: Tokenizer | None = None, fingerprint: str | None = None):
+                 tokenizer: Tokenizer | None = None, fingerprint: str | None = None, profile: str | None = None):
+        """`profile`: a file prefix for ONNX Runtime's per-node profile of every run (`end_profiling`)."""
         import onnxruntime as ort
 
         super().__init__(config, tokenizer, fingerprint, n_ctx)
@@ -52,6 +53,8 @@ class OnnxEngine(Engine):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        if profile:
+            so.enable_profiling, so.profile_file_prefix = True, profile
         self.session = self._open(so, providers)
         self.past_names = [i.name for i in self.session.get_inputs() if _PAST.match(i.name)]
         if not self.past_names:
@@ -90,6 +93,10 @@ class OnnxEngine(Engine):
         self._so, self._providers = so, list(providers)
         self._base_session = self.session
         self._reset()
+
+    def end_profiling(self) -> Path:
+        """Ends the profile of an engine opened with `profile` and returns its JSON file."""
+        return Path(self.session.end_profiling())
 
     # -- forward -----------------------------------------------------------------------------
 
