@@ -1,6 +1,7 @@
 """The README's benchmark table and plot, from the last runs' JSON in bench/results/:
 
     python bench/report.py            # after bench/export.py, bench/adapters.py, bench/train.py (each --size 135m and 1b)
+                                      # (and bench/decode_profile.py, bench/head_precision.py)
 
 Rewrites the block between the README's `bench:begin` and `bench:end` markers with one table
 (edgelora against the reference runtimes, the ratio, the share of the machine's read bandwidth,
@@ -184,6 +185,34 @@ def draw(plots: dict[str, dict]) -> bool:
     return True
 
 
+def decode_profile_lines() -> list[str]:
+    """bench/decode_profile.py's parts table and bench/head_precision.py's line, when they ran."""
+    lines = []
+    for size in common.SIZES:
+        prof = load(common.named("decode-profile", size))
+        for run in (prof or {}).get("runs", []):
+            if not lines:
+                lines += ["Where a decode step's time goes (`bench/decode_profile.py`: ONNX Runtime's per-node profile, "
+                          "kernel microseconds per step, each model in its own runtime; the unprofiled speeds measured "
+                          "beside it, interleaved):", "",
+                          "| model | threads | part | edgelora int4 (MatMulQ41) | genai int4 | difference | "
+                          "weights edgelora | weights genai |", "|" + "---|" * 8]
+            sp = run["speed"]
+            for r in run["rows"]:
+                if r["ours_us"] or r["genai_us"]:
+                    lines.append(f"| {common.NAMES[size]} | {run['threads']} | {r['part']} | {r['ours_us']:.0f} us | "
+                                 f"{r['genai_us']:.0f} us | {r['ours_us'] - r['genai_us']:+.0f} us | {r['ours_mb']:.1f} MB | "
+                                 f"{r['genai_mb']:.1f} MB |")
+            lines.append(f"| {common.NAMES[size]} | {run['threads']} | unprofiled decode | {sp['ours']:.1f} tok/s | "
+                         f"{sp['genai']:.1f} tok/s | {sp['ours'] / sp['genai']:.2f}x | | |")
+    head = load("head-precision")
+    if head:
+        lines += ["", "What the LM head's precision costs (`bench/head_precision.py`: the float model with only its head "
+                  "rounded, perplexity against the float head; bytes per token at 135M): " + ", ".join(
+                      f"{r['format']} {r['change']:+.2%} ({r['head_mb']:.1f} MB)" for r in head["rows"]) + "."]
+    return lines
+
+
 def run_of(row: tuple) -> tuple[str, str, str]:
     """(model, bench, threads) of a table row: which run it came from."""
     what = row[1]
@@ -229,7 +258,9 @@ def main() -> None:
     if missing:
         notes.append("Not run yet: " + "; ".join(f"`{m}`" for m in missing) + ".")
     plotted = draw(plots) if any(plots.values()) else PLOT.exists()  # nothing measured here: keep the plot
-    block = "\n".join([BEGIN, *lines, "", "\n\n".join(notes), *(["", "![benchmarks](docs/benchmarks.png)"] if plotted else []), END])
+    profile = decode_profile_lines()
+    block = "\n".join([BEGIN, *lines, "", "\n\n".join(notes), *(["", *profile] if profile else []),
+                       *(["", "![benchmarks](docs/benchmarks.png)"] if plotted else []), END])
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{README} has no {BEGIN} ... {END} block to rewrite")
     head, rest = text.split(BEGIN, 1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import edgelora
-from edgelora.adapters import AdapterBaseMismatchError, AdapterMismatchError, random_adapter
+from edgelora.adapters import AdapterBaseMismatchError, random_adapter
 from edgelora.converters import load_adapter, save_adapter
 from edgelora.converters import gguf_model, onnx_fused, onnx_model
 from edgelora.runtime.gguf import GGUFEngine
