@@ -1,7 +1,6 @@
 """Base-model intake: Hugging Face dirs and GGUF files give one model and one fingerprint."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
