@@ -50,17 +50,20 @@
 #endif
 #endif
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int kBlock = 32, kGroup = 8, kTile = 160, kQ8 = 34;  // kQ8: an 8-bit lora_a block (fp16 scale, 32 codes)
+constexpr int kRanks = 8;  // ranks per xa task of a decode step (the SIMD loops take 8 at a time)
 constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
 
 // EDGELORA_Q41_KERNEL=portable (or avx2) holds the kernel back to that one, to test it on a machine that
@@ -87,10 +90,11 @@ extern "C" void edgelora_q41_dots_avx512(const uint8_t* tile, const int8_t* q, c
                                          int64_t blocks, float* out);
 #endif
 
+#if defined(EDGELORA_X86)
 bool use_avx512() {  // AVX-512 with VNNI (Ice Lake and later, Zen 4 and later), in a build that has the kernel
-#if defined(EDGELORA_X86) && defined(EDGELORA_AVX512_EMULATED)  // SIMDe's portable lanes: any AVX2 machine
+#if defined(EDGELORA_AVX512_EMULATED)  // SIMDe's portable lanes: any AVX2 machine
   static const bool yes = use_simd() && !held_to("avx2");
-#elif defined(EDGELORA_X86) && defined(EDGELORA_AVX512)
+#elif defined(EDGELORA_AVX512)
   static const bool yes = use_simd() && !held_to("avx2") && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512vnni");
@@ -99,6 +103,7 @@ bool use_avx512() {  // AVX-512 with VNNI (Ice Lake and later, Zen 4 and later),
 #endif
   return yes;
 }
+#endif
 
 const char* simd_name() {
 #if defined(EDGELORA_X86) && defined(EDGELORA_AVX512_EMULATED)
@@ -206,11 +211,21 @@ struct Job {
   const void* lora_a; Lt lt; int64_t rank;  // lora_a [K, rank] float or fp16, or 8-bit [rank, K / 32, 34]
   float* xa;                                 // [M, rank] = x . lora_a
   Seg seg[kMaxSeg]; int nseg;
+  // A decode step computes xa in the same parallel pass as the weights, in chunks of kRanks ranks
+  // (xa_chunks of them) that the pass's first tasks claim; a group needs xa only to add the adapter,
+  // after its own weight dots, and then claims what is left itself before it waits for the chunks
+  // other threads are computing (so no order of the pool's tasks can leave it waiting on nothing).
+  struct Chunks { std::atomic<int64_t> next{0}, done{0}; };
+  int64_t xa_chunks = 0; Chunks* chunks = nullptr;
+  void (*group)(void*, size_t) = nullptr;  // the weight kernel of the pass's other tasks
   bool half() const { return lt == Lt::F16; }
 };
 
+void wait_xa(const Job& j);  // xa complete (a no-op outside a decode step's pass)
+
 // The adapter's and the bias's share of output column n for row r.
 inline float extra(const Job& j, int64_t r, int64_t n) {
+  wait_xa(j);
   float v = j.bias ? j.bias[n] : 0.f;
   for (int s = 0; s < j.nseg; ++s) {
     const Seg& g = j.seg[s];
@@ -288,6 +303,7 @@ __attribute__((target("avx2"))) inline __m256 load8_q8(const int8_t* p) {
 
 // Row r of the group of columns [n0, n0 + nc), from their weight dots: the bias and the adapter added, stored.
 __attribute__((target("avx2,fma,f16c"))) void finish_avx2(const Job& j, int64_t r, int64_t n0, int64_t nc, __m256 acc) {
+  wait_xa(j);
   float* y = j.y + r * j.N + n0;
   const Seg* sg = nc == kGroup ? whole(j, n0) : nullptr;
   if (nc == kGroup && (sg || j.rank == 0)) {
@@ -434,24 +450,24 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) void group_neon(void* p, size_
 }
 #endif
 
-void lora_rows_portable(void* p, size_t r) {  // xa[r] = x[r] . lora_a
-  const Job& j = *static_cast<const Job*>(p);
+// xa[r, lo:hi] = x[r] . lora_a[:, lo:hi]: ranks [lo, hi) of row r (a decode step splits the ranks
+// between tasks of the node's one parallel pass).
+void lora_part_portable(const Job& j, int64_t r, int64_t lo, int64_t hi) {
   float* xa = j.xa + r * j.rank;
-  std::fill(xa, xa + j.rank, 0.f);
+  std::fill(xa + lo, xa + hi, 0.f);
   const float* x = j.x + r * j.K;
   for (int64_t k = 0; k < j.K; ++k)
-    for (int64_t i = 0; i < j.rank; ++i) xa[i] += x[k] * load1(j.lora_a, j.half(), k * j.rank + i);
+    for (int64_t i = lo; i < hi; ++i) xa[i] += x[k] * load1(j.lora_a, j.half(), k * j.rank + i);
 }
 
 #ifdef EDGELORA_X86
 // The same, 8 ranks at a time (the grouped slots' ranks are multiples of 8 for rank-8 adapters), the
 // rest one by one.
-__attribute__((target("avx2,fma,f16c"))) void lora_rows_avx2(void* p, size_t r) {
-  const Job& j = *static_cast<const Job*>(p);
+__attribute__((target("avx2,fma,f16c"))) void lora_part_avx2(const Job& j, int64_t r, int64_t lo, int64_t hi) {
   float* xa = j.xa + r * j.rank;
   const float* x = j.x + r * j.K;
-  const int64_t r8 = j.rank / 8 * 8;
-  for (int64_t i0 = 0; i0 < r8; i0 += 32) {  // up to 4 vectors of 8 ranks, two chains each (k even, odd)
+  const int64_t r8 = lo + (hi - lo) / 8 * 8;
+  for (int64_t i0 = lo; i0 < r8; i0 += 32) {  // up to 4 vectors of 8 ranks, two chains each (k even, odd)
     const int64_t n = std::min<int64_t>(4, (r8 - i0) / 8);
     __m256 acc[2][4];
     for (auto& c : acc)
@@ -469,7 +485,7 @@ __attribute__((target("avx2,fma,f16c"))) void lora_rows_avx2(void* p, size_t r) 
         acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), load8(j.lora_a, j.half(), at + 8 * v), acc[0][v]);
     for (int64_t v = 0; v < n; ++v) _mm256_storeu_ps(xa + i0 + 8 * v, _mm256_add_ps(acc[0][v], acc[1][v]));
   }
-  for (int64_t i = r8; i < j.rank; ++i) {
+  for (int64_t i = r8; i < hi; ++i) {
     float v = 0.f;
     for (int64_t k = 0; k < j.K; ++k) v += x[k] * load1(j.lora_a, j.half(), k * j.rank + i);
     xa[i] = v;
@@ -507,22 +523,20 @@ void lora_rank_q8(const Job& j, int64_t r, int64_t i) {
   j.xa[r * j.rank + i] = v;
 }
 
-void lora_rows_q8_portable(void* p, size_t r) {
-  const Job& j = *static_cast<const Job*>(p);
-  for (int64_t i = 0; i < j.rank; ++i) lora_rank_q8(j, int64_t(r), i);
+void lora_part_q8_portable(const Job& j, int64_t r, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) lora_rank_q8(j, r, i);
 }
 
 #ifdef EDGELORA_X86
 // Eight ranks at a time: per block, eight integer dots (maddubs of |q_x| with q_A signed as q_x),
 // summed across lanes in one hadd tree, then one FMA for the eight; the rest of the ranks one by one.
-__attribute__((target("avx2,fma,f16c"))) void lora_rows_q8_avx2(void* p, size_t r) {
-  const Job& j = *static_cast<const Job*>(p);
+__attribute__((target("avx2,fma,f16c"))) void lora_part_q8_avx2(const Job& j, int64_t r, int64_t lo, int64_t hi) {
   const uint8_t* A = static_cast<const uint8_t*>(j.lora_a);
   const int8_t* q = j.a->q.data() + r * j.K;
   const float* s = j.a->s.data() + r * j.blocks;
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t r8 = j.rank / 8 * 8;
-  for (int64_t i0 = 0; i0 < r8; i0 += 8) {
+  const int64_t r8 = lo + (hi - lo) / 8 * 8;
+  for (int64_t i0 = lo; i0 < r8; i0 += 8) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < j.blocks; ++b) {
       const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
@@ -543,17 +557,16 @@ __attribute__((target("avx2,fma,f16c"))) void lora_rows_q8_avx2(void* p, size_t 
     }
     _mm256_storeu_ps(j.xa + r * j.rank + i0, acc);
   }
-  for (int64_t i = r8; i < j.rank; ++i) lora_rank_q8(j, int64_t(r), i);
+  for (int64_t i = r8; i < hi; ++i) lora_rank_q8(j, r, i);
 }
 #endif
 
 #ifdef EDGELORA_ARM64
-__attribute__((target("arch=armv8.2-a+dotprod"))) void lora_rows_q8_neon(void* p, size_t r) {
-  const Job& j = *static_cast<const Job*>(p);
+__attribute__((target("arch=armv8.2-a+dotprod"))) void lora_part_q8_neon(const Job& j, int64_t r, int64_t lo, int64_t hi) {
   const uint8_t* A = static_cast<const uint8_t*>(j.lora_a);
   const int8_t* q = j.a->q.data() + r * j.K;
   const float* s = j.a->s.data() + r * j.blocks;
-  for (int64_t i = 0; i < j.rank; ++i) {
+  for (int64_t i = lo; i < hi; ++i) {
     float v = 0.f;
     for (int64_t b = 0; b < j.blocks; ++b) {
       const uint8_t* blk = A + (i * j.blocks + b) * kQ8;
@@ -567,20 +580,47 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) void lora_rows_q8_neon(void* p
 }
 #endif
 
-void lora_rows(void* p, size_t r) {
-  const Job& j = *static_cast<const Job*>(p);
+void lora_part(const Job& j, int64_t r, int64_t lo, int64_t hi) {
   if (j.lt == Lt::Q8) {
 #if defined(EDGELORA_X86)
-    if (use_simd() && !j.a->q.empty()) return lora_rows_q8_avx2(p, r);
+    if (use_simd() && !j.a->q.empty()) return lora_part_q8_avx2(j, r, lo, hi);
 #elif defined(EDGELORA_ARM64)
-    if (use_simd() && !j.a->q.empty()) return lora_rows_q8_neon(p, r);
+    if (use_simd() && !j.a->q.empty()) return lora_part_q8_neon(j, r, lo, hi);
 #endif
-    return lora_rows_q8_portable(p, r);
+    return lora_part_q8_portable(j, r, lo, hi);
   }
 #ifdef EDGELORA_X86
-  if (use_simd()) return lora_rows_avx2(p, r);
+  if (use_simd()) return lora_part_avx2(j, r, lo, hi);
 #endif
-  lora_rows_portable(p, r);
+  lora_part_portable(j, r, lo, hi);
+}
+
+void lora_rows(void* p, size_t r) {  // xa[r] = x[r] . lora_a, every rank
+  const Job& j = *static_cast<const Job*>(p);
+  lora_part(j, int64_t(r), 0, j.rank);
+}
+
+void claim_xa(const Job& j) {  // computes unclaimed chunks of xa until none is left
+  while (j.chunks->next.load(std::memory_order_relaxed) < j.xa_chunks) {
+    const int64_t c = j.chunks->next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= j.xa_chunks) break;
+    for (int64_t r = 0; r < j.M; ++r) lora_part(j, r, c * kRanks, std::min<int64_t>(j.rank, (c + 1) * kRanks));
+    j.chunks->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void wait_xa(const Job& j) {  // one shared load once xa is complete
+  if (!j.chunks || j.chunks->done.load(std::memory_order_acquire) >= j.xa_chunks) return;
+  claim_xa(j);
+  while (j.chunks->done.load(std::memory_order_acquire) < j.xa_chunks) std::this_thread::yield();
+}
+
+// A task of a node's parallel pass: in a decode step with an adapter the first xa_chunks claim xa's
+// chunks, the rest are the groups of output columns.
+void task(void* p, size_t i) {
+  const Job& j = *static_cast<const Job*>(p);
+  if (int64_t(i) < j.xa_chunks) return claim_xa(j);
+  j.group(p, i - size_t(j.xa_chunks));
 }
 
 template <typename T>
@@ -646,21 +686,24 @@ struct MatMulQ41 {
     j.w = w.Data(), j.y = out, j.M = M, j.N = N, j.K = K, j.blocks = K / kBlock, j.a = &a, j.xa = xa.data();
     j.bias = nbias ? (*bias)->Data() : nullptr, j.x = x.Data();
     Ort::KernelContext ctx(context);
-    if (j.rank && M <= 4) {  // a decode step: less work than waking the pool
-      for (int64_t r = 0; r < M; ++r) lora_rows(&j, size_t(r));
+    Job::Chunks chunks;
+    if (j.rank && M <= 4) {  // a decode step: xa in the same pass as the weights (waking the pool costs more)
+      j.xa_chunks = (j.rank + kRanks - 1) / kRanks;
+      j.chunks = &chunks;
     } else if (j.rank) {
       ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
     }
-    if (exact) return ctx.ParallelFor(group_float, size_t(groups), 0, &j);
 #if defined(EDGELORA_X86) && defined(EDGELORA_AVX512)
-    ctx.ParallelFor(use_avx512() ? group_avx512 : use_simd() ? group_avx2 : group_portable, size_t(groups), 0, &j);
+    j.group = use_avx512() ? group_avx512 : use_simd() ? group_avx2 : group_portable;
 #elif defined(EDGELORA_X86)
-    ctx.ParallelFor(use_simd() ? group_avx2 : group_portable, size_t(groups), 0, &j);
+    j.group = use_simd() ? group_avx2 : group_portable;
 #elif defined(EDGELORA_ARM64)
-    ctx.ParallelFor(use_simd() ? group_neon : group_portable, size_t(groups), 0, &j);
+    j.group = use_simd() ? group_neon : group_portable;
 #else
-    ctx.ParallelFor(group_portable, size_t(groups), 0, &j);
+    j.group = group_portable;
 #endif
+    if (exact) j.group = group_float;
+    ctx.ParallelFor(task, size_t(j.xa_chunks + groups), 0, &j);
   }
 
   int64_t N;
