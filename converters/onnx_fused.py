@@ -272,6 +272,16 @@ class _Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
+def gated_mlp(g: "_Graph", gate_up: str, activation: str, name: str, out: str | None = None) -> str:
+    """act(gate) * up of a gate|up output, as ONNX Runtime's own nodes (Split, the activation, Mul)."""
+    gate, up = g.node("Split", [gate_up], f"{name}/Split", n_out=2, axis=-1, num_outputs=2)
+    if activation == "gelu_tanh":
+        act = g.node("Gelu", [gate], f"{name}/Gelu", approximate="tanh")
+    else:
+        act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{name}/Sigmoid")], f"{name}/SiLU")
+    return g.node("Mul", [act, up], f"{name}/Mul", **({"outputs": [out]} if out else {}))
+
+
 class Linears:
     """The linears of a graph being built, in one of its encodings: float MatMul, Q4_1 folded into one
     MatMulNBits, round-to-nearest MatMulNBits, or edgelora's exact Q4_1 operator (kernel "q41": every
@@ -292,10 +302,15 @@ class Linears:
         member and may be float16)."""
         return self.quant == "int4" and self.kernel == "q41" and not k % BLK
 
+    def gates(self, k: int, n: int) -> bool:
+        """Whether a gated MLP's gate|up linear (input width k, output n) takes its activation inside
+        its MatMulQ41 node (which then outputs act(gate) * up: three nodes fewer a layer)."""
+        return self.q41(k) and not n % (2 * TILE)
+
     def __call__(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None,
-                 lora: tuple[str, list[str]] | None = None, lora_type=np.float32) -> str:
+                 lora: tuple[str, list[str]] | None = None, lora_type=np.float32, activation: str | None = None) -> str:
         """x @ w.T (+ bias) (+ the LoRA slot `lora` = (A, [B] or one B per member) in `lora_type`) in
-        the export's encoding."""
+        the export's encoding; `activation` (where `gates`): act(gate) * up of the two halves."""
         g, (n, k) = self.g, w.shape
         if self.q41(k):
             q, d, m = q41.quantize(w)
@@ -309,7 +324,10 @@ class Linears:
                 ins += [a, bs[0], *(b_in or [g.const(np.zeros(0, np.float32), "no_bias")]), *bs[1:]]
             elif lora or b_in:
                 ins += [a, bs[0], *b_in]
-            return g.node("MatMulQ41", ins, f"/{name}/MatMulQ41", domain=EDGELORA, N=n, accuracy_level=self.acc)
+            return g.node("MatMulQ41", ins, f"/{name}/MatMulQ41", domain=EDGELORA, N=n, accuracy_level=self.acc,
+                          **({"activation": activation} if activation else {}))
+        if activation:
+            raise FusedExportError(f"{name}: only a MatMulQ41 node takes the gated activation inside")
         y = self._plain(x, w, name, bias)
         if lora is None:
             return y
@@ -428,18 +446,18 @@ class FusedBuilder:
         names = list(shapes)
         return (names[0], names[1:]), dtype
 
-    def projection(self, x: str, slot: str) -> str:
+    def projection(self, x: str, slot: str, activation: str | None = None) -> str:
         """One projection (a group of target modules sharing the input x: their weights stacked by
-        rows) plus, with LoRA, the group's slot delta."""
+        rows) plus, with LoRA, the group's slot delta (`activation`: see Linears.__call__)."""
         layer, group = slot.rsplit(".", 1)
         W = self.base.weights
         w = np.concatenate([W[f"{layer}.{m}"] for m in GROUPS[group]], 0)
         biases = [f"{layer}.{m}_bias" for m in GROUPS[group]]
         bias = np.concatenate([W[b] for b in biases], 0) if biases[0] in W else None
         if not self.lora:
-            return self.linear(x, w, slot, bias)
+            return self.linear(x, w, slot, bias, activation=activation)
         lora, dtype = self.lora_slot(slot, w.shape[1], {f"{layer}.{m}": W[f"{layer}.{m}"].shape[0] for m in GROUPS[group]})
-        return self.linear(x, w, slot, bias, lora, dtype)
+        return self.linear(x, w, slot, bias, lora, dtype, activation=activation)
 
     def build(self):
         from onnx import TensorProto
@@ -495,13 +513,11 @@ class FusedBuilder:
             if fam.sandwich_norms:
                 o = self.norm(o, f"{p}.post_attn_norm")
             h2, resid = self.skip_norm(resid, o, f"{p}.mlp_norm")
-            gate, up = g.node("Split", [self.projection(h2, f"{p}.gate_up")], f"/{p}/mlp/Split", n_out=2, axis=-1,
-                              num_outputs=2)
-            if fam.activation == "gelu_tanh":
-                act = g.node("Gelu", [gate], f"/{p}/mlp/Gelu", approximate="tanh")
+            if self.linear.gates(c.hidden_size, 2 * c.intermediate_size):
+                gated = self.projection(h2, f"{p}.gate_up", activation=fam.activation)
             else:
-                act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"/{p}/mlp/Sigmoid")], f"/{p}/mlp/SiLU")
-            mlp_out = self.projection(g.node("Mul", [act, up], f"/{p}/mlp/Mul"), f"{p}.down")
+                gated = gated_mlp(g, self.projection(h2, f"{p}.gate_up"), fam.activation, f"/{p}/mlp")
+            mlp_out = self.projection(gated, f"{p}.down")
             if fam.sandwich_norms:
                 mlp_out = self.norm(mlp_out, f"{p}.post_mlp_norm")
         hn, _ = self.skip_norm(resid, mlp_out, "norm", keep_sum=False)
@@ -794,6 +810,11 @@ def without_q41(model, accuracy_level: int = 4):
             bs = [b for b in (rest[1], *rest[3:5]) if b]
             tiled = {b: widths[b] for b in bs if b in widths}
             y = g.node("Add", [y, lin.lora_delta(x, rest[0], bs, name, types[rest[0]].dtype, tiled)], f"/{name}/Add")
+        activation = next((a.s.decode() for a in node.attribute if a.name == "activation"), "")
+        if activation:  # a gated MLP's gate|up node: its activation as the nodes the graph had without it
+            gated_mlp(g, y, activation, f"/{name.rsplit('.', 1)[0]}/mlp", out=node.output[0])
+            nodes += g.nodes
+            continue
         nodes += g.nodes
         nodes.append(helper.make_node("Identity", [y], list(node.output), name=f"/{name}/out"))
     keep = [i for i in model.graph.initializer if i.name not in dropped]

@@ -56,6 +56,7 @@
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -182,6 +183,14 @@ constexpr int kMaxSeg = 3;
 // What the adapter's tensors hold.
 enum class Lt { F32, F16, Q8 };
 
+// A gated MLP's activation, applied to the gate half of the node's output and multiplied by the up half.
+enum class Act_fn { None, Silu, GeluTanh };
+
+inline float activate(Act_fn f, float g) {
+  if (f == Act_fn::Silu) return g / (1.f + std::exp(-g));
+  return 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));  // GeluTanh
+}
+
 float half_to_float(uint16_t h);
 
 inline float load1(const void* p, bool half, int64_t i) {
@@ -218,6 +227,9 @@ struct Job {
   struct Chunks { std::atomic<int64_t> next{0}, done{0}; };
   int64_t xa_chunks = 0; Chunks* chunks = nullptr;
   void (*group)(void*, size_t) = nullptr;  // the weight kernel of the pass's other tasks
+  // A gated MLP's gate|up node (attribute activation): y is scratch [M, N], the node's output out
+  // [M, N / 2] = act(gate) * up, each task taking group g of the gate and its partner of the up half.
+  Act_fn act = Act_fn::None; float* out = nullptr;
   bool half() const { return lt == Lt::F16; }
 };
 
@@ -615,12 +627,55 @@ void wait_xa(const Job& j) {  // one shared load once xa is complete
   while (j.chunks->done.load(std::memory_order_acquire) < j.xa_chunks) std::this_thread::yield();
 }
 
+#ifdef EDGELORA_X86
+// exp of 8 floats: 2^n x e^r with |r| <= ln 2 / 2 and e^r to degree 6 (relative error ~1e-7; clamped
+// to float's range).
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));  // 2^127 and 2^-126 at most
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out[0:8] = act(gate[0:8]) * up[0:8]
+__attribute__((target("avx2,fma"))) void gated_avx2(Act_fn f, const float* gate, const float* up, float* out) {
+  const __m256 g = _mm256_loadu_ps(gate), one = _mm256_set1_ps(1.f);
+  __m256 a;
+  if (f == Act_fn::Silu) {
+    a = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+  } else {  // 0.5 g (1 + tanh(u)) = g - g / (exp(2u) + 1)
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                   _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), g), _mm256_mul_ps(g, g), g));
+    a = _mm256_sub_ps(g, _mm256_div_ps(g, _mm256_add_ps(exp8(_mm256_add_ps(u, u)), one)));
+  }
+  _mm256_storeu_ps(out, _mm256_mul_ps(a, _mm256_loadu_ps(up)));
+}
+#endif
+
 // A task of a node's parallel pass: in a decode step with an adapter the first xa_chunks claim xa's
 // chunks, the rest are the groups of output columns.
 void task(void* p, size_t i) {
   const Job& j = *static_cast<const Job*>(p);
   if (int64_t(i) < j.xa_chunks) return claim_xa(j);
-  j.group(p, i - size_t(j.xa_chunks));
+  const size_t g = i - size_t(j.xa_chunks);
+  j.group(p, g);
+  if (j.act == Act_fn::None) return;
+  const int64_t half = j.N / 2, n0 = int64_t(g) * kGroup;  // then the up half's group, and the product
+  j.group(p, g + size_t(half / kGroup));
+  for (int64_t r = 0; r < j.M; ++r) {
+    const float *gate = j.y + r * j.N + n0, *up = gate + half;
+#ifdef EDGELORA_X86
+    if (use_simd()) {
+      gated_avx2(j.act, gate, up, j.out + r * half + n0);
+      continue;
+    }
+#endif
+    for (int c = 0; c < kGroup; ++c) j.out[r * half + n0 + c] = activate(j.act, gate[c]) * up[c];
+  }
 }
 
 template <typename T>
@@ -636,6 +691,16 @@ struct MatMulQ41 {
       exact = k.GetAttribute<int64_t>("accuracy_level") == 0;
     } catch (const Ort::Exception&) {  // not given: int8 activations
     }
+    std::string a;
+    try {
+      a = k.GetAttribute<std::string>("activation");
+    } catch (const Ort::Exception&) {  // not given: none
+    }
+    if (a == "silu") act = Act_fn::Silu;
+    else if (a == "gelu_tanh") act = Act_fn::GeluTanh;
+    else if (!a.empty()) ORT_CXX_API_THROW("MatMulQ41: activation must be silu or gelu_tanh (or none)", ORT_INVALID_ARGUMENT);
+    if (act != Act_fn::None && N % (2 * kGroup))
+      ORT_CXX_API_THROW("MatMulQ41: with an activation, N (gate and up side by side) must be a multiple of 16", ORT_INVALID_ARGUMENT);
   }
 
   void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<uint8_t>& w,
@@ -678,12 +743,14 @@ struct MatMulQ41 {
     if (nbias != 0 && nbias != N)                                              // operators take no "" inputs)
       ORT_CXX_API_THROW("MatMulQ41: bias must hold N values (or none)", ORT_INVALID_ARGUMENT);
     std::vector<int64_t> ys(xs.begin(), xs.end());
-    ys.back() = N;
+    ys.back() = act == Act_fn::None ? N : N / 2;
     float* out = y.Allocate(ys);
+    std::vector<float> both(act == Act_fn::None ? 0 : size_t(M * N));  // gate|up before the activation
     if (M == 0) return;
     const Act a = exact ? Act{} : quantize(x.Data(), M, K);
     std::vector<float> xa(size_t(M * j.rank));
-    j.w = w.Data(), j.y = out, j.M = M, j.N = N, j.K = K, j.blocks = K / kBlock, j.a = &a, j.xa = xa.data();
+    j.act = act, j.out = out;
+    j.w = w.Data(), j.y = act == Act_fn::None ? out : both.data(), j.M = M, j.N = N, j.K = K, j.blocks = K / kBlock, j.a = &a, j.xa = xa.data();
     j.bias = nbias ? (*bias)->Data() : nullptr, j.x = x.Data();
     Ort::KernelContext ctx(context);
     Job::Chunks chunks;
@@ -703,11 +770,12 @@ struct MatMulQ41 {
     j.group = group_portable;
 #endif
     if (exact) j.group = group_float;
-    ctx.ParallelFor(task, size_t(j.xa_chunks + groups), 0, &j);
+    ctx.ParallelFor(task, size_t(j.xa_chunks + (act == Act_fn::None ? groups : groups / 2)), 0, &j);
   }
 
   int64_t N;
   bool exact = false;
+  Act_fn act = Act_fn::None;
   static constexpr bool q8 = std::is_same<T, uint8_t>::value;
 };
 
