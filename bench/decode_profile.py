@@ -5,6 +5,9 @@ beside the weight bytes each part reads per token in each model.
 
     python bench/decode_profile.py [--size 135m|1b] [--threads 1,2] [--tokens 64]
 
+edgelora's bundle is also profiled with a rank-8 adapter active on every projection (the one
+bench/adapters.py installs as "a"), so the adapter's cost per part is in the same table.
+
 The profiler records an event per node, which slows a step down (more for many small nodes); the
 kernel times it reports are the nodes' own, so read the shares and the per-part differences, and the
 unprofiled speeds measured beside them (interleaved, as bench/export.py's head to head). Bytes are the
@@ -79,10 +82,12 @@ def profile_parts(path: Path) -> tuple[dict[str, float], int]:
     return {k: v / steps for k, v in parts.items()}, steps
 
 
-def ours(bundle_dir: Path, threads: int, tokens: int, prefix: str) -> dict:
+def ours(bundle_dir: Path, threads: int, tokens: int, prefix: str, adapter: str | None = None) -> dict:
     import edgelora
 
     engine = edgelora.open_bundle(bundle_dir, verify=False).engine("onnx", threads=threads, n_ctx=1024, profile=prefix)
+    if adapter:
+        engine.set_adapters({adapter: 1.0})
     common.decode_rate(engine, tokens)
     path = engine.end_profiling()
     engine.close()
@@ -119,6 +124,10 @@ def main() -> None:
     from edgelora import models
 
     b = common.bundle("x86-64", "both", None, name="adapters-x86", size=args.size)  # the x86-64 profile's, as bench/adapters.py's
+    if "a" not in b.store.names():
+        from edgelora.adapters import random_adapter
+
+        b.store.install(random_adapter(b.config, rank=8, alpha=16, seed=1, scale=0.02, fingerprint=b.fingerprint, name="a"), "a")
     model_path = b.path(b.artifact("onnx").main)
     genai_dir = common.genai_build(common.hf_dir(args.size), models.cache_dir() / "bench" / common.named("genai-int4", args.size),
                                    common.genai_python())
@@ -128,32 +137,39 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             p_ours = ours(b.root, threads, args.tokens, str(work / "ours"))
+            p_adapter = ours(b.root, threads, args.tokens, str(work / "ours-a"), adapter="a")
             p_theirs = theirs(genai_dir, threads, args.tokens, str(work / "genai-prof"), work)
         engine = edgelora.open_bundle(b.root, verify=False).engine("onnx", threads=threads, n_ctx=1024)
         model = common.genai_model(genai_dir, threads)
-        rates = {"ours": [], "genai": []}
+        rates = {"ours": [], "genai": [], "adapter": []}
         for _ in range(args.rounds):
             rates["ours"].append(common.decode_rate(engine, args.tokens))
             rates["genai"].append(common.genai_rate(model, args.tokens))
+            engine.set_adapters({"a": 1.0})
+            rates["adapter"].append(common.decode_rate(engine, args.tokens))
+            engine.set_adapters({})
         engine.close()
         del model
         speed = {k: statistics.median(v) for k, v in rates.items()}
         rows = []
         for part in PARTS:
             a, t = p_ours["us"].get(part, 0.0), p_theirs["us"].get(part, 0.0)
-            rows.append(dict(part=part, ours_us=a, genai_us=t, ours_mb=bytes_ours.get(part, 0) / 1e6,
-                             genai_mb=bytes_theirs.get(part, 0) / 1e6))
-        tot = {k: sum(r[f"{k}_us"] for r in rows) for k in ("ours", "genai")}
+            rows.append(dict(part=part, ours_us=a, genai_us=t, adapter_us=p_adapter["us"].get(part, 0.0),
+                             ours_mb=bytes_ours.get(part, 0) / 1e6, genai_mb=bytes_theirs.get(part, 0) / 1e6))
+        tot = {k: sum(r[f"{k}_us"] for r in rows) for k in ("ours", "genai", "adapter")}
         print(f"\n{common.NAMES[args.size]}, {threads} thread(s): unprofiled decode, interleaved medians: edgelora int4 "
               f"(MatMulQ41) {speed['ours']:.1f} tok/s, onnxruntime-genai int4 {speed['genai']:.1f} tok/s "
-              f"({speed['ours'] / speed['genai']:.2f}x)")
+              f"({speed['ours'] / speed['genai']:.2f}x); with adapter a {speed['adapter']:.1f} tok/s ({speed['adapter'] / speed['ours']:.3f}x "
+              f"its base)")
         print(common.table(
-            ("part", "edgelora us/step", "share", "genai us/step", "share", "edgelora - genai", "weights edgelora", "weights genai"),
+            ("part", "edgelora us/step", "share", "genai us/step", "share", "edgelora - genai", "with adapter a",
+             "weights edgelora", "weights genai"),
             [(r["part"], f"{r['ours_us']:.0f}", f"{r['ours_us'] / tot['ours']:.0%}", f"{r['genai_us']:.0f}",
               f"{r['genai_us'] / tot['genai']:.0%}", f"{r['ours_us'] - r['genai_us']:+.0f} us",
-              f"{r['ours_mb']:.1f} MB", f"{r['genai_mb']:.1f} MB") for r in rows]
+              f"{r['adapter_us'] - r['ours_us']:+.0f} us", f"{r['ours_mb']:.1f} MB", f"{r['genai_mb']:.1f} MB") for r in rows]
             + [("all kernels", f"{tot['ours']:.0f}", "", f"{tot['genai']:.0f}", "", f"{tot['ours'] - tot['genai']:+.0f} us",
-                f"{sum(r['ours_mb'] for r in rows):.1f} MB", f"{sum(r['genai_mb'] for r in rows):.1f} MB")]))
+                f"{tot['adapter'] - tot['ours']:+.0f} us", f"{sum(r['ours_mb'] for r in rows):.1f} MB",
+                f"{sum(r['genai_mb'] for r in rows):.1f} MB")]))
         print(f"(profiled steps: {p_ours['steps']} and {p_theirs['steps']}; unprofiled step {1e6 / speed['ours']:.0f} us "
               f"and {1e6 / speed['genai']:.0f} us: the rest of a step is the runtime between nodes and the profiler)")
         results.append(dict(threads=threads, speed=speed, rows=rows, steps={"ours": p_ours["steps"], "genai": p_theirs["steps"]}))

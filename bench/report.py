@@ -205,6 +205,10 @@ def decode_profile_lines() -> list[str]:
                                  f"{r['genai_mb']:.1f} MB |")
             lines.append(f"| {common.NAMES[size]} | {run['threads']} | unprofiled decode | {sp['ours']:.1f} tok/s | "
                          f"{sp['genai']:.1f} tok/s | {sp['ours'] / sp['genai']:.2f}x | | |")
+            if "adapter" in sp:
+                added = sum(r.get("adapter_us", r["ours_us"]) - r["ours_us"] for r in run["rows"])
+                lines.append(f"| {common.NAMES[size]} | {run['threads']} | rank-8 adapter active (edgelora) | "
+                             f"{sp['adapter']:.1f} tok/s, {sp['adapter'] / sp['ours']:.3f}x base | | {added:+.0f} us of kernels | | |")
     head = load("head-precision")
     if head:
         lines += ["", "What the LM head's precision costs (`bench/head_precision.py`: the float model with only its head "
