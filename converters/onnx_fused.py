@@ -813,10 +813,9 @@ def without_q41(model, accuracy_level: int = 4):
         activation = next((a.s.decode() for a in node.attribute if a.name == "activation"), "")
         if activation:  # a gated MLP's gate|up node: its activation as the nodes the graph had without it
             gated_mlp(g, y, activation, f"/{name.rsplit('.', 1)[0]}/mlp", out=node.output[0])
-            nodes += g.nodes
-            continue
         nodes += g.nodes
-        nodes.append(helper.make_node("Identity", [y], list(node.output), name=f"/{name}/out"))
+        if not activation:
+            nodes.append(helper.make_node("Identity", [y], list(node.output), name=f"/{name}/out"))
     keep = [i for i in model.graph.initializer if i.name not in dropped]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep + g.inits)

@@ -657,7 +657,8 @@ __attribute__((target("avx2,fma"))) void gated_avx2(Act_fn f, const float* gate,
 #endif
 
 // A task of a node's parallel pass: in a decode step with an adapter the first xa_chunks claim xa's
-// chunks, the rest are the groups of output columns.
+// chunks, the rest are the groups of output columns (with an activation, a gate group and its up
+// partner each).
 void task(void* p, size_t i) {
   const Job& j = *static_cast<const Job*>(p);
   if (int64_t(i) < j.xa_chunks) return claim_xa(j);
