@@ -7,8 +7,8 @@ bench/decode_profile.py.
     python bench/head_precision.py [--threads 2]
 
 Formats, per block of 32 along the hidden size, round to nearest: symmetric with one fp16 scale
-(llama.cpp's Q8_0, Q6_0-like, Q5_0, Q4_0: codes -2^(b-1)..2^(b-1)-1, the block's signed extreme at
--2^(b-1)), and asymmetric with an fp16 scale and minimum (Q5_1, Q4_1). Writes
+(llama.cpp's Q8_0, max |w| at 127; a Q6_0 like its Q5_0 and Q4_0: codes -2^(b-1)..2^(b-1)-1, the
+block's signed extreme at -2^(b-1)), and asymmetric with an fp16 scale and minimum (Q5_1, Q4_1). Writes
 bench/results/head-precision.json.
 """
 
@@ -29,8 +29,11 @@ BLOCK = 32
 
 def symmetric(w: np.ndarray, bits: int) -> np.ndarray:
     b = w.reshape(w.shape[0], -1, BLOCK).astype(np.float32)
-    top = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)
-    d = (top / -(2 ** (bits - 1))).astype(np.float16).astype(np.float32)
+    if bits == 8:  # llama.cpp's Q8_0: max |w| at 127
+        d = (np.abs(b).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+    else:  # its Q4_0 and Q5_0: the signed extreme at -2^(b-1)
+        top = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)
+        d = (top / -(2 ** (bits - 1))).astype(np.float16).astype(np.float32)
     q = np.clip(np.rint(b / np.where(d == 0, 1, d)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return (q * d).reshape(w.shape)
 
