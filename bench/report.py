@@ -229,7 +229,8 @@ def table_rows(text: str) -> list[tuple]:
     if BEGIN not in text:
         return []
     block = text.split(BEGIN, 1)[1].split(END, 1)[0]
-    rows = [tuple(c.strip() for c in line.strip().strip("|").split("|")) for line in block.splitlines() if line.startswith("| ")]
+    table = block.strip().split("\n\n", 1)[0]  # the first table (the decode profile's comes after the notes)
+    rows = [tuple(c.strip() for c in line.strip().strip("|").split("|")) for line in table.splitlines() if line.startswith("| ")]
     return [r for r in rows[1:] if len(r) == 8]  # (the first is the header)
 
 
