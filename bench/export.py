@@ -98,7 +98,8 @@ def kernel_name(bundle, art) -> str:
     from edgelora.converters import onnx_fused
 
     model = onnx.load(str(bundle.root / art.files[0]), load_external_data=False)
-    return "MatMulQ41" if onnx_fused.uses_q41(model) else "MatMulNBits"
+    head6 = any(n.output[0] == "logits" and any(a.name == "bits" and a.i == 6 for a in n.attribute) for n in model.graph.node)
+    return ("MatMulQ41" if onnx_fused.uses_q41(model) else "MatMulNBits") + (", 6-bit head" if head6 else "")
 
 
 def quality_window() -> int:
@@ -141,7 +142,8 @@ def main() -> None:
             out = Path(tmp) / spec.replace(":", "-")
             with common.env(EDGELORA_ORT_OPS="0" if kernel == "nbits" else None):
                 b = edgelora.export(base, "x86-64", out, backend=backend, quant=quant, force=True,
-                                    eval_tokens=args.eval_tokens, threads=args.threads)
+                                    eval_tokens=args.eval_tokens, threads=args.threads,
+                                    head_bits={"head6": 6, "head8": 8}.get(kernel))
             export_s = time.perf_counter() - t
             art = b.artifacts[0]
             engine = b.engine(backend, threads=args.threads, n_ctx=1024)

@@ -409,15 +409,18 @@ class Linears:
 
 class FusedBuilder:
     def __init__(self, base: BaseModel, quant: str = "int4", accuracy_level: int = 4, max_len: int = 4096,
-                 lora: bool = True, kernel: str = "nbits", adapter_type: str = "f32"):
+                 lora: bool = True, kernel: str = "nbits", adapter_type: str = "f32", head_bits: int = 8):
         if quant not in QUANTS:
             raise FusedExportError(f"fused ONNX quantization must be one of {', '.join(QUANTS)}, got {quant!r}")
         if adapter_type not in ADAPTER_TYPES:
             raise FusedExportError(f"the fused graph's adapter type must be one of {', '.join(ADAPTER_TYPES)}, got {adapter_type!r}")
         self.base, self.c, self.quant, self.acc, self.max_len, self.lora = base, base.config, quant, accuracy_level, max_len, lora
+        if head_bits not in (6, 8):
+            raise FusedExportError(f"the LM head is kept in 6 or 8 bits, got {head_bits}")
         self.adapter_type = ADAPTER_TYPES[adapter_type]
         self.g = _Graph()
         self.linear = Linears(self.g, quant, accuracy_level, kernel)
+        self.head_bits = head_bits if self.linear.q41(base.config.hidden_size) else 8  # 6 bits: MatMulQ41's
 
     def lora_slot(self, slot: str, d_in: int, outs: dict[str, int]) -> tuple[tuple[str, list[str]], type]:
         """The slot of a projection whose members' output widths are `outs`: A [d_in, r] and either
@@ -597,6 +600,12 @@ class FusedBuilder:
 
     def lm_head(self, hn: str) -> None:
         g, c = self.g, self.c
+        if self.head_bits == 6:  # MatMulQ41's 6-bit tiles (a tied embedding keeps its own 8-bit table)
+            q, d = q41.quantize6(self.base.weights["embed" if c.tie_word_embeddings else "lm_head"])
+            self.linear._count("q6 head (MatMulQ41)")
+            g.node("MatMulQ41", [hn, g.init("lm_head.q6", q41.pack6(q, d))], "/lm_head/MatMulQ41", domain=EDGELORA,
+                   outputs=["logits"], N=c.vocab_size, bits=6, accuracy_level=self.acc)
+            return
         if self.head_spec is not None:
             q, s, zp = self.head_spec
             g.node("MatMulNBits", [hn, q, s] + ([zp] if zp else []), "/lm_head/MatMulNBits", domain=MS, outputs=["logits"],
@@ -613,18 +622,20 @@ class FusedBuilder:
 
 
 def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, accuracy_level: int = 4,
-           max_len: int = 4096, lora: bool = True, kernel: str = "nbits", adapter_type: str = "f32") -> Path:
+           max_len: int = 4096, lora: bool = True, kernel: str = "nbits", adapter_type: str = "f32",
+           head_bits: int = 8) -> Path:
     """Builds the fused graph into ``out_dir/model.onnx`` (+ ``model.onnx.data``). `kernel` "q41"
     writes every int4 linear as edgelora's exact Q4_1 operator (sessions then need the library:
     edgelora.native), "nbits" as ONNX Runtime's MatMulNBits. `adapter_type` "f16": the MatMulQ41
     nodes' LoRA slots take float16 (half an active adapter's bytes per token), "q8" 8-bit blocks
-    (about a quarter); other slots stay f32."""
+    (about a quarter); other slots stay f32. `head_bits` 6 (kernel "q41"): the LM head as MatMulQ41's
+    6-bit weight (23 MB a token where 8 bits read 30 at 135M; bench/head_precision.py has its cost)."""
     import onnx
     from onnx import helper
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    b = FusedBuilder(base, quant, accuracy_level, max_len, lora, kernel, adapter_type)
+    b = FusedBuilder(base, quant, accuracy_level, max_len, lora, kernel, adapter_type, head_bits)
     g = b.build()
     graph = helper.make_graph(g.nodes, "edgelora-decoder", g.inputs, g.outputs, g.inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
@@ -692,7 +703,9 @@ def read_weights(path: str | os.PathLike, config) -> tuple[dict[str, np.ndarray 
         s = inits["embed.scales"].reshape(vocab, d // BLK)
         zp = inits["embed.zp"].reshape(vocab, d // BLK) if "embed.zp" in inits else 128.0
         dense["embed"] = BlockRows(BlockQuant((vocab, d), q, 8, s, zp))
-    if not c.tie_word_embeddings:
+    if "lm_head.q6" in inits:  # MatMulQ41's 6-bit head (tied or not: the head the graph computes with)
+        dense["lm_head"] = BlockRows(q41.unpack6(inits["lm_head.q6"], vocab))
+    elif not c.tie_word_embeddings:
         if "lm_head_T" in inits:
             dense["lm_head"] = np.ascontiguousarray(inits["lm_head_T"].T)
         else:
@@ -798,10 +811,19 @@ def without_q41(model, accuracy_level: int = 4):
         n = next(a.i for a in node.attribute if a.name == "N")
         x, w, *rest = node.input  # lora_a, lora_b, bias, lora_b1, lora_b2: any may be absent or ""
         rest += [""] * (6 - len(rest))
+        dropped.add(w)
+        if next((a.i for a in node.attribute if a.name == "bits"), 4) == 6:  # the 6-bit head: 8-bit codes, zero point 32
+            if any(rest):
+                raise FusedExportError(f"{node.name}: a 6-bit MatMulQ41 node here is an LM head, with no other inputs")
+            b6 = q41.unpack6(numpy_helper.to_array(inits[w]), n)
+            nb = b6.q.shape[1]
+            ins = [x, g.init(f"{w}.q8", b6.q), g.init(f"{w}.scales", b6.scale), g.init(f"{w}.zp", np.full(n * nb, 32, np.uint8))]
+            nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=node.name.replace("MatMulQ41", "MatMulNBits"),
+                                          domain=MS, K=nb * BLK, N=n, bits=8, block_size=BLK, accuracy_level=accuracy_level))
+            continue
         blocks = q41.unpack(numpy_helper.to_array(inits[w]), n)
         nibbles = blocks.q
         codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], -1)
-        dropped.add(w)
         name = node.name.strip("/").split("/")[0]
         g.nodes = []
         bias = rest[2] if rest[2] and (rest[2] not in inits or any(inits[rest[2]].dims)) else ""  # 0 values: none

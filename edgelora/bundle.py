@@ -119,10 +119,11 @@ class _ExportContext:
     """Float intermediates shared by the artifacts of one export (cached per fingerprint)."""
 
     def __init__(self, base: BaseModel, tmp: Path, progress: bool, profile: DeviceProfile | None = None,
-                 onnx_graph: str = "fused", onnx_adapter_type: str = "f32"):
+                 onnx_graph: str = "fused", onnx_adapter_type: str = "f32", head_bits: int = 8):
         self.base, self.tmp, self.progress = base, tmp, progress
         self.profile, self.onnx_graph = profile, onnx_graph
         self.onnx_adapter_type = onnx_adapter_type  # what MatMulQ41 nodes read adapters in: f32, f16 or q8
+        self.head_bits = head_bits  # the int4 fused graph's LM head, with MatMulQ41: 6 or 8 bits
         self._f32_gguf: Path | None = None
         self._hf_dir: Path | None = None
 
@@ -197,7 +198,7 @@ def _build_onnx(ws: _ExportContext, quant: str, out: Path, threads: int) -> list
     if ws.onnx_graph == "fused":
         lib = _q41_library(ws.profile) if quant == "int4" else None
         path = onnx_fused.export(ws.base, target_dir, quant, max_len=ws.profile.context_length,
-                                 kernel="q41" if lib else "nbits", adapter_type=ws.onnx_adapter_type)
+                                 kernel="q41" if lib else "nbits", adapter_type=ws.onnx_adapter_type, head_bits=ws.head_bits)
         if lib:  # the bundle carries the library its graph needs (genai_config.json names it)
             shutil.copyfile(lib, target_dir / native.LIBRARY)
     else:
@@ -313,13 +314,15 @@ def npu_reference(ws: _ExportContext, tokens: list[int], window: int, prefix: li
 def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out: str | os.PathLike, *,
            backend: str | None = None, quant: str | None = None, force: bool = False, replace: bool = False,
            eval_tokens: int | None = None, threads: int | None = None, progress: bool = True,
-           onnx_graph: str | None = None, adapter_precision: str = "f32") -> "Bundle":
+           onnx_graph: str | None = None, adapter_precision: str = "f32", head_bits: int | None = None) -> "Bundle":
     """Exports `model` for the device profile `device` into the bundle directory `out`.
 
     `onnx_graph`: "fused" (edgelora's graph built from the weights with ONNX Runtime's fused
     kernels; the default) or "optimum" (optimum's export plus LoRA slots). `adapter_precision`:
     what llama.cpp computes installed adapters in, f32, f16 or q8_0 (the store keeps each adapter's
-    f32 value beside); the ONNX graph's MatMulQ41 nodes take the same width (q8_0: 8-bit blocks)."""
+    f32 value beside); the ONNX graph's MatMulQ41 nodes take the same width (q8_0: 8-bit blocks).
+    `head_bits`: the int4 fused graph's LM head in 8 or 6 bits (6 needs MatMulQ41's library; default:
+    the profile's backends.onnx_head_bits)."""
     from .converters.gguf_lora import PRECISIONS
 
     if adapter_precision not in PRECISIONS:
@@ -327,6 +330,9 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     profile = get_profile(device)
     plan = resolve_plan(profile, backend, quant)
     onnx_graph = onnx_graph or profile.backends.onnx_graph
+    head_bits = head_bits or profile.backends.onnx_head_bits
+    if head_bits not in (6, 8):
+        raise UnsupportedFormatError(f"the LM head is kept in 6 or 8 bits, got {head_bits}")
     if onnx_graph not in ("fused", "optimum"):
         raise UnsupportedFormatError(f"onnx_graph must be 'fused' or 'optimum', got {onnx_graph!r}")
     base = model if isinstance(model, BaseModel) else load_base(model, progress=progress)
@@ -338,7 +344,8 @@ def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out:
     artifacts: list[Artifact] = []
     with tempfile.TemporaryDirectory(prefix="edgelora-export-") as work, atomic_dir(out, replace=replace) as tmp:
         # MatMulQ41 reads adapters in the GGUF choice's width: f32, f16, or 8-bit blocks for q8_0
-        ws = _ExportContext(base, Path(work), progress, profile, onnx_graph, {"q8_0": "q8"}.get(adapter_precision, adapter_precision))
+        ws = _ExportContext(base, Path(work), progress, profile, onnx_graph, {"q8_0": "q8"}.get(adapter_precision, adapter_precision),
+                            head_bits)
         reference = float_scores(ws, tokens, threads, progress)
         for b, q in plan:
             artifacts.append(_build_artifact(ws, b, q, tmp, threads, tokens, reference, force))

@@ -121,13 +121,15 @@ def export(
     eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Evaluate quality on the first N held-out tokens only."),
     adapter_precision: str = typer.Option("f32", "--adapter-precision", help="What engines compute installed "
                                           "adapters in: f32, f16 (half the bytes per token) or q8_0 (8 bits, about a quarter)."),
+    head_bits: Optional[int] = typer.Option(None, "--head-bits", help="The int4 ONNX graph's LM head: 8 or 6 bits "
+                                            "(6: edgelora's operator; default: the profile's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Export a base model as a self-contained bundle for one device profile, with its quality measured."""
     from .bundle import export as do_export
 
     bundle = do_export(model, device, out, backend=backend, quant=quant, force=force, replace=replace,
-                       eval_tokens=eval_tokens, progress=not quiet, adapter_precision=adapter_precision)
+                       eval_tokens=eval_tokens, progress=not quiet, adapter_precision=adapter_precision, head_bits=head_bits)
     typer.echo(f"bundle: {bundle.root}  (base {bundle.fingerprint[:23]}..., device {bundle.manifest['device']['name']})")
     _table(*bundle.artifact_table())
 

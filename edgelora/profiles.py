@@ -36,6 +36,7 @@ class Backends:
     qnn_backend: str | None = None
     disable_cpu_fallback: bool = False
     onnx_graph: str = "fused"  # "fused" (edgelora's graph with ORT's fused kernels) or "optimum"
+    onnx_head_bits: int = 8  # the int4 fused graph's LM head: 8 bits, or 6 (MatMulQ41's, when its library loads)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.order if b not in BACKENDS]
@@ -45,6 +46,8 @@ class Backends:
             raise ProfileError(f"backends.gguf_quant must be one of {', '.join(GGUF_QUANTS)}, got {self.gguf_quant!r}")
         if self.onnx_quant not in ONNX_QUANTS:
             raise ProfileError(f"backends.onnx_quant must be one of {', '.join(ONNX_QUANTS)}, got {self.onnx_quant!r}")
+        if self.onnx_head_bits not in (6, 8):
+            raise ProfileError(f"backends.onnx_head_bits must be 6 or 8, got {self.onnx_head_bits!r}")
 
 
 @dataclass(frozen=True)

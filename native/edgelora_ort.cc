@@ -3,7 +3,9 @@
 // headers (any version from 1.21: the library asks the runtime for the API version it was built with).
 //
 // MatMulQ41(x, w[, lora_a, lora_b][, bias][, lora_b1[, lora_b2]]) -> y (a bias of 0 values: none), attributes N and accuracy_level
-// (as MatMulNBits': 4, the default, int8 activations; 0 float activations, a slow exact reference for tests)
+// (as MatMulNBits': 4, the default, int8 activations; 0 float activations, a slow exact reference for tests),
+// activation (below) and bits: 4, the default, for Q4_1; 6 for a 6-bit weight (the LM head's, 23 MB where
+// 8 bits read 30: its tiles further down)
 //   y[M, N] = x[M, K] . W^T (+ (x . lora_a) . lora_b) (+ bias), W exact Q4_1: W[n, k] = d * code + m
 //   per block of 32 along K, with d and m in fp16 (GGUF's own Q4_1 types, so GGUF weights stay exact).
 //   The activations are quantized to int8 per block of 32 (scale max|x| / 127) and the block sums
@@ -28,6 +30,11 @@
 // llama.cpp's nibble order (codes 0..15 in the low nibbles, 16..31 in the high). One 256-bit load
 // covers two columns; after maddubs, madd(hadd16(hadd16(v0, v1), hadd16(v2, v3)), 1) leaves the 8
 // block dots of the tile in 8 int32 lanes in column order, and one FMA applies d x s to all of them.
+//
+// bits = 6: W[n, k] = d * (code - 32), codes 0..63 (the block's signed extreme at code 0, as llama.cpp's
+// Q4_0 and Q5_0 place theirs), in 208-byte tiles: the low nibbles exactly as above (128 bytes), then 4
+// pairs of 16 bytes holding the two high bits of each code (pair i's byte e: column i's codes e and
+// e + 16 at bits 0-1 and 4-5, column i + 4's at bits 2-3 and 6-7), then the 8 columns' fp16 d.
 //
 // Kernels, chosen at run time from the CPU's features: on x86-64 AVX-512 VNNI for the weight dots
 // (q41_avx512.cc, built when scripts/native.sh has SIMDe's headers) with the AVX2 code for the rest,
@@ -64,6 +71,7 @@
 namespace {
 
 constexpr int kBlock = 32, kGroup = 8, kTile = 160, kQ8 = 34;  // kQ8: an 8-bit lora_a block (fp16 scale, 32 codes)
+constexpr int kTile6 = 208, kHigh6 = 128, kD6 = 192;  // a 6-bit tile: its high-bit planes and its scales' offsets
 constexpr int kRanks = 8;  // ranks per xa task of a decode step (the SIMD loops take 8 at a time)
 constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
 
@@ -214,6 +222,7 @@ struct Seg {
 
 struct Job {
   const uint8_t* w; float* y; int64_t M, N, K, blocks;
+  int bits = 4; int64_t tile = kTile;  // the weight's tiles: Q4_1 (160 bytes) or 6-bit (208)
   const Act* a;
   const float* bias;
   const float* x;
@@ -269,23 +278,40 @@ float half_to_float(uint16_t h) {  // exact
 
 inline int code(const uint8_t* blk, int i) { return i < 16 ? (blk[i] & 15) : (blk[i - 16] >> 4); }
 
+// Code i of column c's block in a tile of either kind: a 6-bit code is the Q4_1 layout's nibble plus
+// two high bits from the pair's 16-byte plane (byte e: column c's codes e and e + 16, column c + 4's,
+// at bits 0-1, 4-5 and 2-3, 6-7).
+inline int code_at(const uint8_t* tile, int c, int i, int bits) {
+  const int nibble = code(tile + (c & 3) * 32 + (c >> 2) * 16, i);
+  if (bits == 4) return nibble;
+  const int shift = 2 * (c >> 2) + (i < 16 ? 0 : 4);
+  return nibble | (((tile[kHigh6 + (c & 3) * 16 + (i & 15)] >> shift) & 3) << 4);
+}
+
+// Column c's d and m in a tile (a 6-bit code is symmetric about 32: m = -32 d).
+inline void scales_at(const uint8_t* tile, int c, int bits, float& d, float& m) {
+  uint16_t h;
+  std::memcpy(&h, tile + (bits == 4 ? 128 : kD6) + 2 * c, 2);
+  d = half_to_float(h);
+  if (bits == 4) std::memcpy(&h, tile + 144 + 2 * c, 2);
+  m = bits == 4 ? half_to_float(h) : -32.f * d;
+}
+
 void group_portable(void* p, size_t g) {
   const Job& j = *static_cast<const Job*>(p);
   const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
   for (int64_t r = 0; r < j.M; ++r) {
     float acc[kGroup] = {};
-    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile;
-    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile) {
+    const uint8_t* tile = j.w + int64_t(g) * j.blocks * j.tile;
+    for (int64_t b = 0; b < j.blocks; ++b, tile += j.tile) {
       const int8_t* q = j.a->q.data() + (r * j.blocks + b) * kBlock;
       const float s = j.a->s[r * j.blocks + b], sum = j.a->sum[r * j.blocks + b];
-      uint16_t dh[kGroup], mh[kGroup];
-      std::memcpy(dh, tile + 128, 16);
-      std::memcpy(mh, tile + 144, 16);
       for (int c = 0; c < kGroup; ++c) {
-        const uint8_t* blk = tile + (c & 3) * 32 + (c >> 2) * 16;
         int32_t dot = 0;
-        for (int i = 0; i < kBlock; ++i) dot += code(blk, i) * int32_t(q[i]);
-        acc[c] += float(dot) * (half_to_float(dh[c]) * s) + half_to_float(mh[c]) * sum;
+        for (int i = 0; i < kBlock; ++i) dot += code_at(tile, c, i, j.bits) * int32_t(q[i]);
+        float d, m;
+        scales_at(tile, c, j.bits, d, m);
+        acc[c] += float(dot) * (d * s) + m * sum;
       }
     }
     for (int64_t c = 0; c < nc; ++c) j.y[r * j.N + n0 + c] = acc[c] + extra(j, r, n0 + c);
@@ -379,6 +405,47 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
   }
 }
 
+// Pair i of a 6-bit tile (column i's block, then column i + 4's) x the activation halves -> 8 int32,
+// 4 partial dots per column. The high-bit plane's 16 bytes go to both 128-bit lanes; the second lane
+// (column i + 4) is shifted right by 2, so in each lane bits 0-1 of a byte are the high bits of code
+// e and bits 4-5 those of code e + 16.
+__attribute__((target("avx2,fma"))) inline __m256i pair_dot6(const uint8_t* p, const uint8_t* high, __m256i qlo, __m256i qhi) {
+  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i h = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(high))),
+                                      _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+  const __m256i lo = _mm256_or_si256(_mm256_and_si256(bytes, low), _mm256_and_si256(_mm256_slli_epi16(h, 4), top));
+  const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low), _mm256_and_si256(h, top));
+  // codes <= 63: a maddubs pair <= 2 x 63 x 127 = 16002, the two halves' sum still fits int16
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, qlo), _mm256_maddubs_epi16(hi, qhi)),
+                           _mm256_set1_epi16(1));
+}
+
+// The 6-bit weight's kernel (the LM head's): as group_avx2, its sums in int32 and m = -32 d.
+__attribute__((target("avx2,fma,f16c"))) void group6_avx2(void* p, size_t g) {
+  const Job& j = *static_cast<const Job*>(p);
+  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
+  for (int64_t r = 0; r < j.M; ++r) {
+    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile6;
+    const int8_t* q = j.a->q.data() + r * j.K;
+    const float* s = j.a->s.data() + r * j.blocks;
+    const float* sum = j.a->sum.data() + r * j.blocks;
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile6, q += kBlock) {
+      for (int o = 0; o < kTile6; o += 64) _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch + o), _MM_HINT_T0);
+      const __m256i qlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+      const __m256i qhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+      const __m256i v0 = pair_dot6(tile, tile + kHigh6, qlo, qhi), v1 = pair_dot6(tile + 32, tile + kHigh6 + 16, qlo, qhi);
+      const __m256i v2 = pair_dot6(tile + 64, tile + kHigh6 + 32, qlo, qhi), v3 = pair_dot6(tile + 96, tile + kHigh6 + 48, qlo, qhi);
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));  // columns 0..3 | 4..7
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + kD6)));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(d, _mm256_broadcast_ss(s + b)), acc);
+      accm = _mm256_fmadd_ps(d, _mm256_broadcast_ss(sum + b), accm);
+    }
+    finish_avx2(j, r, n0, nc, _mm256_fmadd_ps(accm, _mm256_set1_ps(-32.f), acc));
+  }
+}
+
 #ifdef EDGELORA_AVX512
 __attribute__((target("avx2,fma,f16c"))) void group_avx512(void* p, size_t g) {
   const Job& j = *static_cast<const Job*>(p);
@@ -400,15 +467,12 @@ void group_float(void* p, size_t g) {
   for (int64_t r = 0; r < j.M; ++r) {
     for (int64_t c = 0; c < nc; ++c) {
       double acc = 0.;
-      const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile;
-      for (int64_t b = 0; b < j.blocks; ++b, tile += kTile) {
-        const uint8_t* blk = tile + (c & 3) * 32 + (c >> 2) * 16;
-        uint16_t dh, mh;
-        std::memcpy(&dh, tile + 128 + 2 * c, 2);
-        std::memcpy(&mh, tile + 144 + 2 * c, 2);
-        const float d = half_to_float(dh), m = half_to_float(mh);
+      const uint8_t* tile = j.w + int64_t(g) * j.blocks * j.tile;
+      for (int64_t b = 0; b < j.blocks; ++b, tile += j.tile) {
+        float d, m;
+        scales_at(tile, int(c), j.bits, d, m);
         const float* x = j.x + r * j.K + b * kBlock;
-        for (int i = 0; i < kBlock; ++i) acc += double(x[i]) * double(d * float(code(blk, i)) + m);
+        for (int i = 0; i < kBlock; ++i) acc += double(x[i]) * double(d * float(code_at(tile, int(c), i, j.bits)) + m);
       }
       j.y[r * j.N + n0 + c] = float(acc) + extra(j, r, n0 + c);
     }
@@ -456,6 +520,52 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) void group_neon(void* p, size_
     alignas(16) float out[kGroup];
     vst1q_f32(out, vaddq_f32(acc[0], accm[0]));
     vst1q_f32(out + 4, vaddq_f32(acc[1], accm[1]));
+    float* y = j.y + r * j.N + n0;
+    for (int64_t c = 0; c < nc; ++c) y[c] = out[c] + extra(j, r, n0 + c);
+  }
+}
+#endif
+
+#ifdef EDGELORA_ARM64
+// Column c's 6-bit block: its 16 nibble bytes and the pair's high-bit plane (c >= 4: shifted by 2).
+__attribute__((target("arch=armv8.2-a+dotprod"))) inline int32x4_t col_dot6(uint8x16_t bytes, uint8x16_t high, int8x16_t q0,
+                                                                           int8x16_t q1) {
+  const uint8x16_t three = vdupq_n_u8(3);
+  const int8x16_t lo = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(bytes, vdupq_n_u8(0x0F)), vshlq_n_u8(vandq_u8(high, three), 4)));
+  const int8x16_t hi = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(bytes, 4), vshlq_n_u8(vandq_u8(vshrq_n_u8(high, 4), three), 4)));
+  return vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, q0), hi, q1);
+}
+
+__attribute__((target("arch=armv8.2-a+dotprod"))) void group6_neon(void* p, size_t g) {
+  const Job& j = *static_cast<const Job*>(p);
+  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
+  for (int64_t r = 0; r < j.M; ++r) {
+    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile6;
+    const int8_t* q = j.a->q.data() + r * j.K;
+    const float* s = j.a->s.data() + r * j.blocks;
+    const float* sum = j.a->sum.data() + r * j.blocks;
+    float32x4_t acc[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}, accm[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile6, q += kBlock) {
+      for (int o = 0; o < kTile6; o += 64) __builtin_prefetch(tile + kPrefetch + o);
+      const int8x16_t q0 = vld1q_s8(q), q1 = vld1q_s8(q + 16);
+      int32x4_t dot[kGroup];
+      for (int i = 0; i < 4; ++i) {
+        const uint8x16_t high = vld1q_u8(tile + kHigh6 + 16 * i);
+        dot[i] = col_dot6(vld1q_u8(tile + 32 * i), high, q0, q1);
+        dot[i + 4] = col_dot6(vld1q_u8(tile + 32 * i + 16), vshrq_n_u8(high, 2), q0, q1);
+      }
+      const float32x4_t sv = vdupq_n_f32(s[b]), sumv = vdupq_n_f32(sum[b]);
+      const float16x8_t d = vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(tile + kD6)));
+      const float32x4_t dl[2] = {vcvt_f32_f16(vget_low_f16(d)), vcvt_high_f32_f16(d)};
+      for (int h = 0; h < 2; ++h) {
+        const int32x4_t four = vpaddq_s32(vpaddq_s32(dot[4 * h], dot[4 * h + 1]), vpaddq_s32(dot[4 * h + 2], dot[4 * h + 3]));
+        acc[h] = vfmaq_f32(acc[h], vcvtq_f32_s32(four), vmulq_f32(dl[h], sv));
+        accm[h] = vfmaq_f32(accm[h], dl[h], sumv);
+      }
+    }
+    alignas(16) float out[kGroup];
+    vst1q_f32(out, vfmaq_f32(acc[0], accm[0], vdupq_n_f32(-32.f)));
+    vst1q_f32(out + 4, vfmaq_f32(acc[1], accm[1], vdupq_n_f32(-32.f)));
     float* y = j.y + r * j.N + n0;
     for (int64_t c = 0; c < nc; ++c) y[c] = out[c] + extra(j, r, n0 + c);
   }
@@ -700,6 +810,11 @@ struct MatMulQ41 {
     if (a == "silu") act = Act_fn::Silu;
     else if (a == "gelu_tanh") act = Act_fn::GeluTanh;
     else if (!a.empty()) ORT_CXX_API_THROW("MatMulQ41: activation must be silu or gelu_tanh (or none)", ORT_INVALID_ARGUMENT);
+    try {
+      bits = int(k.GetAttribute<int64_t>("bits"));
+    } catch (const Ort::Exception&) {  // not given: Q4_1
+    }
+    if (bits != 4 && bits != 6) ORT_CXX_API_THROW("MatMulQ41: bits must be 4 (Q4_1) or 6", ORT_INVALID_ARGUMENT);
     if (act != Act_fn::None && N % (2 * kGroup))
       ORT_CXX_API_THROW("MatMulQ41: with an activation, N (gate and up side by side) must be a multiple of 16", ORT_INVALID_ARGUMENT);
   }
@@ -709,10 +824,13 @@ struct MatMulQ41 {
                Ort::Custom::Tensor<float>& y) {
     const auto xs = x.Shape(), ws = w.Shape();
     const int64_t K = xs.back(), M = K ? x.NumberOfElement() / K : 0, groups = (N + kGroup - 1) / kGroup;
-    if (K % kBlock || ws.size() != 3 || ws[0] != groups || ws[1] != K / kBlock || ws[2] != kTile)
-      ORT_CXX_API_THROW("MatMulQ41: w must be uint8 [ceil(N/8), K/32, 160] for an input of width K (a multiple of 32)",
+    const int64_t tile = bits == 4 ? kTile : kTile6;
+    if (K % kBlock || ws.size() != 3 || ws[0] != groups || ws[1] != K / kBlock || ws[2] != tile)
+      ORT_CXX_API_THROW(bits == 4 ? "MatMulQ41: w must be uint8 [ceil(N/8), K/32, 160] for an input of width K (a multiple of 32)"
+                                  : "MatMulQ41: a 6-bit w must be uint8 [ceil(N/8), K/32, 208] for an input of width K (a multiple of 32)",
                         ORT_INVALID_ARGUMENT);
     Job j{};
+    j.bits = bits, j.tile = tile;
     if (lora_a.has_value() != lora_b.has_value() || (lora_b1.has_value() && !lora_b.has_value()) ||
         (lora_b2.has_value() && !lora_b1.has_value()))
       ORT_CXX_API_THROW("MatMulQ41: lora_a comes with lora_b (then lora_b1, lora_b2)", ORT_INVALID_ARGUMENT);
@@ -770,11 +888,21 @@ struct MatMulQ41 {
 #else
     j.group = group_portable;
 #endif
+    if (bits == 6) {  // the AVX-512 kernel is Q4_1's; an AVX-512 CPU has AVX2
+#if defined(EDGELORA_X86)
+      j.group = use_simd() ? group6_avx2 : group_portable;
+#elif defined(EDGELORA_ARM64)
+      j.group = use_simd() ? group6_neon : group_portable;
+#else
+      j.group = group_portable;
+#endif
+    }
     if (exact) j.group = group_float;
     ctx.ParallelFor(task, size_t(j.xa_chunks + (act == Act_fn::None ? groups : groups / 2)), 0, &j);
   }
 
   int64_t N;
+  int bits = 4;
   bool exact = false;
   Act_fn act = Act_fn::None;
   static constexpr bool q8 = std::is_same<T, uint8_t>::value;

@@ -18,12 +18,13 @@ TOLERANCE = 1e-6  # of the output's range
 
 def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, bias: np.ndarray | None = None,
             threads: int = 2, accuracy_level: int = 4, split: tuple[int, ...] = (), dtype=np.float32, tiled: bool = False,
-            activation: str | None = None):
+            activation: str | None = None, bits: int = 4):
     """One MatMulQ41 node; with `lora`, inputs a [k, r] and b [r, n] in `dtype`, or with `split` (the
     widths of side-by-side projections) one B per projection: b, b1, b2 [r_i, split[i]]; `tiled`: the
     B's whose width is a multiple of 8 in tiles, [width / 8, r_i, 8] (`tile`). dtype uint8: 8 bits,
     a [r, k / 32, 34] and b's [width / 8, r_i + 2, 8] (onnx_fused.q8_a, q8_b). `activation`: the node
-    is a gated MLP's gate|up, its output act(gate) * up [rows, n / 2]."""
+    is a gated MLP's gate|up, its output act(gate) * up [rows, n / 2]. `bits` 6: `tiles` are 6-bit
+    (q41.pack6)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -43,7 +44,7 @@ def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, 
         names.append("bias")
     names += bs[1:] if lora else []
     node = helper.make_node("MatMulQ41", names, ["y"], domain="edgelora", N=n, accuracy_level=accuracy_level,
-                            **({"activation": activation} if activation else {}))
+                            **({"activation": activation} if activation else {}), **({"bits": bits} if bits != 4 else {}))
     graph = helper.make_graph([node], "q41", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edgelora", 1)])
     so = ort.SessionOptions()
@@ -94,6 +95,7 @@ def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float
     err["int8 vs float"] = float(np.abs(y - exact).max() / np.abs(exact).max())
     y = session(lib, k, n, tiles, accuracy_level=0).run(None, {"x": x})[0]
     err["float"] = float(np.abs(y - exact).max() / np.abs(exact).max())
+    err.update(case6(lib, x, w, threads, rng))
     bias = rng.standard_normal(n).astype(np.float32)
     s = session(lib, k, n, tiles, lora=True, bias=bias)
     err["lora"] = 0.0
@@ -142,6 +144,30 @@ def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float
             got = s.run(None, {"x": x, "a": a, "b": tile(bg), "b1": tile(bu)})[0]
             assert got.shape == (rows, half), got.shape
             err["gated"] = max(err["gated"], float(np.abs(got - want).max() / np.abs(want).max()))
+    return err
+
+
+def case6(lib: str, x: np.ndarray, w: np.ndarray, threads, rng) -> dict[str, float]:
+    """The 6-bit weight (bits=6, the LM head's): int8 activations against the emulation, float ones
+    against the float weight, and with an adapter and a bias (the epilogue Q4_1's kernels share)."""
+    from edgelora.converters import q41
+
+    k, n = x.shape[1], w.shape[0]
+    q, d = q41.quantize6(w)
+    ref = emulate(x, q, d, -32 * d)
+    tiles = q41.pack6(q, d)
+    err = {"6-bit": 0.0}
+    for t in threads:
+        y = session(lib, k, n, tiles, threads=t, bits=6).run(None, {"x": x})[0]
+        err["6-bit"] = max(err["6-bit"], float(np.abs(y - ref).max() / np.abs(ref).max()))
+    exact = x.astype(np.float64) @ ((q.astype(np.float64) - 32) * d[..., None]).reshape(n, k).T
+    y = session(lib, k, n, tiles, accuracy_level=0, bits=6).run(None, {"x": x})[0]
+    err["6-bit float"] = float(np.abs(y - exact).max() / np.abs(exact).max())
+    a, b = rng.standard_normal((k, 8)).astype(np.float32), rng.standard_normal((8, n)).astype(np.float32) * 0.1
+    bias = rng.standard_normal(n).astype(np.float32)
+    full = ref + (x.astype(np.float64) @ a) @ b + bias
+    got = session(lib, k, n, tiles, lora=True, bias=bias, bits=6).run(None, {"x": x, "a": a, "b": b})[0]
+    err["6-bit lora"] = float(np.abs(got - full).max() / np.abs(full).max())
     return err
 
 

@@ -31,6 +31,8 @@ def assert_within_tolerance(err: dict[str, float]) -> None:
     assert err["int8"] <= q41_check.TOLERANCE and err["float"] <= q41_check.TOLERANCE, err
     assert err["lora"] <= 10 * q41_check.TOLERANCE and err["rank 0"] <= q41_check.TOLERANCE, err
     assert err["split lora"] <= 10 * q41_check.TOLERANCE and err.get("gated", 0.0) <= 10 * q41_check.TOLERANCE, err
+    assert err["6-bit"] <= q41_check.TOLERANCE and err["6-bit float"] <= q41_check.TOLERANCE, err
+    assert err["6-bit lora"] <= 10 * q41_check.TOLERANCE, err
     assert err["int8 vs float"] <= 0.02, err  # int8 activations' own error
 
 
@@ -207,3 +209,68 @@ def test_fused_graph_with_the_operator_matches_transformers_peft_and_matmulnbits
             del os.environ["EDGELORA_ORT_OPS"]
         np.testing.assert_array_equal(plain16, out["nbits"][0])
         assert np.linalg.norm(with16 - plain16 - effect_nbits) <= 0.01 * np.linalg.norm(effect_nbits), t
+
+
+@needs_lib
+def test_six_bit_head_matches_transformers_and_falls_back_exactly(tiny_llama_q41, tmp_path):
+    """head_bits=6: the LM head as one 6-bit MatMulQ41 node. Its logits against transformers with that
+    head's values (the embedding untouched), as close as the 8-bit head's graph to its own reference;
+    the trainer's reader gets those values back exactly; without the library the node becomes an
+    8-bit MatMulNBits holding exactly the same values."""
+    import warnings
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from transformers import AutoModelForCausalLM
+
+    import edgelora
+    from edgelora.converters import onnx_fused
+    from edgelora.runtime.onnx import OnnxEngine
+    from tests.peft_util import base_logits
+
+    base = edgelora.load_base(tiny_llama_q41)
+    ids = base.tokenizer.encode("The quick brown fox jumps over the lazy dog. A Raspberry Pi has four cores. "
+                                "Edge devices run small language models.")
+    q, d = q41.quantize6(base.weights["embed"])
+    head6 = ((q.astype(np.float32) - 32) * d[..., None]).reshape(base.weights["embed"].shape)
+    assert 0 < np.abs(head6 - base.weights["embed"]).max() <= 0.02 * np.abs(base.weights["embed"]).max()
+    paths = {bits: onnx_fused.export(base, tmp_path / f"head{bits}", "int4", max_len=128, kernel="q41", head_bits=bits)
+             for bits in (6, 8)}
+    meta = {p.key: p.value for p in onnx.load(str(paths[6]), load_external_data=False).metadata_props}
+    assert "'q6 head (MatMulQ41)': 1" in meta["edgelora.encodings"]
+    dense, _ = onnx_fused.read_weights(paths[6], base.config)
+    np.testing.assert_array_equal(np.asarray(dense["lm_head"]), head6)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_q41).eval()
+    model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(head6))  # untied: the embedding keeps its values
+    with torch.no_grad():
+        ref6 = model(torch.tensor([ids])).logits[0].numpy()
+    refs = {6: ref6, 8: base_logits(tiny_llama_q41, ids)}
+
+    def run(path):
+        e = OnnxEngine(path, base.config, threads=2, n_ctx=128, tokenizer=base.tokenizer, fingerprint=base.fingerprint)
+        try:
+            return e.logits(ids)
+        finally:
+            e.close()
+
+    errs = {bits: np.abs(run(paths[bits]) - refs[bits]).max() for bits in (6, 8)}
+    assert errs[6] <= 0.01 * np.abs(ref6).max() and errs[6] <= 1.5 * errs[8], errs
+    assert (run(paths[6]).argmax(-1) == ref6.argmax(-1)).mean() >= 0.99
+
+    fallback = onnx_fused.without_q41(onnx.load(str(paths[6])))
+    inits = {i.name: numpy_helper.to_array(i) for i in fallback.graph.initializer}
+    node = next(n for n in fallback.graph.node if n.output[0] == "logits")
+    assert node.op_type == "MatMulNBits" and next(a.i for a in node.attribute if a.name == "bits") == 8
+    codes, scales, zp = (inits[i] for i in node.input[1:4])
+    values = (codes.astype(np.float32) - zp.reshape(codes.shape[:2])[..., None]) * scales.reshape(codes.shape[:2])[..., None]
+    np.testing.assert_array_equal(values.reshape(head6.shape), head6)
+    os.environ["EDGELORA_ORT_OPS"] = str(tmp_path / "missing.so")
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            got = run(paths[6])
+    finally:
+        del os.environ["EDGELORA_ORT_OPS"]
+    assert np.abs(got - ref6).max() <= 0.01 * np.abs(ref6).max()

@@ -602,7 +602,8 @@ def _check_inputs(base, tokens, loss_mask, cfg):
 
 
 def _head_weight(base, cfg):
-    return base["embed"] if cfg.tie_word_embeddings else base["lm_head"]
+    # a tied head stored apart (an ONNX graph's 6-bit head) is the one the device computes logits with
+    return base["lm_head"] if not cfg.tie_word_embeddings or "lm_head" in base else base["embed"]
 
 
 def _hidden(base, lora, tokens, config: ModelConfig, attn_block: int):
