@@ -78,7 +78,7 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
         e.close()
         size = path_a.stat().st_size
         base, one, two = (m[k]["tok_s"] for k in ("base", "one", "two"))
-        model_bytes = common.artifact_bytes(b, art)
+        model_bytes = common.read_bytes(b, art)
         results["engines"][f"{backend} {art.quant}"] = dict(load_ms=load_ms, swap_ms=swap_ms, merge_s=merge_s, decode=m,
                                                            merged=merged, file_bytes=size, raw_bytes=raw_bytes,
                                                            model_bytes=model_bytes,

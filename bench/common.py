@@ -207,8 +207,34 @@ def read_bandwidth(threads: int = 1, gib: float = 1.0) -> float:
 
 
 def artifact_bytes(b, art) -> int:
-    """What one decoded token reads at least: every weight file of the artifact, once."""
+    """The artifact's files' bytes."""
     return sum(b.manifest["files"][f]["size"] for f in art.files)
+
+
+def read_bytes(b, art) -> int:
+    """What one decoded token reads at least: the artifact's files once, less an ONNX graph's
+    embedding table when nothing but the lookup reads it (a token takes one row; a tied 8-bit head
+    reads the whole table, a 6-bit head or a float graph's own head does not)."""
+    total = artifact_bytes(b, art)
+    if art.backend != "onnx":
+        return total
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(b.root / art.files[0]), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    lookup = [n for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized") and "input_ids" in n.input]
+    table = {t for n in lookup for t in n.input if t in inits}
+    for n in model.graph.node:  # through the Reshape in front of GatherBlockQuantized
+        if n.op_type == "Reshape" and any(o in x.input for o in n.output for x in lookup):
+            table |= {t for t in n.input if t in inits and t.startswith("embed")}
+    readers = {n.name for n in model.graph.node for t in n.input if t in table}
+    if readers - {n.name for n in lookup} - {n.name for n in model.graph.node if n.op_type == "Reshape"}:
+        return total  # the head reads the table too
+    import numpy as np
+
+    return total - sum(int(np.prod(inits[t].dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(inits[t].data_type)).itemsize
+                       for t in table)
 
 
 def best_of(fn: Callable[[], float], repeat: int = 3) -> float:

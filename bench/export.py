@@ -147,7 +147,7 @@ def main() -> None:
             export_s = time.perf_counter() - t
             art = b.artifacts[0]
             engine = b.engine(backend, threads=args.threads, n_ctx=1024)
-            rows.append(dict(name=f"edgelora {backend} {quant}" + (f" ({kernel_name(b, art)})" if quant == "int4" else ""), size=common.artifact_bytes(b, art),
+            rows.append(dict(name=f"edgelora {backend} {quant}" + (f" ({kernel_name(b, art)})" if quant == "int4" else ""), size=common.artifact_bytes(b, art), read=common.read_bytes(b, art),
                              export_s=export_s, ppl=art.quality["perplexity"], change=art.quality["perplexity_change"],
                              top1=art.quality["top1_agreement"], tok_s=measure_engine(engine, args.tokens)))
             engine.close()
@@ -182,13 +182,13 @@ def main() -> None:
                         engine.close()
     real = args.size == "135m"  # quality of random weights means nothing
     for r in rows:
-        r["bandwidth_fraction"] = r["size"] * r["tok_s"] / bandwidth
+        r["bandwidth_fraction"] = r.get("read", r["size"]) * r["tok_s"] / bandwidth
     table = [(r["name"], f"{r['size'] / 1e6:.0f} MB", (f"{r['export_s']:.0f}s" if r['export_s'] == r['export_s'] else "n/a"),
               *((f"{r['ppl']:.3f}", f"{r['change']:+.2%}", f"{r['top1']:.1%}") if real else ("n/a",) * 3),
               f"{r['tok_s']:.1f}", f"{r['bandwidth_fraction']:.0%}") for r in rows]
     print(common.table(("format", "file", "export", "perplexity", "vs float", "top-1", f"decode tok/s ({args.threads} thr)",
                         "of bandwidth"), table))
-    print(f"{common.NAMES[args.size]}; bandwidth: file bytes x tok/s over the machine's {bandwidth / 1e9:.1f} GB/s "
+    print(f"{common.NAMES[args.size]}; bandwidth: the bytes a token reads (the files, less an embedding table only looked up) x tok/s over the machine's {bandwidth / 1e9:.1f} GB/s "
           f"(numpy, {args.threads} threads)")
     if real:
         print(f"float perplexity {reference.perplexity:.3f} on {len(eval_ids)} held-out tokens (windows of {quality_window()})")
@@ -230,7 +230,7 @@ def profile_verdicts(rows: list[dict]) -> list[dict]:
                   for n, r in measured.items() if n.split()[1] in bk.order}
         default = f"edgelora {bk.order[0]} {bk.gguf_quant if bk.order[0] == 'gguf' else bk.onnx_quant}"
         if default == "edgelora onnx int4":  # named, as measured, by the kernel the profile's bundle takes
-            default += " (MatMulQ41)" if _q41_library(prof) else " (MatMulNBits)"
+            default += (" (MatMulQ41, 6-bit head)" if bk.onnx_head_bits == 6 else " (MatMulQ41)") if _q41_library(prof) else " (MatMulNBits)"
         fastest = max((n for n, ok in within.items() if ok), key=lambda n: measured[n]["tok_s"], default=None)
         same_arch = prof.arch == here
         out.append(dict(profile=prof.name, budget=f"ppl +{q.max_perplexity_increase:.0%}, top-1 >= {q.min_top1_agreement:.0%}",

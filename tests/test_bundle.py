@@ -1,6 +1,7 @@
 """Device profiles and bundles on a tiny model: every format, the manifest, budgets, atomicity."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ import edgelora
 from edgelora import bundle as bundle_mod
 from edgelora import profiles
 from edgelora.errors import CorruptFileError, SourceNotFoundError, UnsupportedFormatError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SHIPPED = ["android-arm64", "raspberry-pi-4", "raspberry-pi-5", "snapdragon-8-gen-3", "x86-64"]
 EVAL = 1024  # held-out tokens per export in these tests (the default model uses all 22k)
@@ -42,6 +45,11 @@ def test_profile_errors(tmp_path):
     bad.write_text('name = "x"\n')
     with pytest.raises(profiles.ProfileError, match="not a device profile"):
         profiles.get_profile(bad)
+    head = tmp_path / "head.toml"
+    head.write_text((ROOT / "devices" / "x86-64.toml").read_text().replace("onnx_head_bits = 6", "onnx_head_bits = 5"))
+    with pytest.raises(profiles.ProfileError, match="backends.onnx_head_bits must be 6 or 8, got 5"):
+        profiles.get_profile(head)
+    assert profiles.get_profile("x86-64").backends.onnx_head_bits == 6
 
 
 @pytest.mark.parametrize("backend,quant,expected", [
