@@ -11,7 +11,8 @@ bench/adapters.py installs as "a"), so the adapter's cost per part is in the sam
 The profiler records an event per node, which slows a step down (more for many small nodes); the
 kernel times it reports are the nodes' own, so read the shares and the per-part differences, and the
 unprofiled speeds measured beside them (interleaved, as bench/export.py's head to head). Bytes are the
-initializers each part's nodes take (an embedding shared with the LM head counts once, as the head).
+initializers each part's nodes take (an embedding shared with the LM head counts once, as the head;
+one only looked up, one row).
 
 Prints one table per thread count; writes bench/results/decode-profile[-1b].json.
 """
@@ -30,12 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PARTS = ("linears", "LM head", "attention", "norms", "MLP activation", "other")
+PARTS = ("linears", "LM head", "attention", "norms", "MLP activation", "embedding", "other")
 
 
 def part_of(node_name: str, op: str) -> str:
     if "lm_head" in node_name:
         return "LM head"
+    if "/embed/" in node_name or op in ("Gather", "GatherBlockQuantized"):
+        return "embedding"
     if op in ("MatMulQ41", "MatMulNBits", "MatMul"):
         return "linears"
     if op in ("GroupQueryAttention", "RotaryEmbedding", "MultiHeadAttention"):
@@ -48,21 +51,23 @@ def part_of(node_name: str, op: str) -> str:
 
 
 def weight_bytes(model_path: Path) -> dict[str, int]:
-    """Initializer bytes per part, each initializer counted once, for the first part that takes it
-    (the LM head before the embedding's lookup)."""
+    """Initializer bytes a token reads per part, each initializer counted once, for the first part
+    that takes it (the LM head before the embedding's lookup, which reads one row of its table)."""
     import numpy as np
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     sizes = {i.name: int(np.prod(i.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
              for i in model.graph.initializer}
+    rows = {i.name: int(i.dims[0]) if i.dims else 1 for i in model.graph.initializer}
     nodes = sorted(model.graph.node, key=lambda n: "lm_head" not in n.name)
     out, seen = collections.Counter(), set()
     for n in nodes:
         for name in n.input:
             if name in sizes and name not in seen:
                 seen.add(name)
-                out[part_of(n.name, n.op_type)] += sizes[name]
+                part = part_of(n.name, n.op_type)
+                out[part] += sizes[name] // rows[name] if part == "embedding" else sizes[name]
     return dict(out)
 
 
