@@ -1,5 +1,5 @@
 """edgelora's ONNX Runtime operator library (native/edgelora_ort.cc: MatMulQ41, exact Q4_1 with the
-LoRA slot inside), built by scripts/env.sh into the environment (``<prefix>/lib/edgelora/``).
+LoRA slot inside, or a 6-bit weight for an LM head), built by scripts/env.sh into the environment (``<prefix>/lib/edgelora/``).
 
 `library()` finds it, checked once by loading it into a session's options; a graph that needs it
 and cannot have it falls back to ONNX Runtime's own nodes (converters/onnx_fused.without_q41)
