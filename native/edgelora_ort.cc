@@ -376,35 +376,6 @@ __attribute__((target("avx2,fma,f16c"))) void finish_avx2(const Job& j, int64_t 
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
-  const Job& j = *static_cast<const Job*>(p);
-  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
-  for (int64_t r = 0; r < j.M; ++r) {
-    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile;
-    const int8_t* q = j.a->q.data() + r * j.K;
-    const float* s = j.a->s.data() + r * j.blocks;
-    const float* sum = j.a->sum.data() + r * j.blocks;
-    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
-    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile, q += kBlock) {
-      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch + 128), _MM_HINT_T0);
-      const __m256i qlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-      const __m256i qhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-      const __m256i v0 = pair_dot(tile, qlo, qhi), v1 = pair_dot(tile + 32, qlo, qhi);
-      const __m256i v2 = pair_dot(tile + 64, qlo, qhi), v3 = pair_dot(tile + 96, qlo, qhi);
-      // two rounds of int16 pair sums stay exact (|.| <= 4 x 7620 = 30480 < 32768), then one madd to int32
-      const __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(v0, v1), _mm256_hadd_epi16(v2, v3));
-      const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(h, _mm256_set1_epi16(1)));
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 128)));
-      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 144)));
-      acc = _mm256_fmadd_ps(dots, _mm256_mul_ps(d, _mm256_broadcast_ss(s + b)), acc);
-      accm = _mm256_fmadd_ps(m, _mm256_broadcast_ss(sum + b), accm);
-    }
-    finish_avx2(j, r, n0, nc, _mm256_add_ps(acc, accm));
-  }
-}
-
 // Pair i of a 6-bit tile (column i's block, then column i + 4's) x the activation halves -> 8 int32,
 // 4 partial dots per column. The high-bit plane's 16 bytes go to both 128-bit lanes; the second lane
 // (column i + 4) is shifted right by 2, so in each lane bits 0-1 of a byte are the high bits of code
@@ -421,28 +392,44 @@ __attribute__((target("avx2,fma"))) inline __m256i pair_dot6(const uint8_t* p, c
                            _mm256_set1_epi16(1));
 }
 
-// The 6-bit weight's kernel (the LM head's): as group_avx2, its sums in int32 and m = -32 d.
-__attribute__((target("avx2,fma,f16c"))) void group6_avx2(void* p, size_t g) {
+// The 8 block dots of a tile (column order) as floats. Q4_1: two rounds of int16 pair sums stay exact
+// (|.| <= 4 x 7620 = 30480 < 32768), then one madd to int32; 6 bits: each pair already in int32.
+template <int Bits>
+__attribute__((target("avx2,fma"))) inline __m256 tile_dots_avx2(const uint8_t* tile, __m256i qlo, __m256i qhi) {
+  if constexpr (Bits == 4) {
+    const __m256i v0 = pair_dot(tile, qlo, qhi), v1 = pair_dot(tile + 32, qlo, qhi);
+    const __m256i v2 = pair_dot(tile + 64, qlo, qhi), v3 = pair_dot(tile + 96, qlo, qhi);
+    const __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(v0, v1), _mm256_hadd_epi16(v2, v3));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(h, _mm256_set1_epi16(1)));
+  } else {
+    const __m256i v0 = pair_dot6(tile, tile + kHigh6, qlo, qhi), v1 = pair_dot6(tile + 32, tile + kHigh6 + 16, qlo, qhi);
+    const __m256i v2 = pair_dot6(tile + 64, tile + kHigh6 + 32, qlo, qhi), v3 = pair_dot6(tile + 96, tile + kHigh6 + 48, qlo, qhi);
+    return _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3)));  // columns 0..3 | 4..7
+  }
+}
+
+// Bits 4: Q4_1 tiles; 6: the 6-bit weight's (the LM head's), whose m = -32 d.
+template <int Bits>
+__attribute__((target("avx2,fma,f16c"))) void group_avx2(void* p, size_t g) {
+  constexpr int tile_bytes = Bits == 4 ? kTile : kTile6, scales = Bits == 4 ? 128 : kD6;
   const Job& j = *static_cast<const Job*>(p);
   const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
   for (int64_t r = 0; r < j.M; ++r) {
-    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile6;
+    const uint8_t* tile = j.w + int64_t(g) * j.blocks * tile_bytes;
     const int8_t* q = j.a->q.data() + r * j.K;
     const float* s = j.a->s.data() + r * j.blocks;
     const float* sum = j.a->sum.data() + r * j.blocks;
     __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
-    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile6, q += kBlock) {
-      for (int o = 0; o < kTile6; o += 64) _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch + o), _MM_HINT_T0);
+    for (int64_t b = 0; b < j.blocks; ++b, tile += tile_bytes, q += kBlock) {
+      for (int o = 0; o < tile_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetch + o), _MM_HINT_T0);
       const __m256i qlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
       const __m256i qhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-      const __m256i v0 = pair_dot6(tile, tile + kHigh6, qlo, qhi), v1 = pair_dot6(tile + 32, tile + kHigh6 + 16, qlo, qhi);
-      const __m256i v2 = pair_dot6(tile + 64, tile + kHigh6 + 32, qlo, qhi), v3 = pair_dot6(tile + 96, tile + kHigh6 + 48, qlo, qhi);
-      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));  // columns 0..3 | 4..7
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + kD6)));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(d, _mm256_broadcast_ss(s + b)), acc);
-      accm = _mm256_fmadd_ps(d, _mm256_broadcast_ss(sum + b), accm);
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + scales)));
+      acc = _mm256_fmadd_ps(tile_dots_avx2<Bits>(tile, qlo, qhi), _mm256_mul_ps(d, _mm256_broadcast_ss(s + b)), acc);
+      const __m256 m = Bits == 4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 144))) : d;
+      accm = _mm256_fmadd_ps(m, _mm256_broadcast_ss(sum + b), accm);
     }
-    finish_avx2(j, r, n0, nc, _mm256_fmadd_ps(accm, _mm256_set1_ps(-32.f), acc));
+    finish_avx2(j, r, n0, nc, _mm256_fmadd_ps(accm, _mm256_set1_ps(Bits == 4 ? 1.f : -32.f), acc));
   }
 }
 
@@ -487,43 +474,6 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) inline int32x4_t col_dot(uint8
   return vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, q0), hi, q1);
 }
 
-__attribute__((target("arch=armv8.2-a+dotprod"))) void group_neon(void* p, size_t g) {
-  const Job& j = *static_cast<const Job*>(p);
-  const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
-  for (int64_t r = 0; r < j.M; ++r) {
-    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile;
-    const int8_t* q = j.a->q.data() + r * j.K;
-    const float* s = j.a->s.data() + r * j.blocks;
-    const float* sum = j.a->sum.data() + r * j.blocks;
-    float32x4_t acc[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}, accm[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
-    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile, q += kBlock) {
-      __builtin_prefetch(tile + kPrefetch);
-      __builtin_prefetch(tile + kPrefetch + 64);
-      __builtin_prefetch(tile + kPrefetch + 128);
-      const int8x16_t q0 = vld1q_s8(q), q1 = vld1q_s8(q + 16);
-      int32x4_t dot[kGroup];
-      for (int i = 0; i < 4; ++i) {  // pair i: column i, then column i + 4
-        dot[i] = col_dot(vld1q_u8(tile + 32 * i), q0, q1);
-        dot[i + 4] = col_dot(vld1q_u8(tile + 32 * i + 16), q0, q1);
-      }
-      const float32x4_t sv = vdupq_n_f32(s[b]), sumv = vdupq_n_f32(sum[b]);
-      const float16x8_t d = vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(tile + 128)));
-      const float16x8_t m = vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(tile + 144)));
-      const float32x4_t dl[2] = {vcvt_f32_f16(vget_low_f16(d)), vcvt_high_f32_f16(d)};
-      const float32x4_t ml[2] = {vcvt_f32_f16(vget_low_f16(m)), vcvt_high_f32_f16(m)};
-      for (int h = 0; h < 2; ++h) {  // columns 4h..4h+3: the 4 dots, each summed over its 4 lanes
-        const int32x4_t four = vpaddq_s32(vpaddq_s32(dot[4 * h], dot[4 * h + 1]), vpaddq_s32(dot[4 * h + 2], dot[4 * h + 3]));
-        acc[h] = vfmaq_f32(acc[h], vcvtq_f32_s32(four), vmulq_f32(dl[h], sv));
-        accm[h] = vfmaq_f32(accm[h], ml[h], sumv);
-      }
-    }
-    alignas(16) float out[kGroup];
-    vst1q_f32(out, vaddq_f32(acc[0], accm[0]));
-    vst1q_f32(out + 4, vaddq_f32(acc[1], accm[1]));
-    float* y = j.y + r * j.N + n0;
-    for (int64_t c = 0; c < nc; ++c) y[c] = out[c] + extra(j, r, n0 + c);
-  }
-}
 #endif
 
 #ifdef EDGELORA_ARM64
@@ -536,36 +486,47 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) inline int32x4_t col_dot6(uint
   return vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, q0), hi, q1);
 }
 
-__attribute__((target("arch=armv8.2-a+dotprod"))) void group6_neon(void* p, size_t g) {
+// Bits 4: Q4_1 tiles; 6: the 6-bit weight's, whose m = -32 d.
+template <int Bits>
+__attribute__((target("arch=armv8.2-a+dotprod"))) void group_neon(void* p, size_t g) {
+  constexpr int tile_bytes = Bits == 4 ? kTile : kTile6, scales = Bits == 4 ? 128 : kD6;
   const Job& j = *static_cast<const Job*>(p);
   const int64_t n0 = int64_t(g) * kGroup, nc = std::min<int64_t>(kGroup, j.N - n0);
   for (int64_t r = 0; r < j.M; ++r) {
-    const uint8_t* tile = j.w + int64_t(g) * j.blocks * kTile6;
+    const uint8_t* tile = j.w + int64_t(g) * j.blocks * tile_bytes;
     const int8_t* q = j.a->q.data() + r * j.K;
     const float* s = j.a->s.data() + r * j.blocks;
     const float* sum = j.a->sum.data() + r * j.blocks;
     float32x4_t acc[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}, accm[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
-    for (int64_t b = 0; b < j.blocks; ++b, tile += kTile6, q += kBlock) {
-      for (int o = 0; o < kTile6; o += 64) __builtin_prefetch(tile + kPrefetch + o);
+    for (int64_t b = 0; b < j.blocks; ++b, tile += tile_bytes, q += kBlock) {
+      for (int o = 0; o < tile_bytes; o += 64) __builtin_prefetch(tile + kPrefetch + o);
       const int8x16_t q0 = vld1q_s8(q), q1 = vld1q_s8(q + 16);
       int32x4_t dot[kGroup];
-      for (int i = 0; i < 4; ++i) {
-        const uint8x16_t high = vld1q_u8(tile + kHigh6 + 16 * i);
-        dot[i] = col_dot6(vld1q_u8(tile + 32 * i), high, q0, q1);
-        dot[i + 4] = col_dot6(vld1q_u8(tile + 32 * i + 16), vshrq_n_u8(high, 2), q0, q1);
+      for (int i = 0; i < 4; ++i) {  // pair i: column i, then column i + 4
+        if constexpr (Bits == 4) {
+          dot[i] = col_dot(vld1q_u8(tile + 32 * i), q0, q1);
+          dot[i + 4] = col_dot(vld1q_u8(tile + 32 * i + 16), q0, q1);
+        } else {
+          const uint8x16_t high = vld1q_u8(tile + kHigh6 + 16 * i);
+          dot[i] = col_dot6(vld1q_u8(tile + 32 * i), high, q0, q1);
+          dot[i + 4] = col_dot6(vld1q_u8(tile + 32 * i + 16), vshrq_n_u8(high, 2), q0, q1);
+        }
       }
       const float32x4_t sv = vdupq_n_f32(s[b]), sumv = vdupq_n_f32(sum[b]);
-      const float16x8_t d = vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(tile + kD6)));
+      const float16x8_t d = vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(tile + scales)));
+      const float16x8_t m = Bits == 4 ? vreinterpretq_f16_u16(vld1q_u16(reinterpret_cast<const uint16_t*>(tile + 144))) : d;
       const float32x4_t dl[2] = {vcvt_f32_f16(vget_low_f16(d)), vcvt_high_f32_f16(d)};
-      for (int h = 0; h < 2; ++h) {
+      const float32x4_t ml[2] = {vcvt_f32_f16(vget_low_f16(m)), vcvt_high_f32_f16(m)};
+      for (int h = 0; h < 2; ++h) {  // columns 4h..4h+3: the 4 dots, each summed over its 4 lanes
         const int32x4_t four = vpaddq_s32(vpaddq_s32(dot[4 * h], dot[4 * h + 1]), vpaddq_s32(dot[4 * h + 2], dot[4 * h + 3]));
         acc[h] = vfmaq_f32(acc[h], vcvtq_f32_s32(four), vmulq_f32(dl[h], sv));
-        accm[h] = vfmaq_f32(accm[h], dl[h], sumv);
+        accm[h] = vfmaq_f32(accm[h], ml[h], sumv);
       }
     }
     alignas(16) float out[kGroup];
-    vst1q_f32(out, vfmaq_f32(acc[0], accm[0], vdupq_n_f32(-32.f)));
-    vst1q_f32(out + 4, vfmaq_f32(acc[1], accm[1], vdupq_n_f32(-32.f)));
+    const float32x4_t ms = vdupq_n_f32(Bits == 4 ? 1.f : -32.f);
+    vst1q_f32(out, vfmaq_f32(acc[0], accm[0], ms));
+    vst1q_f32(out + 4, vfmaq_f32(acc[1], accm[1], ms));
     float* y = j.y + r * j.N + n0;
     for (int64_t c = 0; c < nc; ++c) y[c] = out[c] + extra(j, r, n0 + c);
   }
@@ -880,19 +841,19 @@ struct MatMulQ41 {
       ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
     }
 #if defined(EDGELORA_X86) && defined(EDGELORA_AVX512)
-    j.group = use_avx512() ? group_avx512 : use_simd() ? group_avx2 : group_portable;
+    j.group = use_avx512() ? group_avx512 : use_simd() ? group_avx2<4> : group_portable;
 #elif defined(EDGELORA_X86)
-    j.group = use_simd() ? group_avx2 : group_portable;
+    j.group = use_simd() ? group_avx2<4> : group_portable;
 #elif defined(EDGELORA_ARM64)
-    j.group = use_simd() ? group_neon : group_portable;
+    j.group = use_simd() ? group_neon<4> : group_portable;
 #else
     j.group = group_portable;
 #endif
     if (bits == 6) {  // the AVX-512 kernel is Q4_1's; an AVX-512 CPU has AVX2
 #if defined(EDGELORA_X86)
-      j.group = use_simd() ? group6_avx2 : group_portable;
+      j.group = use_simd() ? group_avx2<6> : group_portable;
 #elif defined(EDGELORA_ARM64)
-      j.group = use_simd() ? group6_neon : group_portable;
+      j.group = use_simd() ? group_neon<6> : group_portable;
 #else
       j.group = group_portable;
 #endif
