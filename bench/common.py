@@ -211,6 +211,14 @@ def artifact_bytes(b, art) -> int:
     return sum(b.manifest["files"][f]["size"] for f in art.files)
 
 
+def initializer_bytes(init) -> int:
+    """An ONNX initializer's bytes (from its dims and type: no data loaded)."""
+    import numpy as np
+    from onnx import helper
+
+    return int(np.prod(init.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+
+
 def read_bytes(b, art) -> int:
     """What one decoded token reads at least: the artifact's files once, less an ONNX graph's
     embedding table when nothing but the lookup reads it (a token takes one row; a tied 8-bit head
@@ -219,7 +227,6 @@ def read_bytes(b, art) -> int:
     if art.backend != "onnx":
         return total
     import onnx
-    from onnx import helper
 
     model = onnx.load(str(b.root / art.files[0]), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
@@ -231,10 +238,7 @@ def read_bytes(b, art) -> int:
     readers = {n.name for n in model.graph.node for t in n.input if t in table}
     if readers - {n.name for n in lookup} - {n.name for n in model.graph.node if n.op_type == "Reshape"}:
         return total  # the head reads the table too
-    import numpy as np
-
-    return total - sum(int(np.prod(inits[t].dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(inits[t].data_type)).itemsize
-                       for t in table)
+    return total - sum(initializer_bytes(inits[t]) for t in table)
 
 
 def best_of(fn: Callable[[], float], repeat: int = 3) -> float:

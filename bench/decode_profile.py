@@ -53,12 +53,10 @@ def part_of(node_name: str, op: str) -> str:
 def weight_bytes(model_path: Path) -> dict[str, int]:
     """Initializer bytes a token reads per part, each initializer counted once, for the first part
     that takes it (the LM head before the embedding's lookup, which reads one row of its table)."""
-    import numpy as np
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    sizes = {i.name: int(np.prod(i.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
-             for i in model.graph.initializer}
+    sizes = {i.name: common.initializer_bytes(i) for i in model.graph.initializer}
     rows = {i.name: int(i.dims[0]) if i.dims else 1 for i in model.graph.initializer}
     nodes = sorted(model.graph.node, key=lambda n: "lm_head" not in n.name)
     out, seen = collections.Counter(), set()
