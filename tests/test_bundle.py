@@ -50,6 +50,8 @@ def test_profile_errors(tmp_path):
     with pytest.raises(profiles.ProfileError, match="backends.onnx_head_bits must be 6 or 8, got 5"):
         profiles.get_profile(head)
     assert profiles.get_profile("x86-64").backends.onnx_head_bits == 6
+    with pytest.raises(UnsupportedFormatError, match="the LM head is kept in 6 or 8 bits, got 7"):
+        edgelora.export(tmp_path / "no-model", "x86-64", tmp_path / "b", head_bits=7)
 
 
 @pytest.mark.parametrize("backend,quant,expected", [
