@@ -26,6 +26,7 @@ QUANT = "edgelora.quant"
 ACCURACY_LEVEL = "edgelora.accuracy_level"
 MAX_LEN = "edgelora.max_len"  # positions the RoPE caches hold
 ENCODINGS = "edgelora.encodings"  # how many linears each weight encoding holds
+LORA_PACK = "edgelora.lora_pack"  # JSON {"table": per lora_slot [A, B, ...], "inputs": {slot: [elem type, dims]}}
 
 # -- file names
 NPU_GEOMETRY = "npu.json"

@@ -30,6 +30,7 @@ multi-LoRA use them); the engine fills the grouped slots from them.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -135,7 +136,8 @@ def slot_parameters(params: dict[str, np.ndarray], config, slots: dict[str, Slot
     holds its members' A^T side by side ([in, sum of ranks]); its B is either the members' (scale *
     B)^T block-diagonal ([sum of ranks, sum of outs]) or, where the graph takes one B per member
     (MatMulQ41), each member's own. A member the adapter lacks has rank 0 there (zero outputs), a
-    group it lacks keeps its default; each array comes in its slot's type and layout."""
+    group it lacks keeps its default; each array comes in its slot's type and layout, and the slots
+    of a graph's adapter pack (`Slots.pack`) in one `PACK` array."""
     out, shapes = {}, config.shapes()
     for i in range(config.num_layers):
         for group, members in GROUPS.items():
@@ -162,17 +164,175 @@ def slot_parameters(params: dict[str, np.ndarray], config, slots: dict[str, Slot
                 c0 += width
             out[b_group] = b
     if slots is not None:
-        out = {k: slots.get(k, SlotType()).layout(k, v) for k, v in out.items()}
+        out = packed_parameters({k: slots.get(k, SlotType()).layout(k, v) for k, v in out.items()}, slots)
     return out
 
 
-def graph_slots(model) -> dict[str, SlotType]:
-    """A graph's LoRA slots (its `*.lora_A` / `*.lora_B` inputs): element type and layout."""
+class Slots(dict):
+    """A graph's LoRA slots, name -> SlotType; `pack`: the adapter pack's table (per lora_slot, the
+    names of its A and B's) when the graph's MatMulQ41 nodes read their slots from one input."""
+    pack: list[list[str]] | None = None
+
+
+def slots_of(inputs: dict[str, tuple[type, int]], meta: dict[str, str]) -> Slots:
+    """The slots of a graph with these inputs (name -> (element type, ndim)) and metadata."""
+    slots = Slots({n: SlotType.of(n, t, nd) for n, (t, nd) in inputs.items() if n.endswith((".lora_A", ".lora_B"))})
+    if meta.get(keys.LORA_PACK):
+        from onnx import helper
+
+        packed = json.loads(meta[keys.LORA_PACK])
+        slots.update({n: SlotType.of(n, helper.tensor_dtype_to_np_dtype(t), len(dims)) for n, (t, dims) in packed["inputs"].items()})
+        slots.pack = packed["table"]
+    return slots
+
+
+def graph_slots(model) -> Slots:
+    """A graph's LoRA slots (its `*.lora_A` / `*.lora_B` inputs, and those its adapter pack holds):
+    element type and layout."""
     from onnx import helper
 
-    return {i.name: SlotType.of(i.name, helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
-                                len(i.type.tensor_type.shape.dim))
-            for i in model.graph.input if i.name.endswith((".lora_A", ".lora_B"))}
+    return slots_of({i.name: (helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), len(i.type.tensor_type.shape.dim))
+                     for i in model.graph.input}, {p.key: p.value for p in model.metadata_props})
+
+
+# -- the adapter pack: every MatMulQ41 node's slot in one input ------------------------------------
+#
+# A step binds each active slot tensor as an input, and ONNX Runtime spends about half a microsecond
+# a step on each bound input: 330 of them at 135M (4 nodes x 2-4 tensors x 30 layers) were ~150 us a
+# step, 3% of a decode step. One uint8 input holds them all instead; a node reads its entry
+# (attribute lora_slot). The layout is native/edgelora_ort.cc's (unpack_entry).
+
+PACK = "lora_pack"
+PACK_MAGIC = 0x314B4341504C45  # "ELPACK1"
+PACK_WORDS = 21  # per entry: type, then (offset, ndim, 3 dims) for lora_a and up to 3 lora_b
+PACK_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 2, np.dtype(np.uint8): 3}
+PACK_ALIGN = 64
+
+
+def pack_parameters(params: dict[str, np.ndarray], table: list[list[str]]) -> np.ndarray:
+    """The slot tensors of `table`'s entries (slot name -> array, in the slots' types and layouts)
+    as one adapter pack: uint8 [bytes]. An entry none of whose tensors is in `params` is empty (type
+    0: no adapter on that node)."""
+    header = np.zeros(2 + PACK_WORDS * len(table), np.int64)
+    header[:2] = PACK_MAGIC, len(table)
+    at = -(-header.nbytes // PACK_ALIGN) * PACK_ALIGN
+    parts: list[tuple[int, np.ndarray]] = []
+    for s, names in enumerate(table):
+        e = 2 + s * PACK_WORDS
+        if names[0] not in params:
+            continue
+        arrays = [np.ascontiguousarray(params[n]) for n in names]
+        types = {PACK_TYPES[a.dtype] for a in arrays}
+        if len(types) != 1:
+            raise FusedExportError(f"slot {names[0]}: an entry's tensors share one type, got {sorted(a.dtype.name for a in arrays)}")
+        header[e] = types.pop()
+        header[e + 1:e + 1 + 5 * 4:5] = -1
+        for t, a in enumerate(arrays):
+            w = e + 1 + 5 * t
+            header[w:w + 2 + a.ndim] = [at, a.ndim, *a.shape]
+            parts.append((at, a))
+            at += -(-a.nbytes // PACK_ALIGN) * PACK_ALIGN
+    out = np.zeros(at, np.uint8)
+    out[:header.nbytes] = header.view(np.uint8)
+    for offset, a in parts:
+        out[offset:offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+    return out
+
+
+def packed_parameters(params: dict[str, np.ndarray], slots: dict) -> dict[str, np.ndarray]:
+    """Slot parameters as a graph with `slots` takes them: the pack's in one `PACK` input."""
+    table = getattr(slots, "pack", None)
+    if not table:
+        return params
+    inside = {n for names in table for n in names}
+    return {PACK: pack_parameters(params, table), **{k: v for k, v in params.items() if k not in inside}}
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _default(dims: list) -> list[int]:
+    """A slot's default shape: rank 0 (an 8-bit B keeps its two rows of scales)."""
+    return [d if isinstance(d, int) else 2 if d.endswith("+2") else 0 for d in dims]
+
+
+def pack_slots(model):
+    """The graph with its MatMulQ41 nodes' LoRA slots in one adapter pack (in place): each node's
+    lora_a becomes the `PACK` input (an empty pack by default: no adapter), its lora_b an empty
+    uint8, and it gets attribute lora_slot; the slots' declarations go to the metadata
+    (`keys.LORA_PACK`) for `unpack_slots` and the engines."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = {i.name: i for i in model.graph.input}
+    table, packed = [], set()
+    for node in model.graph.node:
+        if node.domain != EDGELORA or node.op_type != "MatMulQ41" or len(node.input) < 4 or node.input[2] not in inputs:
+            continue
+        x, w, a, b, *rest = node.input
+        bias = rest[0] if rest and rest[0] and not rest[0].startswith("const.no_bias") else ""
+        names = [a, b, *rest[1:]]
+        del node.input[:]
+        node.input.extend([x, w, PACK, *([f"{PACK}.none_b", bias] if bias else [])])
+        node.attribute.append(helper.make_attribute("lora_slot", len(table)))
+        table.append(names)
+        packed.update(names)
+    if not table:
+        return model
+    decls = {n: [inputs[n].type.tensor_type.elem_type, _dims(inputs[n])] for n in (n for names in table for n in names)}
+    keep_in = [i for i in model.graph.input if i.name not in packed]
+    del model.graph.input[:]
+    model.graph.input.extend(keep_in + [helper.make_tensor_value_info(PACK, TensorProto.UINT8, ["pack_bytes"])])
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name not in packed and (i.name in used or not i.name.startswith("const.no_"))]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + [numpy_helper.from_array(np.zeros(0, np.uint8), PACK),
+                                           numpy_helper.from_array(np.zeros(0, np.uint8), f"{PACK}.none_b")])
+    model.metadata_props.append(onnx.StringStringEntryProto(key=keys.LORA_PACK, value=json.dumps({"table": table, "inputs": decls})))
+    return model
+
+
+def unpack_slots(model):
+    """The graph with its adapter pack's slots as inputs of their own again (in place): the layout
+    `pack_slots` started from, for runtimes without edgelora's operator (`without_q41`)."""
+    from onnx import helper, numpy_helper
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    if keys.LORA_PACK not in meta:
+        return model
+    packed = json.loads(meta[keys.LORA_PACK])
+    table, decls = packed["table"], packed["inputs"]
+    no_bias, needs_none = "const.no_bias.unpacked", False
+    for node in model.graph.node:
+        slot = next((a.i for a in node.attribute if a.name == "lora_slot"), None)
+        if slot is None:
+            continue
+        x, w, *rest = node.input
+        bias = rest[2] if len(rest) > 2 else ""
+        a, *bs = table[slot]
+        ins = [x, w, a, bs[0], bias or no_bias, *bs[1:]] if len(bs) > 1 else [x, w, a, bs[0], *([bias] if bias else [])]
+        needs_none |= no_bias in ins
+        del node.input[:]
+        node.input.extend(ins)
+        keep = [at for at in node.attribute if at.name != "lora_slot"]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+    inits = [i for i in model.graph.initializer if i.name not in (PACK, f"{PACK}.none_b")]
+    if needs_none:
+        inits.append(numpy_helper.from_array(np.zeros(0, np.float32), no_bias))
+    inputs = [i for i in model.graph.input if i.name != PACK]
+    for name, (elem, dims) in decls.items():
+        inputs.append(helper.make_tensor_value_info(name, elem, dims))
+        inits.append(numpy_helper.from_array(np.zeros(_default(dims), helper.tensor_dtype_to_np_dtype(elem)), name))
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    props = [p for p in model.metadata_props if p.key != keys.LORA_PACK]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    return model
 
 
 def per_module_f32(slots: dict[str, SlotType]) -> bool:
@@ -643,6 +803,7 @@ def export(base: BaseModel, out_dir: str | os.PathLike, quant: str = "int4", *, 
         opsets.append(helper.make_opsetid(EDGELORA, 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgelora")
     model.ir_version = 10
+    pack_slots(model)
     for k, v in {keys.GRAPH: "fused", keys.QUANT: quant, keys.ACCURACY_LEVEL: accuracy_level,
                  keys.MAX_LEN: max_len, keys.ENCODINGS: b.linear.encodings, keys.FINGERPRINT: base.fingerprint}.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
@@ -796,6 +957,7 @@ def without_q41(model, accuracy_level: int = 4):
     weights (loaded with external data); it is changed in place and returned."""
     from onnx import helper, numpy_helper
 
+    unpack_slots(model)
     inits = {i.name: i for i in model.graph.initializer}
     types = _q8_slots_as_f16(model, inits)
     widths = {i.name: i.type.tensor_type.shape.dim[0].dim_value * TILE for i in model.graph.input  # of tiled B's

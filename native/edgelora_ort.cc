@@ -22,6 +22,9 @@
 //   along K an fp16 scale then 32 int8 codes (GGUF's Q8_0 block), dotted with the activations' own
 //   int8 blocks; each lora_b in tiles [N_i / 8, r_i + 2, 8]: r_i rows of the tile's 8 columns' int8
 //   codes, then the 8 columns' fp16 scales (one per output column, over its r_i codes).
+//   With attribute lora_slot, lora_a is instead the graph's adapter pack (uint8 [bytes], below
+//   unpack_entry), every node's adapter tensors in one input, and lora_b is empty: the node reads
+//   entry lora_slot, whose tensors are those above in any of the three types; an empty pack: none.
 //
 // w is written by the exporter (converters/q41.py: pack) as uint8 [ceil(N/8), K/32, 160]: one
 // linear stream of 160-byte tiles per group of 8 output columns (the last group padded with zero
@@ -753,6 +756,87 @@ void task(void* p, size_t i) {
 template <typename T>
 using Opt = std::optional<const Ort::Custom::Tensor<T>*>;
 
+// An adapter tensor, from its own input or from the adapter pack.
+struct View {
+  const void* data = nullptr; std::vector<int64_t> shape; bool given = false;
+};
+
+template <typename T>
+View view(const Opt<T>& t) {
+  if (!t.has_value()) return {};
+  return {(*t)->NumberOfElement() ? (*t)->DataRaw() : nullptr, (*t)->Shape(), true};
+}
+
+// The adapter pack (converters/onnx_fused.py: pack_parameters): every MatMulQ41 node's adapter in one
+// input, so a step binds one tensor instead of 2 to 4 per node (each bound input costs ONNX Runtime
+// about half a microsecond a step). Little-endian int64 words: the magic, the number of entries, then
+// per entry (a node's lora_slot) kPackWords words: its type (0: no adapter, 1 float32, 2 float16, 3
+// 8-bit) and for lora_a, lora_b, lora_b1, lora_b2 each (byte offset or -1: absent, ndim, 3 dims). The
+// tensors follow, each at a multiple of 64 bytes.
+constexpr int64_t kPackMagic = 0x314b4341504c45;  // "ELPACK1"
+constexpr int kPackWords = 21;
+
+Lt unpack_entry(const uint8_t* p, int64_t n, int64_t slot, View& a, View (&b)[3]) {
+  auto word = [&](int64_t i) {
+    int64_t v;
+    std::memcpy(&v, p + 8 * i, 8);
+    return v;
+  };
+  if (n < 16 || word(0) != kPackMagic || word(1) < 0 || (n - 16) / (8 * kPackWords) < word(1))
+    ORT_CXX_API_THROW("MatMulQ41: lora_a is not an adapter pack (write it with edgelora's pack_parameters)", ORT_INVALID_ARGUMENT);
+  if (slot >= word(1))
+    ORT_CXX_API_THROW("MatMulQ41: the adapter pack has no entry for this node's lora_slot (a pack of another graph?)", ORT_INVALID_ARGUMENT);
+  const int64_t e = 2 + slot * kPackWords, type = word(e);
+  if (type < 0 || type > 3) ORT_CXX_API_THROW("MatMulQ41: an adapter pack entry's type must be 0 to 3", ORT_INVALID_ARGUMENT);
+  if (type == 0) return Lt::F32;
+  const int64_t size = type == 1 ? 4 : type == 2 ? 2 : 1;
+  View* out[4] = {&a, &b[0], &b[1], &b[2]};
+  for (int t = 0; t < 4; ++t) {
+    const int64_t at = e + 1 + 5 * t, off = word(at), ndim = word(at + 1);
+    if (off < 0) continue;
+    int64_t bytes = size;
+    View& v = *out[t];
+    if (ndim < 1 || ndim > 3) ORT_CXX_API_THROW("MatMulQ41: an adapter pack tensor must have 1 to 3 dims", ORT_INVALID_ARGUMENT);
+    for (int64_t d = 0; d < ndim; ++d) {
+      const int64_t dim = word(at + 2 + d);
+      if (dim < 0 || (dim && bytes > n / dim)) ORT_CXX_API_THROW("MatMulQ41: an adapter pack tensor's dims are out of range", ORT_INVALID_ARGUMENT);
+      v.shape.push_back(dim);
+      bytes *= dim;
+    }
+    if (off % 64 || off > n - bytes) ORT_CXX_API_THROW("MatMulQ41: an adapter pack tensor lies outside the pack", ORT_INVALID_ARGUMENT);
+    v.data = bytes ? p + off : nullptr, v.given = true;
+  }
+  if (!a.given || !b[0].given) ORT_CXX_API_THROW("MatMulQ41: an adapter pack entry needs lora_a and lora_b", ORT_INVALID_ARGUMENT);
+  return type == 1 ? Lt::F32 : type == 2 ? Lt::F16 : Lt::Q8;
+}
+
+// The job's adapter from its tensors, checked against the node's K and N.
+void set_adapter(Job& j, const View& a, const View (&bs)[3], Lt lt, int64_t K, int64_t N) {
+  const bool q8 = lt == Lt::Q8;
+  const auto& as = a.shape;
+  if (q8 ? as.size() != 3 || as[1] != K / kBlock || as[2] != kQ8 : as.size() != 2 || as[0] != K)
+    ORT_CXX_API_THROW(q8 ? "MatMulQ41: an 8-bit lora_a must be uint8 [r, K/32, 34]" : "MatMulQ41: lora_a must be [K, r]",
+                      ORT_INVALID_ARGUMENT);
+  j.rank = q8 ? as[0] : as[1];
+  int64_t n = 0, r = 0;
+  for (const View& b : bs) {
+    if (!b.given) break;
+    const auto& s = b.shape;
+    const bool tiled = s.size() == 3;
+    if (q8 ? !tiled || s[1] < 2 || s[2] != kGroup : !(s.size() == 2 || (tiled && s[2] == kGroup)))
+      ORT_CXX_API_THROW(q8 ? "MatMulQ41: each 8-bit lora_b must be uint8 [N_i / 8, r_i + 2, 8]"
+                           : "MatMulQ41: each lora_b must be [r_i, N_i] or [N_i / 8, r_i, 8]", ORT_INVALID_ARGUMENT);
+    const int64_t rank = tiled ? s[1] - (q8 ? 2 : 0) : s[0], width = tiled ? s[0] * kGroup : s[1];
+    j.seg[j.nseg++] = Seg{n, n + width, r, rank, rank && width ? b.data : nullptr, tiled};
+    n += width;
+    r += rank;
+  }
+  if (n != N || r != j.rank)
+    ORT_CXX_API_THROW("MatMulQ41: the lora_b's must cover the N outputs and the r ranks of lora_a", ORT_INVALID_ARGUMENT);
+  j.lora_a = j.rank ? a.data : nullptr;
+  j.lt = lt;
+}
+
 // T: the adapter's type (float, Ort::Float16_t, or uint8_t for 8-bit); one kernel per type, under one name.
 template <typename T>
 struct MatMulQ41 {
@@ -775,6 +859,10 @@ struct MatMulQ41 {
       bits = int(k.GetAttribute<int64_t>("bits"));
     } catch (const Ort::Exception&) {  // not given: Q4_1
     }
+    try {
+      slot = k.GetAttribute<int64_t>("lora_slot");
+    } catch (const Ort::Exception&) {  // not given: the adapter in its own inputs
+    }
     if (bits != 4 && bits != 6) ORT_CXX_API_THROW("MatMulQ41: bits must be 4 (Q4_1) or 6", ORT_INVALID_ARGUMENT);
     if (act != Act_fn::None && N % (2 * kGroup))
       ORT_CXX_API_THROW("MatMulQ41: with an activation, N (gate and up side by side) must be a multiple of 16", ORT_INVALID_ARGUMENT);
@@ -792,33 +880,20 @@ struct MatMulQ41 {
                         ORT_INVALID_ARGUMENT);
     Job j{};
     j.bits = bits, j.tile = tile;
-    if (lora_a.has_value() != lora_b.has_value() || (lora_b1.has_value() && !lora_b.has_value()) ||
-        (lora_b2.has_value() && !lora_b1.has_value()))
-      ORT_CXX_API_THROW("MatMulQ41: lora_a comes with lora_b (then lora_b1, lora_b2)", ORT_INVALID_ARGUMENT);
-    if (lora_a.has_value()) {
-      const auto as = (*lora_a)->Shape();
-      if (q8 ? as.size() != 3 || as[1] != K / kBlock || as[2] != kQ8 : as.size() != 2 || as[0] != K)
-        ORT_CXX_API_THROW(q8 ? "MatMulQ41: an 8-bit lora_a must be uint8 [r, K/32, 34]" : "MatMulQ41: lora_a must be [K, r]",
-                          ORT_INVALID_ARGUMENT);
-      j.rank = q8 ? as[0] : as[1];
-      int64_t n = 0, r = 0;
-      for (const Opt<T>& b : {lora_b, lora_b1, lora_b2}) {
-        if (!b.has_value()) break;
-        const auto bs = (*b)->Shape();
-        const bool tiled = bs.size() == 3;
-        if (q8 ? !tiled || bs[1] < 2 || bs[2] != kGroup : !(bs.size() == 2 || (tiled && bs[2] == kGroup)))
-          ORT_CXX_API_THROW(q8 ? "MatMulQ41: each 8-bit lora_b must be uint8 [N_i / 8, r_i + 2, 8]"
-                               : "MatMulQ41: each lora_b must be [r_i, N_i] or [N_i / 8, r_i, 8]", ORT_INVALID_ARGUMENT);
-        const int64_t rank = tiled ? bs[1] - (q8 ? 2 : 0) : bs[0], width = tiled ? bs[0] * kGroup : bs[1];
-        j.seg[j.nseg++] = Seg{n, n + width, r, rank, rank && width ? (*b)->Data() : nullptr, tiled};
-        n += width;
-        r += rank;
-      }
-      if (n != N || r != j.rank)
-        ORT_CXX_API_THROW("MatMulQ41: the lora_b's must cover the N outputs and the r ranks of lora_a", ORT_INVALID_ARGUMENT);
-      j.lora_a = j.rank ? (*lora_a)->Data() : nullptr;
-      j.lt = q8 ? Lt::Q8 : std::is_same<T, Ort::Float16_t>::value ? Lt::F16 : Lt::F32;
+    View va, vb[3];
+    Lt lt = q8 ? Lt::Q8 : std::is_same<T, Ort::Float16_t>::value ? Lt::F16 : Lt::F32;
+    if (slot >= 0) {  // lora_a is the adapter pack, shared by the graph's nodes: this node's entry
+      if (!q8 || !lora_a.has_value() || (*lora_a)->Shape().size() != 1 || (lora_b.has_value() && (*lora_b)->NumberOfElement()))
+        ORT_CXX_API_THROW("MatMulQ41: with lora_slot, lora_a is the adapter pack (uint8 [bytes]) and lora_b is empty", ORT_INVALID_ARGUMENT);
+      const int64_t n = (*lora_a)->NumberOfElement();
+      if (n) lt = unpack_entry(static_cast<const uint8_t*>((*lora_a)->DataRaw()), n, slot, va, vb);
+    } else {
+      if (lora_a.has_value() != lora_b.has_value() || (lora_b1.has_value() && !lora_b.has_value()) ||
+          (lora_b2.has_value() && !lora_b1.has_value()))
+        ORT_CXX_API_THROW("MatMulQ41: lora_a comes with lora_b (then lora_b1, lora_b2)", ORT_INVALID_ARGUMENT);
+      va = view(lora_a), vb[0] = view(lora_b), vb[1] = view(lora_b1), vb[2] = view(lora_b2);
     }
+    if (va.given) set_adapter(j, va, vb, lt, K, N);
     const int64_t nbias = bias.has_value() ? (*bias)->NumberOfElement() : 0;  // 0: none (ONNX Runtime's lite
     if (nbias != 0 && nbias != N)                                              // operators take no "" inputs)
       ORT_CXX_API_THROW("MatMulQ41: bias must hold N values (or none)", ORT_INVALID_ARGUMENT);
@@ -862,7 +937,7 @@ struct MatMulQ41 {
     ctx.ParallelFor(task, size_t(j.xa_chunks + (act == Act_fn::None ? groups : groups / 2)), 0, &j);
   }
 
-  int64_t N;
+  int64_t N, slot = -1;
   int bits = 4;
   bool exact = false;
   Act_fn act = Act_fn::None;

@@ -18,13 +18,14 @@ TOLERANCE = 1e-6  # of the output's range
 
 def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, bias: np.ndarray | None = None,
             threads: int = 2, accuracy_level: int = 4, split: tuple[int, ...] = (), dtype=np.float32, tiled: bool = False,
-            activation: str | None = None, bits: int = 4):
+            activation: str | None = None, bits: int = 4, pack: bool = False):
     """One MatMulQ41 node; with `lora`, inputs a [k, r] and b [r, n] in `dtype`, or with `split` (the
     widths of side-by-side projections) one B per projection: b, b1, b2 [r_i, split[i]]; `tiled`: the
     B's whose width is a multiple of 8 in tiles, [width / 8, r_i, 8] (`tile`). dtype uint8: 8 bits,
     a [r, k / 32, 34] and b's [width / 8, r_i + 2, 8] (onnx_fused.q8_a, q8_b). `activation`: the node
     is a gated MLP's gate|up, its output act(gate) * up [rows, n / 2]. `bits` 6: `tiles` are 6-bit
-    (q41.pack6)."""
+    (q41.pack6). `pack`: the LoRA tensors come in one adapter pack (input "pack", entry 1 of
+    `PACK_TABLE`: onnx_fused.pack_parameters), as the fused graph binds them."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -43,14 +44,32 @@ def session(lib: str, k: int, n: int, tiles: np.ndarray, *, lora: bool = False, 
         inits.append(numpy_helper.from_array(bias if bias is not None else np.zeros(0, np.float32), "bias"))
         names.append("bias")
     names += bs[1:] if lora else []
+    extra = {}
+    if pack:
+        ins = [ins[0], helper.make_tensor_value_info("pack", TensorProto.UINT8, ["bytes"])]
+        inits.append(numpy_helper.from_array(np.zeros(0, np.uint8), "none"))
+        names = ["x", "w", "pack", *(["none", "bias"] if "bias" in names else [])]
+        extra["lora_slot"] = 1
     node = helper.make_node("MatMulQ41", names, ["y"], domain="edgelora", N=n, accuracy_level=accuracy_level,
-                            **({"activation": activation} if activation else {}), **({"bits": bits} if bits != 4 else {}))
+                            **({"activation": activation} if activation else {}), **({"bits": bits} if bits != 4 else {}),
+                            **extra)
     graph = helper.make_graph([node], "q41", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edgelora", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.register_custom_ops_library(str(lib))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+PACK_TABLE = [["other.A", "other.B"], ["a", "b", "b1", "b2"]]  # entry 0: another node's, left empty
+
+
+def packed(feeds: dict) -> dict:
+    """The LoRA tensors of `feeds` as the adapter pack of a `session(..., pack=True)`."""
+    from edgelora.converters import onnx_fused
+
+    lora = {k: v for k, v in feeds.items() if k not in ("x", "bias")}
+    return {"x": feeds["x"], "pack": onnx_fused.pack_parameters(lora, [PACK_TABLE[0], [n for n in PACK_TABLE[1] if n in lora]])}
 
 
 def int8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +151,9 @@ def case(lib: str, rows: int, k: int, n: int, threads=(1, 2)) -> dict[str, float
                 r0 += r
             got = s.run(None, feeds)[0]
             err["split lora"] = max(err["split lora"], float(np.abs(got - full).max() / np.abs(full).max()))
+            s = session(lib, k, n, tiles, lora=True, bias=bias if with_bias else None, split=widths, dtype=dtype,
+                        tiled=tiled, accuracy_level=level, pack=True)
+            err["pack"] = max(err.get("pack", 0.0), float(np.abs(s.run(None, packed(feeds))[0] - got).max()))
     if n % 16 == 0:  # a gated MLP's gate|up node: act(gate) * up, with one B for each half
         err["gated"] = 0.0
         half = n // 2
@@ -202,6 +224,7 @@ def main(lib: str) -> int:
 
     print(f"kernel {native.kernel(lib)}: worst " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     bad = {k: v for k, v in worst.items() if k != "int8 vs float" and v > (10 * TOLERANCE if "lora" in k or k == "gated" else TOLERANCE)}
+    bad.update({k: v for k, v in worst.items() if k == "pack" and v})  # the same tensors, read from the pack: bit for bit
     bad.update({k: v for k, v in worst.items() if k == "int8 vs float" and v > 0.02})
     if bad:
         print(f"too large: {bad}", file=sys.stderr)

@@ -33,6 +33,7 @@ def assert_within_tolerance(err: dict[str, float]) -> None:
     assert err["split lora"] <= 10 * q41_check.TOLERANCE and err.get("gated", 0.0) <= 10 * q41_check.TOLERANCE, err
     assert err["6-bit"] <= q41_check.TOLERANCE and err["6-bit float"] <= q41_check.TOLERANCE, err
     assert err["6-bit lora"] <= 10 * q41_check.TOLERANCE, err
+    assert err["pack"] == 0.0, err  # the adapter pack: the same tensors, bit for bit
     assert err["int8 vs float"] <= 0.02, err  # int8 activations' own error
 
 
@@ -274,3 +275,60 @@ def test_six_bit_head_matches_transformers_and_falls_back_exactly(tiny_llama_q41
     finally:
         del os.environ["EDGELORA_ORT_OPS"]
     assert np.abs(got - ref6).max() <= 0.01 * np.abs(ref6).max()
+
+
+@needs_lib
+def test_the_adapter_pack_is_one_input_unpacks_for_the_fallback_and_refuses_a_bad_pack(tiny_llama_q41, tmp_path):
+    """A MatMulQ41 graph takes every node's LoRA slot in one input (the adapter pack: one bound tensor
+    a step instead of 2 to 4 per node); `unpack_slots` gives the slots back as inputs of their own and
+    `pack_slots` packs them again the same; a pack that is not one, or is another graph's, is refused
+    by the operator in one line."""
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    import edgelora
+    from edgelora.adapters import random_adapter
+    from edgelora.converters import onnx_fused
+    from edgelora.converters.onnx_adapter import parameters
+
+    base = edgelora.load_base(tiny_llama_q41)
+    c = base.config
+    path = onnx_fused.export(base, tmp_path / "q8", "int4", max_len=128, kernel="q41", adapter_type="q8")
+    model = onnx.load(str(path), load_external_data=False)
+    lora_inputs = [i.name for i in model.graph.input if "lora" in i.name]
+    assert lora_inputs == [onnx_fused.PACK]
+    slots = onnx_fused.graph_slots(model)
+    assert len(slots.pack) == 4 * c.num_layers and slots["layers.0.qkv.lora_A"].dtype is np.uint8
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulQ41" and onnx_fused.PACK in n.input]
+    assert sorted(next(a.i for a in n.attribute if a.name == "lora_slot") for n in nodes) == list(range(len(slots.pack)))
+
+    unpacked = onnx_fused.unpack_slots(copy.deepcopy(model))
+    assert onnx_fused.PACK not in {i.name for i in unpacked.graph.input}
+    assert {n for names in slots.pack for n in names} <= {i.name for i in unpacked.graph.input}
+    assert onnx_fused.graph_slots(unpacked) == slots and onnx_fused.graph_slots(unpacked).pack is None
+    repacked = onnx_fused.pack_slots(unpacked)
+    assert [list(n.input) for n in repacked.graph.node] == [list(n.input) for n in model.graph.node]
+    assert onnx_fused.graph_slots(repacked).pack == slots.pack
+
+    params = onnx_fused.slot_parameters(parameters(random_adapter(c, rank=8, seed=3)), c, slots)
+    assert list(params) == [onnx_fused.PACK] and params[onnx_fused.PACK].dtype == np.uint8
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.register_custom_ops_library(str(LIB))
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([[1, 2, 3]], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    for i in range(c.num_layers):
+        for k in ("key", "value"):
+            feed[f"past_key_values.{i}.{k}"] = np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32)
+    plain, adapted = (s.run(["logits"], {**feed, **extra})[0] for extra in ({}, params))
+    assert np.abs(adapted - plain).max() > 1e-4  # the pack reached the nodes
+    other = onnx_fused.pack_parameters({"a": np.zeros((c.hidden_size, 8), np.float32),
+                                        "b": np.zeros((8, c.hidden_size), np.float32)}, [["a", "b"]])
+    for bad, said in ((np.arange(64, dtype=np.uint8), "is not an adapter pack"),
+                      (other, "must cover the N outputs and the r ranks"),  # another graph's first entry
+                      (onnx_fused.pack_parameters({}, []), "has no entry for this node's lora_slot")):
+        with pytest.raises(Exception) as e:
+            s.run(["logits"], {**feed, onnx_fused.PACK: bad})
+        assert said in str(e.value), str(e.value)

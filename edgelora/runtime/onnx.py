@@ -62,12 +62,11 @@ class OnnxEngine(Engine):
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         self.input_names = {i.name for i in self.session.get_inputs()}
         overridable = self.session.get_overridable_initializers()
-        self.slots = {i.name: i.shape for i in overridable}
-        self._slot_types = {i.name: onnx_fused.SlotType.of(i.name, _ORT_TYPES.get(i.type, np.float32), len(i.shape))
-                            for i in overridable}
         meta = self.session.get_modelmeta().custom_metadata_map
+        self._slot_types = onnx_fused.slots_of({i.name: (_ORT_TYPES.get(i.type, np.float32), len(i.shape)) for i in overridable}, meta)
+        self.slots = {i.name: i.shape for i in overridable if i.name in self._slot_types}
         self.shared_kv = meta.get(keys.GRAPH) == "fused"
-        self.grouped = any(n.startswith("layers.0.qkv.lora") for n in self.slots)
+        self.grouped = any(n.startswith("layers.0.qkv.lora") for n in self._slot_types)
         if self.grouped:  # adapters are checked per module, then laid out in the graph's grouped slots
             self.slots = onnx_fused.module_slots(config)
         if self.shared_kv:
