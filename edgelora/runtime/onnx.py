@@ -6,7 +6,8 @@ Two decode paths:
 - edgelora's fused graph (GroupQueryAttention): the KV cache is one preallocated buffer per layer,
   bound as both past and present through IO binding, so no cache is copied per token. ONNX
   Runtime ignores active `LoraAdapter`s in `run_with_iobinding` (seen on 1.32), so the adapter's
-  parameters (read zero-copy from the .onnx_adapter) are bound as the slots' inputs directly.
+  parameters are bound as the slots' inputs directly: in a MatMulQ41 graph one tensor, the adapter
+  pack (`onnx_fused.pack_parameters`), laid out once when the adapter is loaded.
 - other graphs (optimum's export): `session.run` with the adapter activated through `RunOptions`;
   the graph concatenates past and new K/V each step.
 """
