@@ -68,34 +68,34 @@ def test_adapters_match_peft(engine, setup, tiny_llama):
     np.testing.assert_allclose(engine.logits(ids), base_logits(tiny_llama, ids), rtol=0, atol=ATOL)
 
 
-def _in_f16(setup, tmp):
-    """The setup's adapters with A and B rounded to float16: GGUF files in F16 and PEFT dirs of the
-    same values (the reference for an F16 file read as it is, on float32 activations)."""
-    from edgelora.adapters import LoraAdapter, LoraTensor
-
+def _in_precision(setup, tmp, precision: str, adapters: dict | None = None):
+    """The setup's adapters (or `adapters`: name -> LoraAdapter) as GGUF files in `precision` (f16, or
+    q8_0: A in Q8_0, B in F16 where its rows, rank long, are not whole blocks of 32) and PEFT dirs of
+    the values those files hold, read back (the reference for a file read as it is, on float32
+    activations)."""
     base, files, peft, converted, ids = setup
+    adapters = adapters or {name: load_adapter(path) for name, path in peft.items()}
     ggufs, pefts = {}, {}
-    for name, path in peft.items():
-        a = load_adapter(path)
-        half = LoraAdapter({t: LoraTensor(v.A.astype(np.float16).astype(np.float32), v.B.astype(np.float16).astype(np.float32),
-                                          v.alpha) for t, v in a.tensors.items()}, base_fingerprint=base.fingerprint, name=name)
-        ggufs[name] = save_adapter(half, tmp / f"{name}-f16.gguf", "gguf", base.config, precision="f16")
-        pefts[name] = save_adapter(half, tmp / f"peft-{name}-f16", "peft", base.config)
+    for name, a in adapters.items():
+        a.base_fingerprint = base.fingerprint
+        ggufs[name] = save_adapter(a, tmp / f"{name}-{precision}.gguf", "gguf", base.config, precision=precision)
+        held = load_adapter(ggufs[name])
+        pefts[name] = save_adapter(held, tmp / f"peft-{name}-{precision}", "peft", base.config)
     return ggufs, pefts
 
 
-@pytest.mark.parametrize("precision", ["f32", "f16"])
+@pytest.mark.parametrize("precision", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("threads,n_batch", [(1, 512), (2, 512), (2, 1)])
 def test_llama_cpp_runs_adapters_fused_and_matches_peft(setup, tiny_llama, tmp_path, threads, n_batch, precision):
     """The patched llama.cpp (scripts/patches/llama-cpp-fused-lora.patch) takes one node per adapted
     projection: split by tokens over a prompt, by output rows for one token at a time on 2 threads
-    (n_batch 1); a weighted mix of a rank-8 and a rank-4 adapter is PEFT's either way, with F16 files
-    read as they are (float32 activations: llama.cpp's own route rounds them to F16)."""
+    (n_batch 1); a weighted mix of a rank-8 and a rank-4 adapter is PEFT's either way, with F16 and
+    Q8_0 files read as they are (float32 activations: llama.cpp's own route rounds them to F16 or Q8_0)."""
     from edgelora.runtime.gguf import fused_lora
 
     assert fused_lora(), "the installed llama.cpp lacks edgelora's fused-LoRA patch: run scripts/env.sh"
     base, files, peft, converted, ids = setup
-    files_of, refs = ({n: converted["gguf", n] for n in peft}, peft) if precision == "f32" else _in_f16(setup, tmp_path)
+    files_of, refs = ({n: converted["gguf", n] for n in peft}, peft) if precision == "f32" else _in_precision(setup, tmp_path, precision)
     e = GGUFEngine(files["gguf"], n_ctx=128, threads=threads, kv_type="f32", fingerprint=base.fingerprint,
                    n_batch=n_batch)
     for name, path in files_of.items():
@@ -106,20 +106,33 @@ def test_llama_cpp_runs_adapters_fused_and_matches_peft(setup, tiny_llama, tmp_p
     e.close()
 
 
-def test_llama_cpp_lora_routes_agree(setup, tmp_path):
+@pytest.mark.parametrize("precision", ["f32", "q8_0"])
+def test_llama_cpp_lora_routes_agree(setup, tiny_llama, tmp_path, precision):
     """llama.cpp's own four nodes (EDGELORA_LORA_UNFUSED=1) and the fused node's portable loops
-    (EDGELORA_LORA_PORTABLE=1, what CPUs without AVX2 and arm64 run) give the fused AVX2 route's logits."""
+    (EDGELORA_LORA_PORTABLE=1, what CPUs without AVX2 and arm64 run) give the fused AVX2 route's logits.
+    In Q8_0 a rank-32 adapter, so B's rows are whole blocks and Q8_0 too: both fused routes give PEFT's
+    logits on the file's values; llama.cpp's own route rounds the activations to Q8_0 as well, so it
+    agrees to that rounding only."""
     import os
     import subprocess
     import sys
 
+    import gguf
+
     base, files, peft, converted, ids = setup
+    if precision == "f32":
+        path, ref = converted["gguf", "a"], None
+    else:
+        big = random_adapter(base.config, rank=32, alpha=32, seed=5, scale=0.1, name="c")
+        ggufs, pefts = _in_precision(setup, tmp_path, precision, {"c": big})
+        path, ref = ggufs["c"], peft_logits(tiny_llama, pefts, ids)
+        assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} == {"Q8_0"}
     script = f"""
 import sys
 import numpy as np
 from edgelora.runtime.gguf import GGUFEngine, fused_lora
 e = GGUFEngine({str(files["gguf"])!r}, n_ctx=128, threads=2, kv_type="f32", fingerprint={base.fingerprint!r})
-e.load_adapter("a", {str(converted["gguf", "a"])!r})
+e.load_adapter("a", {str(path)!r})
 e.set_adapters({{"a": 1.0}})
 assert fused_lora() == (sys.argv[2] != "own"), fused_lora()
 np.save(sys.argv[1], e.logits({ids!r}))
@@ -132,8 +145,14 @@ np.save(sys.argv[1], e.logits({ids!r}))
                            env={**{k: v for k, v in os.environ.items() if not k.startswith("EDGELORA_LORA_")}, **env})
         assert r.returncode == 0, r.stderr
         got[route] = np.load(out)
-    for route in ("own", "portable"):
-        np.testing.assert_allclose(got[route], got["fused"], rtol=0, atol=ATOL, err_msg=route)
+    np.testing.assert_allclose(got["portable"], got["fused"], rtol=0, atol=ATOL)
+    if ref is None:
+        np.testing.assert_allclose(got["own"], got["fused"], rtol=0, atol=ATOL)
+    else:
+        np.testing.assert_allclose(got["fused"], ref, rtol=0, atol=ATOL)
+        base_gap = np.abs(base_logits(tiny_llama, ids) - ref).max()  # what the adapter moves
+        own_gap = np.abs(got["own"] - ref).max()
+        assert ATOL < own_gap < 0.05 * base_gap, (own_gap, base_gap)
 
 
 def test_weighted_mix_matches_peft(engine, setup, tiny_llama):

@@ -23,7 +23,7 @@ KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids (ggml.h)
 
 
 def fused_lora() -> bool:
-    """Whether the installed llama.cpp runs each active F32 or F16 LoRA adapter as one graph node per
+    """Whether the installed llama.cpp runs each active F32, F16 or Q8_0 LoRA adapter as one graph node per
     projection, where llama.cpp's own route takes four (scripts/patches/llama-cpp-fused-lora.patch,
     applied by the install; EDGELORA_LORA_UNFUSED=1 in the environment turns it off)."""
     from llama_cpp import llama_cpp as lib
