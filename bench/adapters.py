@@ -28,8 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+BLOCK = 8  # tokens an engine's adapter setting runs before the next one takes its turn
 
-def interleaved(engine, settings: dict[str, dict], tokens: int, rounds: int, block: int = 8) -> dict[str, dict]:
+def interleaved(engine, settings: dict[str, dict], tokens: int, rounds: int, block: int = BLOCK) -> dict[str, dict]:
     """Decode tok/s (and, for ONNX, the loop's overhead over onnxruntime's own time) per adapter
     setting: the settings take turns every `block` tokens inside the same generations (a swap is
     cheap), so the host's drift and the context's length hit them alike; the step after each switch
@@ -41,7 +42,6 @@ def interleaved(engine, settings: dict[str, dict], tokens: int, rounds: int, blo
     timed = dict.fromkeys(labels, 0)
     turn = 0
     while min(timed.values()) < tokens * rounds:
-        engine.set_adapters(settings[labels[0]])
         steps = engine.stream(common.PROMPT, max_tokens=4 * tokens)
         try:
             while min(timed.values()) < tokens * rounds:
@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of --tokens tokens per setting (edgelora's engines: "
-                    "timed in blocks of 8, settings in turn; the anchors: whole generations in turn)")
+                    f"timed in blocks of {BLOCK}, settings in turn; the anchors: whole generations in turn)")
     ap.add_argument("--no-genai", action="store_true", help="leave out onnxruntime-genai's anchor")
     ap.add_argument("--genai-python", default=None, help="a Python whose onnxruntime-genai builder runs (default: a "
                     "venv made once in the cache)")
@@ -221,7 +221,7 @@ def main() -> None:
         print(common.table(("engine", "load adapter ms", "swap ms", "base tok/s (of bandwidth)", "1 adapter", "2 mixed", "merged",
                             "merge s", "ONNX loop overhead (base / 1)", "adapter file"), rows))
     print(f"\n{common.NAMES[args.size]}; {args.threads} threads, rank {args.rank} on all 7 targets x {layers} layers; decode = greedy tokens after a chat "
-          f"prompt; edgelora's engines: {args.tokens * args.rounds} timed tokens per setting, the settings taking turns every 8 tokens "
+          f"prompt; edgelora's engines: {args.tokens * args.rounds} timed tokens per setting, the settings taking turns every {BLOCK} tokens "
           f"in the same generations, median over blocks; the anchors: {args.rounds} whole generations of {args.tokens} tokens in turn, "
           "median; llama.cpp's anchor (its own model "
           f"loaded with and without lora_path, interleaved, its own four nodes per adapted projection) is timed by its own perf counters. Bandwidth: the weight bytes a token reads times "
