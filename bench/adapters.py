@@ -12,7 +12,7 @@ the same with installed adapters computed in float16 in both engines (`--adapter
 half their bytes per token), `x86-q8` in 8 bits (`--adapter-precision q8_0`: GGUF Q8_0 in llama.cpp,
 MatMulQ41's 8-bit slots in ONNX, about a quarter of the bytes). An engine's decode speeds are measured
 with the settings taking turns every 8 tokens inside the same generations (base, one, two, base, ...,
-the step after each switch untimed) and the median taken, so the ratios hold on a busy machine; the
+the KV cache kept across a switch, the step after it untimed) and the median taken, so the ratios hold on a busy machine; the
 anchors (separate models) take turns by whole generations. Both sides use the same thread count.
 Prints one table per bundle and writes bench/results/adapters.json.
 """
@@ -28,40 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-BLOCK = 8  # tokens an engine's adapter setting runs before the next one takes its turn
+from edgelora.runtime.engine import RATE_BLOCK, decode_rates  # noqa: E402
 
-def interleaved(engine, settings: dict[str, dict], tokens: int, rounds: int, block: int = BLOCK) -> dict[str, dict]:
+
+def interleaved(engine, settings: dict[str, dict], tokens: int, rounds: int) -> dict[str, dict]:
     """Decode tok/s (and, for ONNX, the loop's overhead over onnxruntime's own time) per adapter
-    setting: the settings take turns every `block` tokens inside the same generations (a swap is
-    cheap), so the host's drift and the context's length hit them alike; the step after each switch
-    is not timed; the median over blocks of `tokens * rounds` timed tokens per setting. (Whole
-    generations in turn swing by 10% on a shared host, more than an adapter costs.)"""
-    labels = list(settings)
-    per_token = {k: [] for k in labels}
-    overhead = {k: [] for k in labels}
-    timed = dict.fromkeys(labels, 0)
-    turn = 0
-    while min(timed.values()) < tokens * rounds:
-        steps = engine.stream(common.PROMPT, max_tokens=4 * tokens)
-        try:
-            while min(timed.values()) < tokens * rounds:
-                label = labels[turn % len(labels)]
-                engine.set_adapters(settings[label])
-                next(steps)  # the first step after a switch
-                engine.runtime_decode_seconds = 0.0
-                t = time.perf_counter()
-                for _ in range(block):
-                    next(steps)
-                seconds = time.perf_counter() - t
-                per_token[label].append(seconds / block)
-                if getattr(engine, "runtime_decode_seconds", 0.0):
-                    overhead[label].append(seconds / engine.runtime_decode_seconds - 1)
-                timed[label] += block
-                turn += 1
-        except StopIteration:  # the answer ended: a new generation, the turns go on
-            pass
-    return {k: {"tok_s": 1 / statistics.median(per_token[k]),
-                "loop_overhead": statistics.median(overhead[k]) if overhead[k] else None} for k in labels}
+    setting, the settings taking turns every few tokens inside the same answers (`decode_rates`)."""
+    rates = decode_rates(engine, settings, tokens=tokens, rounds=rounds, prompt=common.PROMPT)
+    return {k: {"tok_s": r.tokens_per_second, "loop_overhead": r.loop_overhead} for k, r in rates.items()}
 
 
 def bench_bundle(b, args) -> tuple[list[tuple], dict]:
@@ -189,7 +163,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of --tokens tokens per setting (edgelora's engines: "
-                    f"timed in blocks of {BLOCK}, settings in turn; the anchors: whole generations in turn)")
+                    f"timed in blocks of {RATE_BLOCK}, settings in turn; the anchors: whole generations in turn)")
     ap.add_argument("--no-genai", action="store_true", help="leave out onnxruntime-genai's anchor")
     ap.add_argument("--genai-python", default=None, help="a Python whose onnxruntime-genai builder runs (default: a "
                     "venv made once in the cache)")
@@ -221,7 +195,7 @@ def main() -> None:
         print(common.table(("engine", "load adapter ms", "swap ms", "base tok/s (of bandwidth)", "1 adapter", "2 mixed", "merged",
                             "merge s", "ONNX loop overhead (base / 1)", "adapter file"), rows))
     print(f"\n{common.NAMES[args.size]}; {args.threads} threads, rank {args.rank} on all 7 targets x {layers} layers; decode = greedy tokens after a chat "
-          f"prompt; edgelora's engines: {args.tokens * args.rounds} timed tokens per setting, the settings taking turns every {BLOCK} tokens "
+          f"prompt; edgelora's engines: {args.tokens * args.rounds} timed tokens per setting, the settings taking turns every {RATE_BLOCK} tokens "
           f"in the same generations, median over blocks; the anchors: {args.rounds} whole generations of {args.tokens} tokens in turn, "
           "median; llama.cpp's anchor (its own model "
           f"loaded with and without lora_path, interleaved, its own four nodes per adapted projection) is timed by its own perf counters. Bandwidth: the weight bytes a token reads times "

@@ -3,15 +3,19 @@
 Standard library only: `scripts/env.sh` runs this file with the system Python before any
 dependency is installed (`python3 edgelora/cpu.py` prints the CMAKE_ARGS for llama-cpp-python).
 
-x86-64 features come from /proc/cpuinfo's `flags`, arm64 ones from its `Features`. AMX is taken
-only when the kernel grants this process the tile state (Linux asks for it with arch_prctl): a
-CPU can list `amx_tile` in a VM that forbids it, and llama.cpp's AMX build then dies on every
-quantized model.
+x86-64 features come from /proc/cpuinfo's `flags`, arm64 ones from its `Features`. AMX is left
+out unless asked for (EDGELORA_LLAMA_AMX=1), and then taken only when the kernel grants this
+process the tile state (Linux asks for it with arch_prctl): a CPU can list `amx_tile` in a VM that
+forbids it, and on a Sapphire Rapids VM whose kernel grants it, llama.cpp 0.3.36's AMX matmul
+still dies with SIGILL (`tilezero` in ggml_backend_amx_mul_mat) on the first Q8_0 model it runs
+(2026-12-03). AMX would speed up prefill only: one-token decode is bound by memory, not by the
+multiply.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
 from pathlib import Path
@@ -73,7 +77,7 @@ def amx_granted() -> bool:
 def llama_cpp_cmake_args(arch: str | None = None, flags: frozenset[str] | None = None,
                          amx: bool | None = None) -> str:
     """CMAKE_ARGS building llama.cpp's CPU backend for exactly these features: every SIMD
-    extension the CPU has, none it lacks, AMX only when granted. Defaults: this machine."""
+    extension the CPU has, none it lacks, AMX only when asked for and granted. Defaults: this machine."""
     arch = arch or machine()
     flags = features() if flags is None else flags
     args = ["-DLLAVA_BUILD=OFF", "-DGGML_NATIVE=OFF"]
@@ -81,7 +85,8 @@ def llama_cpp_cmake_args(arch: str | None = None, flags: frozenset[str] | None =
         args += [f"-DGGML_{opt}={'ON' if all(f in flags for f in need) else 'OFF'}"
                  for opt, need in X86_OPTIONS.items()]
         if amx is None:
-            amx = any(f in flags for f in AMX_OPTIONS.values()) and amx_granted()
+            amx = (os.environ.get("EDGELORA_LLAMA_AMX") == "1" and any(f in flags for f in AMX_OPTIONS.values())
+                   and amx_granted())
         args += [f"-DGGML_{opt}={'ON' if amx and f in flags else 'OFF'}" for opt, f in AMX_OPTIONS.items()]
     elif arch == "aarch64":
         ext = [e for e, f in ARM_EXTENSIONS.items() if f in flags]

@@ -14,6 +14,8 @@ from typing import Callable
 
 from . import models as _models
 
+RATE_TOKENS, RATE_ROUNDS = 48, 3  # the speed table's timed tokens per adapter setting: 48 x 3
+
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     for row in (header, *rows):
@@ -45,7 +47,7 @@ def run(model: str = _models.DEFAULT_MODEL, device: str = "raspberry-pi-5", out:
     from .bundle import export as do_export
     from .models import load_base
     from .quality import heldout_text
-    from .runtime.engine import decode_rates
+    from .runtime.engine import RATE_BLOCK, decode_rates
     from .train import train_adapter
 
     report = report or Report()
@@ -102,13 +104,15 @@ def run(model: str = _models.DEFAULT_MODEL, device: str = "raspberry-pi-5", out:
             e.set_adapters(weights)
             swap_ms = 1e3 * (time.perf_counter() - t)
             answers[label] = (swap_ms, e.generate(prompt, max_tokens=40).text.strip().replace("\n", " ")[:70])
-        rates = decode_rates(e, settings, tokens=48, rounds=3)
+        rates = decode_rates(e, settings, tokens=RATE_TOKENS, rounds=RATE_ROUNDS)
         for label, (swap_ms, text) in answers.items():
-            rows.append((backend, label, f"{swap_ms:.1f}", f"{rates[label]:.0f}", f"{rates[label] / rates['base']:.2f}x", text))
+            rate = rates[label].tokens_per_second
+            rows.append((backend, label, f"{swap_ms:.1f}", f"{rate:.0f}", f"{rate / rates['base'].tokens_per_second:.2f}x", text))
         e.close()
     table(("engine", "adapters", "swap ms", "tok/s", "x base", "answer"), rows)
-    say("    tok/s: median of 3 interleaved 48-token answers to one long-answer prompt per setting (one short answer's "
-        "rate swings by 10%)")
+    say(f"    tok/s: the settings take turns every {RATE_BLOCK} tokens inside the same long answers, "
+        f"{RATE_TOKENS * RATE_ROUNDS} timed tokens each, median over the turns (whole answers in turn swing by 10%, "
+        "more than an adapter costs)")
     sizes = {m["name"]: sum(f["size"] for f in m["files"].values()) for m in bundle.store.list()}
     say("    adapter files: " + ", ".join(f"{n} {s / 1e6:.1f} MB" for n, s in sizes.items()) +
         f" (the base: {sum(f['size'] for f in bundle.manifest['files'].values()) / 1e6:.0f} MB, loaded once)")

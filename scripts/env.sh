@@ -8,7 +8,7 @@ PY="${EDGELORA_PYTHON:-python3}"
 WHEEL_CACHE="${EDGELORA_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora/wheels}"
 
 # llama.cpp is built from source for the CPU at hand: every SIMD extension it has, none it lacks,
-# AMX only where the kernel grants it (edgelora/cpu.py; set CMAKE_ARGS to choose yourself). The
+# no AMX unless EDGELORA_LLAMA_AMX=1 (edgelora/cpu.py says why; set CMAKE_ARGS to choose yourself). The
 # wheel is kept under a name made of the version and the flags, so the 10-20 minute build happens
 # once per machine and flags, and a change of either builds anew. The sdist is patched first with
 # scripts/patches/llama-cpp-*.patch (an active LoRA adapter as one graph node; the patches are part of

@@ -25,13 +25,22 @@ def options(args: str) -> dict[str, str]:
     return dict(a[2:].split("=", 1) for a in args.split() if a.startswith("-D"))
 
 
-def test_x86_flags_follow_the_cpu_and_amx_needs_the_kernels_grant():
+def test_x86_flags_follow_the_cpu_and_amx_needs_the_kernels_grant(monkeypatch):
     zen4 = options(cpu.llama_cpp_cmake_args("x86_64", cpu.features(ZEN4), amx=False))
     assert zen4["GGML_NATIVE"] == "OFF"
     assert {k for k, v in zen4.items() if v == "ON"} == {
         "GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_BMI2", "GGML_FMA", "GGML_F16C", "GGML_AVX512",
         "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16"}
-    # a CPU that lists AMX in a VM that does not grant it: no AMX; granted: AMX
+    # AMX only when asked for (llama.cpp's AMX matmul dies with SIGILL on a VM that grants it), and
+    # then only where granted: a CPU that lists AMX in a VM that does not grant it gets none
+    monkeypatch.delenv("EDGELORA_LLAMA_AMX", raising=False)
+    assert options(cpu.llama_cpp_cmake_args("x86_64", cpu.features(SAPPHIRE)))["GGML_AMX_TILE"] == "OFF"
+    monkeypatch.setattr(cpu, "amx_granted", lambda: True)
+    assert options(cpu.llama_cpp_cmake_args("x86_64", cpu.features(SAPPHIRE)))["GGML_AMX_INT8"] == "OFF"
+    monkeypatch.setenv("EDGELORA_LLAMA_AMX", "1")
+    assert options(cpu.llama_cpp_cmake_args("x86_64", cpu.features(SAPPHIRE)))["GGML_AMX_INT8"] == "ON"
+    monkeypatch.setattr(cpu, "amx_granted", lambda: False)
+    assert options(cpu.llama_cpp_cmake_args("x86_64", cpu.features(SAPPHIRE)))["GGML_AMX_INT8"] == "OFF"
     assert options(cpu.llama_cpp_cmake_args("x86_64", cpu.features(SAPPHIRE), amx=False))["GGML_AMX_INT8"] == "OFF"
     granted = options(cpu.llama_cpp_cmake_args("x86_64", cpu.features(SAPPHIRE), amx=True))
     assert granted["GGML_AMX_TILE"] == granted["GGML_AMX_INT8"] == granted["GGML_AVX_VNNI"] == "ON"

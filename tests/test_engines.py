@@ -186,6 +186,45 @@ def test_swap_resets_the_cache_and_keeps_the_base(engine, setup):
     assert (getattr(engine, "llm", None) or engine.session) is session  # the base was never reloaded
 
 
+def test_a_switch_that_keeps_the_cache_takes_effect_at_the_next_step(engine, setup):
+    """What decode_rates relies on: a setting switched mid-answer (cache kept) is the one the next
+    step computes with, also where a reused decode binding holds the adapter's values."""
+    base, files, peft, converted, ids = setup
+    engine.load_adapter("a", converted[engine.backend, "a"])
+
+    def step_after(switch_to: dict | None) -> np.ndarray:
+        engine.set_adapters({})
+        engine._feed(ids)
+        engine._feed([ids[0]])  # a one-token step: the decode binding is built
+        if switch_to is not None:
+            engine._set_adapters(switch_to, reset=False)
+        out = engine._feed([ids[1]])
+        assert engine.n_past == len(ids) + 2  # the cache was kept
+        return out
+
+    stay, switched = step_after(None), step_after({"a": 1.0})
+    assert np.abs(stay - switched).max() > 1e-3
+    # switching back gives the base's step exactly: nothing of the adapter stays bound
+    engine.set_adapters({})
+    engine._feed(ids)
+    engine._feed([ids[0]])
+    engine._set_adapters({"a": 1.0}, reset=False)
+    engine._set_adapters({}, reset=False)
+    np.testing.assert_allclose(engine._feed([ids[1]]), stay, rtol=0, atol=1e-6)
+
+
+def test_decode_rates_measures_each_setting_and_leaves_the_engine_clean(engine, setup):
+    from edgelora.runtime.engine import decode_rates
+
+    base, files, peft, converted, ids = setup
+    engine.load_adapter("a", converted[engine.backend, "a"])
+    plain = engine.generate(ids, max_tokens=8).tokens
+    rates = decode_rates(engine, {"base": {}, "a": {"a": 1.0}}, tokens=8, rounds=2, block=4, prompt=ids)
+    assert set(rates) == {"base", "a"} and all(r.tokens_per_second > 0 for r in rates.values())
+    assert (rates["a"].loop_overhead is not None) == (engine.kind == "onnx-fused")
+    assert engine.active_adapters == {} and engine.generate(ids, max_tokens=8).tokens == plain
+
+
 def test_wrong_base_and_wrong_shape_are_refused_before_the_runtime(engine, setup, tmp_path):
     base, *_ = setup
     fmt = engine.backend

@@ -87,6 +87,8 @@ class Engine:
         self.resolver = None  # name -> (file, validated adapter), for names not loaded yet (a bundle's store)
         self.merged: tuple[str, float] | None = None
         self._closed = False
+        # time inside the runtime in one-token steps, where the engine counts it (ONNX; the loop's cost is the rest)
+        self.runtime_decode_seconds = 0.0
 
     # -- backend hooks -----------------------------------------------------------------------
 
@@ -165,6 +167,11 @@ class Engine:
     def set_adapters(self, weights: Mapping[str, float] | Sequence[str] | None) -> None:
         """Activates none, one or several loaded adapters (mixed by weight). The base is not
         reloaded; the KV cache is reset, since it was computed under the old adapters."""
+        self._set_adapters(weights, reset=True)
+
+    def _set_adapters(self, weights: Mapping[str, float] | Sequence[str] | None, *, reset: bool) -> None:
+        """`set_adapters`; with reset=False the KV cache stays, computed under the old setting: no
+        answer should continue on it, a speed measurement may (`decode_rates`)."""
         if weights is None:
             weights = {}
         elif isinstance(weights, str):
@@ -185,7 +192,8 @@ class Engine:
             raise AdapterError(f"adapter(s) {', '.join(unknown)} not loaded; loaded: {', '.join(self._adapters.paths) or 'none'}")
         self._activate(weights)
         self._adapters.active = weights
-        self._reset()
+        if reset:
+            self._reset()
 
     def clear_adapters(self) -> None:
         self.set_adapters({})
@@ -282,20 +290,59 @@ class Engine:
         self.close()
 
 
+RATE_BLOCK = 8  # tokens one adapter setting runs before the next takes its turn (`decode_rates`)
 SPEED_PROMPT = [{"role": "user", "content": "Write a short paragraph about why small language models are useful on phones."}]
 
 
+@dataclass(frozen=True)
+class DecodeRate:
+    """One adapter setting's decode speed (see `decode_rates`)."""
+    tokens_per_second: float
+    loop_overhead: float | None = None  # the decode loop's time over the runtime's own, where the engine counts it
+
+
 def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], *, tokens: int = 64, rounds: int = 5,
-                 prompt=SPEED_PROMPT) -> dict[str, float]:
-    """Median decode tokens/s of `engine` under each adapter setting (label -> weights), the settings
-    taken in turn each round so that a machine's drift hits them alike, on a prompt whose answer runs
-    long. One short answer is no measure: its rate swings by 10% from one call to the next."""
-    rates: dict[str, list[float]] = {k: [] for k in settings}
-    for _ in range(rounds):
-        for label, weights in settings.items():
-            engine.set_adapters(dict(weights))
-            rates[label].append(engine.generate(prompt, max_tokens=tokens).decode_tokens_per_second)
-    return {k: float(np.median(v)) for k, v in rates.items()}
+                 block: int = RATE_BLOCK, prompt=SPEED_PROMPT) -> dict[str, DecodeRate]:
+    """Decode speed of `engine` under each adapter setting (label -> weights), the settings taking
+    turns every `block` tokens inside the same generations (a swap costs microseconds and keeps the
+    KV cache here, so the context grows as in one answer), so the machine's drift and the context's
+    length hit them alike: the step after each switch is not timed, and each setting's figure is the median over its blocks of `tokens * rounds` timed tokens.
+    Whole answers in turn are no measure of an adapter's cost on a shared machine: one answer's
+    rate swings by 10% from the next, more than an adapter costs."""
+    if not settings or block < 1 or tokens < 1 or rounds < 1:
+        raise EngineInputError("decode_rates needs at least one setting and block, tokens and rounds >= 1")
+    labels = list(settings)
+    per_token: dict[str, list[float]] = {k: [] for k in labels}
+    overhead: dict[str, list[float]] = {k: [] for k in labels}
+    timed = dict.fromkeys(labels, 0)
+    turn = 0
+    try:
+        while min(timed.values()) < tokens * rounds:
+            steps = engine.stream(prompt, max_tokens=4 * tokens)
+            before = sum(timed.values())
+            try:
+                while min(timed.values()) < tokens * rounds:
+                    label = labels[turn % len(labels)]
+                    engine._set_adapters(dict(settings[label]), reset=False)  # the answer goes on at its length
+                    next(steps)  # the step after a switch: not timed
+                    engine.runtime_decode_seconds = 0.0
+                    t = time.perf_counter()
+                    for _ in range(block):
+                        next(steps)
+                    seconds = time.perf_counter() - t
+                    per_token[label].append(seconds / block)
+                    if engine.runtime_decode_seconds:
+                        overhead[label].append(seconds / engine.runtime_decode_seconds - 1)
+                    timed[label] += block
+                    turn += 1
+            except StopIteration:  # the answer ended: a new generation, and the turns go on
+                if sum(timed.values()) == before:
+                    raise EngineInputError(f"the prompt's answer ends within {block + 1} tokens; "
+                                           "measure on a prompt whose answer runs long") from None
+    finally:
+        engine.set_adapters({})
+    return {k: DecodeRate(1 / float(np.median(per_token[k])),
+                          float(np.median(overhead[k])) if overhead[k] else None) for k in labels}
 
 
 def _finite(logits: np.ndarray) -> np.ndarray:

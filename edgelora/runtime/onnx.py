@@ -82,7 +82,6 @@ class OnnxEngine(Engine):
             self._step_ids = np.zeros((1, 1), np.int64)  # bound by address: a step writes the token in place
             self._ones = np.ones((1, n_ctx), np.int64)
         self._decode_io = None  # the reused decode binding (rebuilt when adapters or the session change)
-        self.runtime_decode_seconds = 0.0  # time inside onnxruntime in one-token steps (the loop's cost is the rest)
         self._bound_params: dict[str, object] = {}  # slot name -> OrtValue of the active adapter(s)
         self._keep: list[object] = []  # what the bound OrtValues view into
         self._param_cache: dict[str, tuple[object, dict]] = {}
@@ -238,6 +237,7 @@ class OnnxEngine(Engine):
         return self._param_cache[name][1]
 
     def _activate(self, weights: dict[str, float]) -> None:
+        self._decode_io = None  # the decode binding holds the old setting's values
         if self._binds_params:
             self._keep = []
             if not weights:
