@@ -31,7 +31,7 @@ def test_pull_and_quickstart_with_an_empty_cache(tmp_path, run_cli):
     for step in ("[2] export for raspberry-pi-5", "[3] personalize", "[4] adapters as small deltas",
                  "[5] adapters from the cloud", "composed from pirate", "installed as 'cloud-pirate'",
                  "cloud status -> cannot reach the adapter service", "offline answer with 'cloud-pirate'",
-                 "x base", "median of 3 interleaved"):
+                 "x base", "take turns every 8 tokens"):
         assert step in quick.stdout
     import re
 

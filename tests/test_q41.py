@@ -83,7 +83,8 @@ def test_tiles_round_trip_and_exact_q41_stays_exact():
 @needs_lib
 def test_the_kernels_agree(emulated_avx512):
     """EDGELORA_Q41_KERNEL=portable or avx2 holds the kernel back (it is chosen once per process): the
-    portable loops, AVX2 and AVX-512 VNNI (emulated) give the same outputs up to float summation order."""
+    portable loops, AVX2 and AVX-512 VNNI (emulated, and native on a VNNI CPU) give the same outputs up to float
+    summation order."""
     code = ("import sys, numpy as np; sys.path.insert(0, 'tests'); import q41_check; "
             "from edgelora import native; from edgelora.converters import q41; "
             "rng = np.random.default_rng(3); w = rng.standard_normal((1538, 160)).astype(np.float32); "
@@ -99,8 +100,9 @@ def test_the_kernels_agree(emulated_avx512):
         assert proc.returncode == 0, proc.stderr
         out[proc.stdout.split()[-1]] = np.load(path)
         os.unlink(path)
-    assert set(out) == {"portable", "avx2", "avx512vnni-emulated"}
-    for name in ("avx2", "avx512vnni-emulated"):
+    # unheld, the library takes the best kernel this CPU has: avx2, or avx512vnni on a VNNI machine
+    assert set(out) - {"avx512vnni"} == {"portable", "avx2", "avx512vnni-emulated"}
+    for name in set(out) - {"portable"}:
         np.testing.assert_allclose(out[name], out["portable"], rtol=0, atol=1e-5 * np.abs(out["portable"]).max())
 
 
