@@ -106,13 +106,14 @@ def test_llama_cpp_runs_adapters_fused_and_matches_peft(setup, tiny_llama, tmp_p
     e.close()
 
 
-@pytest.mark.parametrize("precision", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("precision", ["f32", "f16", "q8_0", "f32-rank4", "f16-rank12"])
 def test_llama_cpp_lora_routes_agree(setup, tiny_llama, tmp_path, precision):
     """llama.cpp's own four nodes (EDGELORA_LORA_UNFUSED=1) and the fused node's portable loops
     (EDGELORA_LORA_PORTABLE=1, what CPUs without AVX2 and arm64 run) give the fused AVX2 route's logits.
     In F16 (B's rank-8 rows, 8 at a time) and Q8_0 (a rank-32 adapter, so B's rows are whole blocks and
     Q8_0 too) both fused routes give PEFT's logits on the file's values; llama.cpp's own route rounds
-    the activations to F16 or Q8_0 as well, so it agrees to that rounding only."""
+    the activations to F16 or Q8_0 as well, so it agrees to that rounding only. Ranks 4 and 12 take
+    the AVX2 route's masked tail (B's rows not whole vectors of 8)."""
     import os
     import subprocess
     import sys
@@ -122,6 +123,11 @@ def test_llama_cpp_lora_routes_agree(setup, tiny_llama, tmp_path, precision):
     base, files, peft, converted, ids = setup
     if precision == "f32":
         path, ref = converted["gguf", "a"], None
+    elif "-rank" in precision:
+        precision, rank = precision.split("-rank")
+        odd = random_adapter(base.config, rank=int(rank), alpha=int(rank), seed=6, scale=0.1, name="c")
+        ggufs, pefts = _in_precision(setup, tmp_path, precision, {"c": odd})
+        path, ref = ggufs["c"], peft_logits(tiny_llama, pefts, ids)
     elif precision == "f16":
         ggufs, pefts = _in_precision(setup, tmp_path, precision, {"a": load_adapter(peft["a"])})
         path, ref = ggufs["a"], peft_logits(tiny_llama, pefts, ids)
@@ -149,10 +155,11 @@ np.save(sys.argv[1], e.logits({ids!r}))
         assert r.returncode == 0, r.stderr
         got[route] = np.load(out)
     np.testing.assert_allclose(got["portable"], got["fused"], rtol=0, atol=ATOL)
-    if ref is None:
+    if ref is not None:
+        np.testing.assert_allclose(got["fused"], ref, rtol=0, atol=ATOL)
+    if precision == "f32":  # llama.cpp's own route keeps F32 activations for F32 tensors
         np.testing.assert_allclose(got["own"], got["fused"], rtol=0, atol=ATOL)
     else:
-        np.testing.assert_allclose(got["fused"], ref, rtol=0, atol=ATOL)
         base_gap = np.abs(base_logits(tiny_llama, ids) - ref).max()  # what the adapter moves
         own_gap = np.abs(got["own"] - ref).max()
         assert ATOL < own_gap < 0.05 * base_gap, (own_gap, base_gap)  # (so "fused" was not llama.cpp's route)
