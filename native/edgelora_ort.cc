@@ -69,6 +69,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -238,6 +239,13 @@ struct Job {
   // other threads are computing (so no order of the pool's tasks can leave it waiting on nothing).
   struct Chunks { std::atomic<int64_t> next{0}, done{0}; };
   int64_t xa_chunks = 0; Chunks* chunks = nullptr;
+  // The next node's lora_a in the adapter pack, whose lines the pass's group tasks ask the cache for, a
+  // few each (lines_per_task), so that node finds them at hand: read once a step in short rows that
+  // the hardware's prefetchers barely start on, they cost a decode step more in waiting for memory (a
+  // line at a time, the pass's other threads waiting on xa) than in bytes (issue 12: ~0.1 ms of a rank-8
+  // adapter's ~0.35 ms a token at 135M, 2 threads). Asking for them all at the node's start stalls
+  // that thread on the cache's few line fill buffers instead.
+  const char* next_a = nullptr; int64_t next_lines = 0, lines_per_task = 0;
   void (*group)(void*, size_t) = nullptr;  // the weight kernel of the pass's other tasks
   // A gated MLP's gate|up node (attribute activation): y is scratch [M, N], the node's output out
   // [M, N / 2] = act(gate) * up, each task taking group g of the gate and its partner of the up half.
@@ -614,22 +622,24 @@ void lora_part_q8_portable(const Job& j, int64_t r, int64_t lo, int64_t hi) {
 }
 
 #ifdef EDGELORA_X86
-// Eight ranks at a time: per block, eight integer dots (maddubs of |q_x| with q_A signed as q_x),
-// summed across lanes in one hadd tree, then one FMA for the eight; the rest of the ranks one by one.
+// Eight ranks at a time (the last few with the missing ones' lanes zero): per block, eight integer dots
+// (maddubs of |q_x| with q_A signed as q_x), summed across lanes in one hadd tree, then one FMA for the
+// eight with their scales.
 __attribute__((target("avx2,fma,f16c"))) void lora_part_q8_avx2(const Job& j, int64_t r, int64_t lo, int64_t hi) {
   const uint8_t* A = static_cast<const uint8_t*>(j.lora_a);
   const int8_t* q = j.a->q.data() + r * j.K;
   const float* s = j.a->s.data() + r * j.blocks;
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t r8 = lo + (hi - lo) / 8 * 8;
-  for (int64_t i0 = lo; i0 < r8; i0 += 8) {
+  for (int64_t i0 = lo; i0 < hi; i0 += 8) {
+    const int n = int(std::min<int64_t>(8, hi - i0));
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < j.blocks; ++b) {
       const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
       const __m256i ax = _mm256_abs_epi8(qx);
       __m256i dot[8];
-      alignas(16) uint16_t dh[8];
+      uint16_t dh[8] = {};
       for (int u = 0; u < 8; ++u) {
+        if (u >= n) { dot[u] = _mm256_setzero_si256(); continue; }
         const uint8_t* blk = A + ((i0 + u) * j.blocks + b) * kQ8;
         std::memcpy(dh + u, blk, 2);
         const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
@@ -638,12 +648,14 @@ __attribute__((target("avx2,fma,f16c"))) void lora_part_q8_avx2(const Job& j, in
       const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(dot[0], dot[1]), _mm256_hadd_epi32(dot[2], dot[3]));
       const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(dot[4], dot[5]), _mm256_hadd_epi32(dot[6], dot[7]));
       const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
-      const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(s[b]), _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(dh))));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+      const __m128i d = _mm_setr_epi16(short(dh[0]), short(dh[1]), short(dh[2]), short(dh[3]), short(dh[4]), short(dh[5]),
+                                       short(dh[6]), short(dh[7]));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(_mm256_set1_ps(s[b]), _mm256_cvtph_ps(d)), acc);
     }
-    _mm256_storeu_ps(j.xa + r * j.rank + i0, acc);
+    alignas(32) float out[8];
+    _mm256_store_ps(out, acc);
+    std::copy(out, out + n, j.xa + r * j.rank + i0);
   }
-  for (int64_t i = r8; i < hi; ++i) lora_rank_q8(j, r, i);
 }
 #endif
 
@@ -737,10 +749,14 @@ void task(void* p, size_t i) {
   const Job& j = *static_cast<const Job*>(p);
   if (int64_t(i) < j.xa_chunks) return claim_xa(j);
   const size_t g = i - size_t(j.xa_chunks);
+  const int64_t half = j.N / 2, n0 = int64_t(g) * kGroup;
+  if (const int64_t l0 = int64_t(g) * j.lines_per_task; l0 < j.next_lines) {  // into L2
+    asm volatile("");  // a side effect: GCC 12 deletes a loop of prefetches alone
+    for (int64_t l = l0; l < std::min(l0 + j.lines_per_task, j.next_lines); ++l) __builtin_prefetch(j.next_a + 64 * l, 0, 2);
+  }
   j.group(p, g);
   if (j.act == Act_fn::None) return;
-  const int64_t half = j.N / 2, n0 = int64_t(g) * kGroup;  // then the up half's group, and the product
-  j.group(p, g + size_t(half / kGroup));
+  j.group(p, g + size_t(half / kGroup));  // then the up half's group, and the product
   for (int64_t r = 0; r < j.M; ++r) {
     const float *gate = j.y + r * j.N + n0, *up = gate + half;
 #ifdef EDGELORA_X86
@@ -808,6 +824,30 @@ Lt unpack_entry(const uint8_t* p, int64_t n, int64_t slot, View& a, View (&b)[3]
   }
   if (!a.given || !b[0].given) ORT_CXX_API_THROW("MatMulQ41: an adapter pack entry needs lora_a and lora_b", ORT_INVALID_ARGUMENT);
   return type == 1 ? Lt::F32 : type == 2 ? Lt::F16 : Lt::Q8;
+}
+
+// Entry slot + 1's lora_a in the pack (what the next adapted node reads first: the pack's entries are
+// in the graph's order; after the last, the next step's first), as bytes; none if that entry is empty
+// or out of the pack's bounds (unpack_entry has checked the header).
+std::pair<const uint8_t*, int64_t> next_lora_a(const uint8_t* p, int64_t n, int64_t slot) {
+  auto word = [&](int64_t i) {
+    int64_t v;
+    std::memcpy(&v, p + 8 * i, 8);
+    return v;
+  };
+  if (word(1) < 1) return {nullptr, 0};
+  const int64_t e = 2 + (slot + 1) % word(1) * kPackWords, type = word(e);
+  if (type < 1 || type > 3) return {nullptr, 0};
+  const int64_t off = word(e + 1), ndim = word(e + 2);
+  int64_t bytes = type == 1 ? 4 : type == 2 ? 2 : 1;
+  if (off < 0 || ndim < 1 || ndim > 3 || off > n) return {nullptr, 0};
+  for (int64_t d = 0; d < ndim; ++d) {
+    const int64_t dim = word(e + 3 + d);
+    if (dim < 0 || (dim && bytes > n / dim)) return {nullptr, 0};
+    bytes *= dim;
+  }
+  if (bytes > n - off) return {nullptr, 0};
+  return {p + off, bytes};
 }
 
 // The job's adapter from its tensors, checked against the node's K and N.
@@ -912,6 +952,12 @@ struct MatMulQ41 {
     if (j.rank && M <= 4) {  // a decode step: xa in the same pass as the weights (waking the pool costs more)
       j.xa_chunks = (j.rank + kRanks - 1) / kRanks;
       j.chunks = &chunks;
+      if (slot >= 0) {
+        const auto [next, bytes] = next_lora_a(static_cast<const uint8_t*>((*lora_a)->DataRaw()), (*lora_a)->NumberOfElement(), slot);
+        const int64_t tasks = act == Act_fn::None ? groups : groups / 2;
+        j.next_a = reinterpret_cast<const char*>(next), j.next_lines = std::min<int64_t>((bytes + 63) / 64, 1024);
+        j.lines_per_task = (j.next_lines + tasks - 1) / tasks;
+      }
     } else if (j.rank) {
       ctx.ParallelFor(lora_rows, size_t(M), 0, &j);
     }
