@@ -108,8 +108,10 @@ def test_llama_cpp_runs_adapters_fused_and_matches_peft(setup, tiny_llama, tmp_p
 
 @pytest.mark.parametrize("precision", ["f32", "f16", "q8_0", "f32-rank4", "f16-rank12"])
 def test_llama_cpp_lora_routes_agree(setup, tiny_llama, tmp_path, precision):
-    """llama.cpp's own four nodes (EDGELORA_LORA_UNFUSED=1) and the fused node's portable loops
-    (EDGELORA_LORA_PORTABLE=1, what CPUs without AVX2 and arm64 run) give the fused AVX2 route's logits.
+    """llama.cpp's own four nodes (EDGELORA_LORA_UNFUSED=1), the fused node's portable loops
+    (EDGELORA_LORA_PORTABLE=1, what CPUs without AVX2 and arm64 run) and its AVX2 route held to it on an
+    AVX-512 CPU (EDGELORA_LORA_AVX2=1; B's rows of a rank that is a multiple of 8 otherwise take
+    AVX-512) give the fused route's logits.
     In F16 (B's rank-8 rows, 8 at a time) and Q8_0 (a rank-32 adapter, so B's rows are whole blocks and
     Q8_0 too) both fused routes give PEFT's logits on the file's values; llama.cpp's own route rounds
     the activations to F16 or Q8_0 as well, so it agrees to that rounding only. Ranks 4 and 12 take
@@ -148,13 +150,14 @@ np.save(sys.argv[1], e.logits({ids!r}))
 """
     got = {}
     for route, env in (("own", {"EDGELORA_LORA_UNFUSED": "1"}), ("portable", {"EDGELORA_LORA_PORTABLE": "1"}),
-                       ("fused", {})):
+                       ("avx2", {"EDGELORA_LORA_AVX2": "1"}), ("fused", {})):
         out = tmp_path / f"{route}.npy"
         r = subprocess.run([sys.executable, "-c", script, str(out), route], capture_output=True, text=True,
                            env={**{k: v for k, v in os.environ.items() if not k.startswith("EDGELORA_LORA_")}, **env})
         assert r.returncode == 0, r.stderr
         got[route] = np.load(out)
     np.testing.assert_allclose(got["portable"], got["fused"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(got["avx2"], got["fused"], rtol=0, atol=ATOL)
     if ref is not None:
         np.testing.assert_allclose(got["fused"], ref, rtol=0, atol=ATOL)
     if precision == "f32":  # llama.cpp's own route keeps F32 activations for F32 tensors
