@@ -77,6 +77,7 @@ namespace {
 constexpr int kBlock = 32, kGroup = 8, kTile = 160, kQ8 = 34;  // kQ8: an 8-bit lora_a block (fp16 scale, 32 codes)
 constexpr int kTile6 = 208, kHigh6 = 128, kD6 = 192;  // a 6-bit tile: its high-bit planes and its scales' offsets
 constexpr int kRanks = 8;  // ranks per xa task of a decode step (the SIMD loops take 8 at a time)
+constexpr int64_t kNextLines = 1024;  // the next adapted node's lora_a lines a pass asks for, at most (64 KB)
 constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
 
 // EDGELORA_Q41_KERNEL=portable (or avx2) holds the kernel back to that one, to test it on a machine that
@@ -792,12 +793,15 @@ View view(const Opt<T>& t) {
 constexpr int64_t kPackMagic = 0x314b4341504c45;  // "ELPACK1"
 constexpr int kPackWords = 21;
 
+// Word i of an adapter pack (little-endian int64).
+int64_t pack_word(const uint8_t* p, int64_t i) {
+  int64_t v;
+  std::memcpy(&v, p + 8 * i, 8);
+  return v;
+}
+
 Lt unpack_entry(const uint8_t* p, int64_t n, int64_t slot, View& a, View (&b)[3]) {
-  auto word = [&](int64_t i) {
-    int64_t v;
-    std::memcpy(&v, p + 8 * i, 8);
-    return v;
-  };
+  auto word = [p](int64_t i) { return pack_word(p, i); };
   if (n < 16 || word(0) != kPackMagic || word(1) < 0 || (n - 16) / (8 * kPackWords) < word(1))
     ORT_CXX_API_THROW("MatMulQ41: lora_a is not an adapter pack (write it with edgelora's pack_parameters)", ORT_INVALID_ARGUMENT);
   if (slot >= word(1))
@@ -830,11 +834,7 @@ Lt unpack_entry(const uint8_t* p, int64_t n, int64_t slot, View& a, View (&b)[3]
 // in the graph's order; after the last, the next step's first), as bytes; none if that entry is empty
 // or out of the pack's bounds (unpack_entry has checked the header).
 std::pair<const uint8_t*, int64_t> next_lora_a(const uint8_t* p, int64_t n, int64_t slot) {
-  auto word = [&](int64_t i) {
-    int64_t v;
-    std::memcpy(&v, p + 8 * i, 8);
-    return v;
-  };
+  auto word = [p](int64_t i) { return pack_word(p, i); };
   if (word(1) < 1) return {nullptr, 0};
   const int64_t e = 2 + (slot + 1) % word(1) * kPackWords, type = word(e);
   if (type < 1 || type > 3) return {nullptr, 0};
@@ -955,7 +955,7 @@ struct MatMulQ41 {
       if (slot >= 0) {
         const auto [next, bytes] = next_lora_a(static_cast<const uint8_t*>((*lora_a)->DataRaw()), (*lora_a)->NumberOfElement(), slot);
         const int64_t tasks = act == Act_fn::None ? groups : groups / 2;
-        j.next_a = reinterpret_cast<const char*>(next), j.next_lines = std::min<int64_t>((bytes + 63) / 64, 1024);
+        j.next_a = reinterpret_cast<const char*>(next), j.next_lines = std::min<int64_t>((bytes + 63) / 64, kNextLines);
         j.lines_per_task = (j.next_lines + tasks - 1) / tasks;
       }
     } else if (j.rank) {
