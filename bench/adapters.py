@@ -12,8 +12,10 @@ the same with installed adapters computed in float16 in both engines (`--adapter
 half their bytes per token), `x86-q8` in 8 bits (`--adapter-precision q8_0`: GGUF Q8_0 in llama.cpp,
 MatMulQ41's 8-bit slots in ONNX, about a quarter of the bytes). An engine's decode speeds are measured
 with the settings taking turns every 8 tokens inside the same generations (base, one, two, base, ...,
-the KV cache kept across a switch, the step after it untimed) and the median taken, so the ratios hold on a busy machine; the
-anchors (separate models) take turns by whole generations. Both sides use the same thread count.
+the KV cache kept across a switch, the step after it untimed); each ratio to the base is the median
+over blocks of a block's speed against the base blocks on either side (paired, so the machine's drift
+cancels), with its 95% interval. The anchors (separate models) take turns by whole generations,
+paired the same way. Both sides use the same thread count.
 Prints one table per bundle and writes bench/results/adapters.json.
 """
 
@@ -28,14 +30,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from edgelora.runtime.engine import RATE_BLOCK, decode_rates  # noqa: E402
+from edgelora.runtime.engine import RATE_BLOCK, decode_rates, paired_ratio  # noqa: E402
 
 
 def interleaved(engine, settings: dict[str, dict], tokens: int, rounds: int) -> dict[str, dict]:
     """Decode tok/s (and, for ONNX, the loop's overhead over onnxruntime's own time) per adapter
     setting, the settings taking turns every few tokens inside the same answers (`decode_rates`)."""
     rates = decode_rates(engine, settings, tokens=tokens, rounds=rounds, prompt=common.PROMPT)
-    return {k: {"tok_s": r.tokens_per_second, "loop_overhead": r.loop_overhead} for k, r in rates.items()}
+    return {k: {"tok_s": r.tokens_per_second, "loop_overhead": r.loop_overhead, "ratio": r.of_first,
+                "ratio_ci": r.of_first_ci} for k, r in rates.items()}
+
+
+def turns_ratio(rates: dict[str, list[float]]) -> dict:
+    """The anchors' figures: whole generations in turn (base, adapter, base, ...), each adapter
+    generation paired with the base generations on either side (`paired_ratio`)."""
+    turns = [(k, 1 / rates[k][i], 0) for i in range(len(rates["base"])) for k in ("base", "adapter")]
+    ratio, lo, hi = paired_ratio(turns, "adapter", "base")
+    base, one = statistics.median(rates["base"]), statistics.median(rates["adapter"])
+    return {"base": base, "with_adapter": one, "ratio": ratio, "ratio_ci": (lo, hi)}
+
+
+def shown(tok_s: float, d: dict) -> str:
+    """A setting's cell: tok/s, then its paired ratio to the base with the ratio's 95% interval."""
+    lo, hi = d["ratio_ci"]
+    return f"{tok_s:.1f} ({d['ratio']:.3f}x, {lo:.3f}-{hi:.3f})"
 
 
 def bench_bundle(b, args) -> tuple[list[tuple], dict]:
@@ -86,7 +104,7 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
             fused = ", fused LoRA" if on else ", llama.cpp's LoRA nodes"
         rows.append((f"edgelora {backend} {art.quant}{fused}", f"{load_ms:.2f}", f"{swap_ms:.3f}",
                      f"{base:.1f} ({model_bytes * base / args.bandwidth:.0%})",
-                     f"{one:.1f} ({one / base:.3f}x)", f"{two:.1f} ({two / base:.3f}x)",
+                     shown(one, m["one"]), shown(two, m["two"]),
                      f"{merged:.1f} ({merged / base:.2f}x)" if merged else "n/a",
                      f"{merge_s:.1f}" if isinstance(merge_s, float) else "n/a",
                      "" if loop is None else f"{100 * loop:.1f}% / {100 * m['one']['loop_overhead']:.1f}%",
@@ -116,10 +134,11 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
             got["adapter"].append(rate(with_lora))
         plain.close()
         with_lora.close()
-        base, one = statistics.median(got["base"]), statistics.median(got["adapter"])
-        results["llama_cpp_lora_path"] = dict(load_s=reload_s, base=base, decode_with_adapter=one, ratio=one / base)
-        rows.append(("llama.cpp lora_path", f"{reload_s * 1e3:.0f} (reload)", "n/a (reload)", f"{base:.1f}",
-                     f"{one:.1f} ({one / base:.3f}x)", "", "", "", "", ""))
+        r = turns_ratio(got)
+        results["llama_cpp_lora_path"] = dict(load_s=reload_s, base=r["base"], decode_with_adapter=r["with_adapter"],
+                                              ratio=r["ratio"], ratio_ci=r["ratio_ci"])
+        rows.append(("llama.cpp lora_path", f"{reload_s * 1e3:.0f} (reload)", "n/a (reload)", f"{r['base']:.1f}",
+                     shown(r["with_adapter"], r), "", "", "", "", ""))
     return rows, results
 
 
@@ -152,8 +171,7 @@ def genai_anchor(b, args) -> dict | None:
     for _ in range(args.rounds):
         for k, m in models.items():
             rates[k].append(common.genai_rate(m, args.tokens))
-    base, one = statistics.median(rates["base"]), statistics.median(rates["adapter"])
-    return {"base": base, "with_adapter": one, "ratio": one / base}
+    return turns_ratio(rates)
 
 
 def main() -> None:
@@ -189,7 +207,7 @@ def main() -> None:
             if g:
                 res["genai_adapter_path"] = g
                 rows.append(("onnxruntime-genai int4, adapter_path", "n/a (build)", "n/a (build)", f"{g['base']:.1f}",
-                             f"{g['with_adapter']:.1f} ({g['ratio']:.3f}x)", "", "", "", "", ""))
+                             shown(g["with_adapter"], g), "", "", "", "", ""))
         out["bundles"][which] = res
         print(f"\n{which}: {b.root.name}")
         print(common.table(("engine", "load adapter ms", "swap ms", "base tok/s (of bandwidth)", "1 adapter", "2 mixed", "merged",
@@ -197,7 +215,8 @@ def main() -> None:
     print(f"\n{common.NAMES[args.size]}; {args.threads} threads, rank {args.rank} on all 7 targets x {layers} layers; decode = greedy tokens after a chat "
           f"prompt; edgelora's engines: {args.tokens * args.rounds} timed tokens per setting, the settings taking turns every {RATE_BLOCK} tokens "
           f"in the same generations, median over blocks; the anchors: {args.rounds} whole generations of {args.tokens} tokens in turn, "
-          "median; llama.cpp's anchor (its own model "
+          "median; the ratios: each block (generation) against the base's on either side, interpolated to its place, the median "
+          "over blocks with its 95% interval (order statistics); llama.cpp's anchor (its own model "
           f"loaded with and without lora_path, interleaved, its own four nodes per adapted projection) is timed by its own perf counters. Bandwidth: the weight bytes a token reads times "
           f"tok/s, over the machine's {args.bandwidth / 1e9:.1f} GB/s (numpy, {args.threads} threads). Targets: 1 adapter >= 0.95x base "
           "(issue 12; 0.97x with the custom kernel, issue 18), ONNX loop overhead <= 5%.")

@@ -34,6 +34,22 @@ def first(stem: str, size: str) -> dict | None:
     return next((d for t in (2, 1) if (d := load(common.named(stem, size, t)))), None)
 
 
+def adapter_ratio(decode: dict) -> tuple[float, str]:
+    """One adapter's speed over its base from a bench/adapters.py run, and the cell showing it: the
+    paired ratio with its 95% interval (runs before it had one: the ratio of the medians)."""
+    one = decode["one"]
+    if one.get("ratio") is None:
+        r = one["tok_s"] / decode["base"]["tok_s"]
+        return r, f"{r:.3f}x base"
+    lo, hi = one["ratio_ci"]
+    return one["ratio"], f"{one['ratio']:.3f}x base ({lo:.3f}-{hi:.3f})"
+
+
+def anchor_cell(a: dict) -> str:
+    ci = a.get("ratio_ci")
+    return f"{a['ratio']:.3f}x its base" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
 def adapter_label(kind: str, engine: str) -> str:
     """An adapter row's engine, with what its bundle kind (bench/adapters.py --bundles) adds."""
     if not kind.startswith("x86"):
@@ -90,13 +106,13 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
         bundles = adapters["bundles"]
         prof = bundles.get("profile") or bundles.get("x86") or next(iter(bundles.values()))
         for engine, e in prof["engines"].items():
-            base, one = e["decode"]["base"]["tok_s"], e["decode"]["one"]["tok_s"]
+            ratio, cell = adapter_ratio(e["decode"])
             kind = next(k for k, v in bundles.items() if v is prof)
             q41 = kind.startswith("x86") and engine == "onnx int4"
             label = adapter_label(kind, engine)
-            rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", f"{one / base:.3f}x base",
+            rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", cell,
                          "", "", f"{e['bandwidth_fraction']:.0%}", ">= 0.97x (issue 18)" if q41 else ">= 0.95x (issue 12)", thr))
-            plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", one / base))
+            plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", ratio))
         for kind in ("x86", "x86-f16", "x86-q8"):
             other = bundles.get(kind)
             if other is None or other is prof:
@@ -104,21 +120,21 @@ def rows_for(size: str) -> tuple[list[tuple], list[str], dict]:
             for engine, e in other["engines"].items():  # x86: MatMulQ41 with the adapter inside the same node
                 if kind == "x86" and engine != "onnx int4":
                     continue
-                base, one = e["decode"]["base"]["tok_s"], e["decode"]["one"]["tok_s"]
+                ratio, cell = adapter_ratio(e["decode"])
                 label = adapter_label(kind, engine)
-                rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", f"{one / base:.3f}x base", "", "",
+                rows.append((name, f"rank-{adapters['rank']} adapter active, {label}", cell, "", "",
                              f"{e['bandwidth_fraction']:.0%}",
                              ">= 0.97x (issue 18)" if engine == "onnx int4" else ">= 0.95x (issue 12)", thr))
-                plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", one / base))
+                plot.setdefault("adapter", []).append((f"{label.replace('x86-64 bundle, ', '')}, {thr} thr", ratio))
         anchor = prof.get("llama_cpp_lora_path")
         if anchor:
-            rows.append((name, f"rank-{adapters['rank']} adapter, llama.cpp's own --lora", f"{anchor['ratio']:.3f}x its base",
+            rows.append((name, f"rank-{adapters['rank']} adapter, llama.cpp's own --lora", anchor_cell(anchor),
                          "", "", "", "", thr))
             plot["adapter"].append((f"llama.cpp --lora, {thr} thr", anchor["ratio"]))
         g = prof.get("genai_adapter_path")
         if g:
             rows.append((name, f"rank-{adapters['rank']} adapter, onnxruntime-genai's int4 with it built in",
-                         f"{g['ratio']:.3f}x its base",
+                         anchor_cell(g),
                          "", "", "", "", thr))
             plot["adapter"].append((f"genai adapter_path, {thr} thr", g["ratio"]))
     if not runs:

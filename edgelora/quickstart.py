@@ -107,12 +107,12 @@ def run(model: str = _models.DEFAULT_MODEL, device: str = "raspberry-pi-5", out:
         rates = decode_rates(e, settings, tokens=RATE_TOKENS, rounds=RATE_ROUNDS)
         for label, (swap_ms, text) in answers.items():
             rate = rates[label].tokens_per_second
-            rows.append((backend, label, f"{swap_ms:.1f}", f"{rate:.0f}", f"{rate / rates['base'].tokens_per_second:.2f}x", text))
+            rows.append((backend, label, f"{swap_ms:.1f}", f"{rate:.0f}", f"{rates[label].of_first or 1.0:.2f}x", text))
         e.close()
     table(("engine", "adapters", "swap ms", "tok/s", "x base", "answer"), rows)
     say(f"    tok/s: the settings take turns every {RATE_BLOCK} tokens inside the same long answers, "
-        f"{RATE_TOKENS * RATE_ROUNDS} timed tokens each, median over the turns (whole answers in turn swing by 10%, "
-        "more than an adapter costs)")
+        f"{RATE_TOKENS * RATE_ROUNDS} timed tokens each, median over the turns; x base: each turn against the base's "
+        "turns on either side, the median (whole answers in turn swing by 10%, more than an adapter costs)")
     sizes = {m["name"]: sum(f["size"] for f in m["files"].values()) for m in bundle.store.list()}
     say("    adapter files: " + ", ".join(f"{n} {s / 1e6:.1f} MB" for n, s in sizes.items()) +
         f" (the base: {sum(f['size'] for f in bundle.manifest['files'].values()) / 1e6:.0f} MB, loaded once)")

@@ -232,6 +232,8 @@ def test_decode_rates_measures_each_setting_and_leaves_the_engine_clean(engine, 
     rates = decode_rates(engine, {"base": {}, "a": {"a": 1.0}}, tokens=8, rounds=2, block=4, prompt=ids)
     assert set(rates) == {"base", "a"} and all(r.tokens_per_second > 0 for r in rates.values())
     assert (rates["a"].loop_overhead is not None) == (engine.kind == "onnx-fused")
+    lo, hi = rates["a"].of_first_ci  # paired with the base's blocks (tests/test_rates.py checks the pairing)
+    assert rates["base"].of_first is None and 0 < lo <= rates["a"].of_first <= hi
     assert engine.active_adapters == {} and engine.generate(ids, max_tokens=8).tokens == plain
 
 

@@ -299,6 +299,49 @@ class DecodeRate:
     """One adapter setting's decode speed (see `decode_rates`)."""
     tokens_per_second: float
     loop_overhead: float | None = None  # the decode loop's time over the runtime's own, where the engine counts it
+    of_first: float | None = None  # paired speed ratio to the first setting (`paired_ratio`); None for the first
+    of_first_ci: tuple[float, float] | None = None  # its 95% interval (`median_interval`)
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The median of `values` and a distribution-free `level` interval for it: the order statistics
+    k and n-k+1 whose binomial(n, 1/2) tail is at most (1-level)/2 (the widest, min to max, when n is
+    too small for the level)."""
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n == 0:
+        raise EngineInputError("median_interval needs at least one value")
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2.0 ** n
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    k = max(k, 1)  # the k-th smallest (1-based) is the lower end
+    return float(np.median(x)), float(x[k - 1]), float(x[n - k])
+
+
+def paired_ratio(blocks: Sequence[tuple[str, float, int]], label: str, ref: str) -> tuple[float, float, float] | None:
+    """How fast setting `label` runs against `ref`, paired: `blocks` are (label, seconds a token,
+    answer) in the order they ran; each `label` block's time is set against the mean of the nearest
+    `ref` blocks before and after it in the same answer, interpolated to its place (the nearer one
+    alone at an answer's edge), so the machine's drift and the context's growth cancel pair by pair;
+    the median of those speed ratios with its 95% interval (`median_interval`), or None without any
+    pair."""
+    ratios = []
+    for i, (lab, seconds, answer) in enumerate(blocks):
+        if lab != label:
+            continue
+        before = next((j for j in range(i - 1, -1, -1) if blocks[j][0] == ref and blocks[j][2] == answer), None)
+        after = next((j for j in range(i + 1, len(blocks)) if blocks[j][0] == ref and blocks[j][2] == answer), None)
+        if before is None and after is None:
+            continue
+        if before is None or after is None:
+            near = blocks[before if after is None else after][1]
+        else:
+            near = blocks[before][1] + (blocks[after][1] - blocks[before][1]) * (i - before) / (after - before)
+        ratios.append(near / seconds)
+    return median_interval(ratios) if ratios else None
 
 
 def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], *, tokens: int = 64, rounds: int = 5,
@@ -306,19 +349,22 @@ def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], 
     """Decode speed of `engine` under each adapter setting (label -> weights), the settings taking
     turns every `block` tokens inside the same generations (a swap costs microseconds and keeps the
     KV cache here, so the context grows as in one answer), so the machine's drift and the context's
-    length hit them alike: the step after each switch is not timed, and each setting's figure is the median over its blocks of `tokens * rounds` timed tokens.
+    length hit them alike: the step after each switch is not timed, and each setting's figure is the median over its blocks of `tokens * rounds` timed tokens,
+    with its speed against the first setting's paired block by block (`paired_ratio`; the ratio to quote).
     Whole answers in turn are no measure of an adapter's cost on a shared machine: one answer's
     rate swings by 10% from the next, more than an adapter costs."""
     if not settings or block < 1 or tokens < 1 or rounds < 1:
         raise EngineInputError("decode_rates needs at least one setting and block, tokens and rounds >= 1")
     labels = list(settings)
     per_token: dict[str, list[float]] = {k: [] for k in labels}
+    blocks: list[tuple[str, float, int]] = []  # (label, seconds a token, answer) in the order they ran
     overhead: dict[str, list[float]] = {k: [] for k in labels}
     timed = dict.fromkeys(labels, 0)
-    turn = 0
+    turn = answer = 0
     try:
         while min(timed.values()) < tokens * rounds:
             steps = engine.stream(prompt, max_tokens=4 * tokens)
+            answer += 1
             before = sum(timed.values())
             try:
                 while min(timed.values()) < tokens * rounds:
@@ -331,6 +377,7 @@ def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], 
                         next(steps)
                     seconds = time.perf_counter() - t
                     per_token[label].append(seconds / block)
+                    blocks.append((label, seconds / block, answer))
                     if engine.runtime_decode_seconds:
                         overhead[label].append(seconds / engine.runtime_decode_seconds - 1)
                     timed[label] += block
@@ -341,8 +388,12 @@ def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], 
                                            "measure on a prompt whose answer runs long") from None
     finally:
         engine.set_adapters({})
-    return {k: DecodeRate(1 / float(np.median(per_token[k])),
-                          float(np.median(overhead[k])) if overhead[k] else None) for k in labels}
+    rates = {}
+    for k in labels:
+        paired = paired_ratio(blocks, k, labels[0]) if k != labels[0] else None
+        rates[k] = DecodeRate(1 / float(np.median(per_token[k])), float(np.median(overhead[k])) if overhead[k] else None,
+                              paired[0] if paired else None, paired[1:] if paired else None)
+    return rates
 
 
 def _finite(logits: np.ndarray) -> np.ndarray:
