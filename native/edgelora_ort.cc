@@ -77,7 +77,8 @@ namespace {
 constexpr int kBlock = 32, kGroup = 8, kTile = 160, kQ8 = 34;  // kQ8: an 8-bit lora_a block (fp16 scale, 32 codes)
 constexpr int kTile6 = 208, kHigh6 = 128, kD6 = 192;  // a 6-bit tile: its high-bit planes and its scales' offsets
 constexpr int kRanks = 8;  // ranks per xa task of a decode step (the SIMD loops take 8 at a time)
-constexpr int64_t kNextLines = 1024;  // the next adapted node's lora_a lines a pass asks for, at most (64 KB)
+constexpr int64_t kNextLines = 1024;
+constexpr int64_t kXaHere = 256;  // xa values a node keeps on its stack (a decode step's rows x ranks)  // the next adapted node's lora_a lines a pass asks for, at most (64 KB)
 constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
 
 // EDGELORA_Q41_KERNEL=portable (or avx2) holds the kernel back to that one, to test it on a machine that
@@ -773,15 +774,30 @@ void task(void* p, size_t i) {
 template <typename T>
 using Opt = std::optional<const Ort::Custom::Tensor<T>*>;
 
+// An adapter tensor's dims, held in place: a decode step unpacks every adapted node's tensors, and a
+// vector's allocations cost more than the unpacking (issue 12: ~0.3 us a node, 1.4% of a 135M token).
+// An adapter tensor has at most 3 dims; more are counted (size() says so, the checks refuse it), not kept.
+struct Dims {
+  int64_t d[3] = {}; size_t n = 0;
+  size_t size() const { return n; }
+  int64_t operator[](size_t i) const { return d[i]; }
+  void push_back(int64_t v) {
+    if (n < 3) d[n] = v;
+    ++n;
+  }
+};
+
 // An adapter tensor, from its own input or from the adapter pack.
 struct View {
-  const void* data = nullptr; std::vector<int64_t> shape; bool given = false;
+  const void* data = nullptr; Dims shape; bool given = false;
 };
 
 template <typename T>
 View view(const Opt<T>& t) {
   if (!t.has_value()) return {};
-  return {(*t)->NumberOfElement() ? (*t)->DataRaw() : nullptr, (*t)->Shape(), true};
+  View v{(*t)->NumberOfElement() ? (*t)->DataRaw() : nullptr, {}, true};
+  for (int64_t d : (*t)->Shape()) v.shape.push_back(d);
+  return v;
 }
 
 // The adapter pack (converters/onnx_fused.py: pack_parameters): every MatMulQ41 node's adapter in one
@@ -943,9 +959,11 @@ struct MatMulQ41 {
     std::vector<float> both(act == Act_fn::None ? 0 : size_t(M * N));  // gate|up before the activation
     if (M == 0) return;
     const Act a = exact ? Act{} : quantize(x.Data(), M, K);
-    std::vector<float> xa(size_t(M * j.rank));
+    float xa_here[kXaHere];  // a decode step's xa without an allocation (every rank is written before it is read)
+    std::vector<float> xa_heap(M * j.rank > kXaHere ? size_t(M * j.rank) : 0);
+    float* xa = xa_heap.empty() ? xa_here : xa_heap.data();
     j.act = act, j.out = out;
-    j.w = w.Data(), j.y = act == Act_fn::None ? out : both.data(), j.M = M, j.N = N, j.K = K, j.blocks = K / kBlock, j.a = &a, j.xa = xa.data();
+    j.w = w.Data(), j.y = act == Act_fn::None ? out : both.data(), j.M = M, j.N = N, j.K = K, j.blocks = K / kBlock, j.a = &a, j.xa = xa;
     j.bias = nbias ? (*bias)->Data() : nullptr, j.x = x.Data();
     Ort::KernelContext ctx(context);
     Job::Chunks chunks;
