@@ -6,11 +6,12 @@ time; adapter file size against the raw tensor bytes.
 
 `f32` is an x86-64 bundle with float weights in both engines; `profile` is the Raspberry Pi 5
 bundle as the profile chooses it (GGUF Q8_0, ONNX int4 on MatMulNBits), where the base is fastest
-and an adapter's share of the time largest; `x86` the x86-64 profile's bundle, whose ONNX int4 graph
-runs edgelora's MatMulQ41 operator with the adapter inside it (when its library is built); `x86-f16`
-the same with installed adapters computed in float16 in both engines (`--adapter-precision f16`:
-half their bytes per token), `x86-q8` in 8 bits (`--adapter-precision q8_0`: GGUF Q8_0 in llama.cpp,
-MatMulQ41's 8-bit slots in ONNX, about a quarter of the bytes). An engine's decode speeds are measured
+and an adapter's share of the time largest; `x86` the x86-64 profile's bundle with adapters
+computed in float32 (`--adapter-precision f32`), whose ONNX int4 graph runs edgelora's MatMulQ41
+operator with the adapter inside it (when its library is built); `x86-f16` the same with installed
+adapters computed in float16 in both engines (half their bytes per token), `x86-q8` in 8 bits (GGUF
+Q8_0 in llama.cpp, MatMulQ41's 8-bit slots in ONNX, about a quarter of the bytes: the x86-64
+profile's default). An engine's decode speeds are measured
 with the settings taking turns every 8 tokens inside the same generations (base, one, two, base, ...,
 the KV cache kept across a switch, the step after it untimed); each ratio to the base is the median
 over blocks of a block's speed against the base blocks on either side (paired, so the machine's drift

@@ -32,7 +32,7 @@ from .adapters import LoraAdapter
 from .base import BaseModel
 from .models import load_base
 from .errors import CorruptFileError, EdgeloraError, SourceNotFoundError, UnsupportedFormatError
-from .profiles import GGUF_QUANTS, ONNX_QUANTS, DeviceProfile, get_profile
+from .profiles import FLOAT_QUANTS, GGUF_QUANTS, ONNX_QUANTS, DeviceProfile, get_profile
 from .progress import bar
 
 BUNDLE_FORMAT = "edgelora-bundle"
@@ -314,21 +314,25 @@ def npu_reference(ws: _ExportContext, tokens: list[int], window: int, prefix: li
 def export(model: str | os.PathLike | BaseModel, device: str | os.PathLike, out: str | os.PathLike, *,
            backend: str | None = None, quant: str | None = None, force: bool = False, replace: bool = False,
            eval_tokens: int | None = None, threads: int | None = None, progress: bool = True,
-           onnx_graph: str | None = None, adapter_precision: str = "f32", head_bits: int | None = None) -> "Bundle":
+           onnx_graph: str | None = None, adapter_precision: str | None = None, head_bits: int | None = None) -> "Bundle":
     """Exports `model` for the device profile `device` into the bundle directory `out`.
 
     `onnx_graph`: "fused" (edgelora's graph built from the weights with ONNX Runtime's fused
     kernels; the default) or "optimum" (optimum's export plus LoRA slots). `adapter_precision`:
     what llama.cpp computes installed adapters in, f32, f16 or q8_0 (the store keeps each adapter's
     f32 value beside); the ONNX graph's MatMulQ41 nodes take the same width (q8_0: 8-bit blocks).
+    Default: the profile's backends.adapter_precision when every artifact is quantized, else f32.
     `head_bits`: the int4 fused graph's LM head in 8 or 6 bits (6 needs MatMulQ41's library; default:
     the profile's backends.onnx_head_bits)."""
     from .converters.gguf_lora import PRECISIONS
 
-    if adapter_precision not in PRECISIONS:
+    if adapter_precision is not None and adapter_precision not in PRECISIONS:
         raise UnsupportedFormatError(f"adapter precision must be one of {', '.join(PRECISIONS)}, got {adapter_precision!r}")
     profile = get_profile(device)
     plan = resolve_plan(profile, backend, quant)
+    if adapter_precision is None:  # a float bundle's adapters stay float: there the engines are PEFT's exactly
+        quantized = all(q not in FLOAT_QUANTS for _, q in plan)
+        adapter_precision = profile.backends.adapter_precision if quantized else "f32"
     onnx_graph = onnx_graph or profile.backends.onnx_graph
     head_bits = head_bits or profile.backends.onnx_head_bits
     if head_bits not in (6, 8):

@@ -119,8 +119,10 @@ def export(
     force: bool = typer.Option(False, "--force", help="Write the bundle even if it is over the quality budget."),
     replace: bool = typer.Option(False, "--replace", help="Replace an existing bundle at --out."),
     eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Evaluate quality on the first N held-out tokens only."),
-    adapter_precision: str = typer.Option("f32", "--adapter-precision", help="What engines compute installed "
-                                          "adapters in: f32, f16 (half the bytes per token) or q8_0 (8 bits, about a quarter)."),
+    adapter_precision: Optional[str] = typer.Option(None, "--adapter-precision", help="What engines compute installed "
+                                                    "adapters in: f32, f16 (half the bytes per token) or q8_0 (8 bits, about a "
+                                                    "quarter). Default: the profile's on a quantized bundle (x86-64: q8_0), f32 "
+                                                    "on a float one."),
     head_bits: Optional[int] = typer.Option(None, "--head-bits", help="The int4 ONNX graph's LM head: 8 or 6 bits "
                                             "(6: edgelora's operator; default: the profile's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),

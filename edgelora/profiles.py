@@ -21,6 +21,8 @@ BACKENDS = ("gguf", "onnx")
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 ONNX_QUANTS = ("f32", "int8", "int4", "qdq")
 QUANTS = tuple(dict.fromkeys(GGUF_QUANTS + ONNX_QUANTS))
+FLOAT_QUANTS = ("f32", "f16")
+ADAPTER_PRECISIONS = ("f32", "f16", "q8_0")  # converters/gguf_lora.py's PRECISIONS
 
 
 class ProfileError(EdgeloraError):
@@ -37,6 +39,9 @@ class Backends:
     disable_cpu_fallback: bool = False
     onnx_graph: str = "fused"  # "fused" (edgelora's graph with ORT's fused kernels) or "optimum"
     onnx_head_bits: int = 8  # the int4 fused graph's LM head: 8 bits, or 6 (MatMulQ41's, when its library loads)
+    # what the engines compute installed adapters in on a bundle whose bases are all quantized: f32, f16
+    # or q8_0 (a bundle with a float artifact keeps f32, where the engines match PEFT exactly)
+    adapter_precision: str = "f32"
 
     def __post_init__(self) -> None:
         bad = [b for b in self.order if b not in BACKENDS]
@@ -48,6 +53,9 @@ class Backends:
             raise ProfileError(f"backends.onnx_quant must be one of {', '.join(ONNX_QUANTS)}, got {self.onnx_quant!r}")
         if self.onnx_head_bits not in (6, 8):
             raise ProfileError(f"backends.onnx_head_bits must be 6 or 8, got {self.onnx_head_bits!r}")
+        if self.adapter_precision not in ADAPTER_PRECISIONS:
+            raise ProfileError(f"backends.adapter_precision must be one of {', '.join(ADAPTER_PRECISIONS)}, "
+                               f"got {self.adapter_precision!r}")
 
 
 @dataclass(frozen=True)

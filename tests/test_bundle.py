@@ -50,6 +50,10 @@ def test_profile_errors(tmp_path):
     with pytest.raises(profiles.ProfileError, match="backends.onnx_head_bits must be 6 or 8, got 5"):
         profiles.get_profile(head)
     assert profiles.get_profile("x86-64").backends.onnx_head_bits == 6
+    width = tmp_path / "width.toml"
+    width.write_text((ROOT / "devices" / "x86-64.toml").read_text().replace('adapter_precision = "q8_0"', 'adapter_precision = "q4"'))
+    with pytest.raises(profiles.ProfileError, match="backends.adapter_precision must be one of f32, f16, q8_0, got 'q4'"):
+        profiles.get_profile(width)
     with pytest.raises(UnsupportedFormatError, match="the LM head is kept in 6 or 8 bits, got 7"):
         edgelora.export(tmp_path / "no-model", "x86-64", tmp_path / "b", head_bits=7)
 
@@ -82,6 +86,8 @@ def test_export_each_format(backend, quant, graph, tiny_llama, tmp_path):
     assert m["base"]["fingerprint"] == base.fingerprint
     (art,) = b.artifacts
     assert (art.backend, art.quant) == (backend, quant)
+    # installed adapters: the profile's 8 bits on a quantized base, float32 (PEFT's exactly) on a float one
+    assert b.adapter_precision == ("f32" if quant in ("f32", "f16") else "q8_0")
     q = art.quality
     assert q["tokens"] > 900 and q["float_perplexity"] > 1
     if quant == "f32":  # the float export is the float model

@@ -307,6 +307,7 @@ def test_cli_export_install_train_run(family, family_bundle, peft_adapter, run_c
     """The default model's commands, unchanged, on each family: install a PEFT adapter, train on the
     device's own data, answer with the trained adapter in both engines."""
     name, *_ = family
+    assert edgelora.open_bundle(family_bundle).adapter_precision == "q8_0"  # x86-64's default on its quantized bundle
     r = run_cli_module("adapter", "install", str(family_bundle), str(peft_adapter), "--name", "style")
     assert r.returncode == 0, r.stderr
     assert "targets q,k,v,o,gate,up,down" in r.stdout
