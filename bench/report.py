@@ -54,8 +54,8 @@ def adapter_label(kind: str, engine: str) -> str:
     """An adapter row's engine, with what its bundle kind (bench/adapters.py --bundles) adds."""
     if not kind.startswith("x86"):
         return f"edgelora {engine}"
-    width = {"x86-f16": "adapter in f16", "x86-q8": "adapter in 8 bits"}.get(kind)
-    what = ["x86-64 bundle"] + ["MatMulQ41"] * (engine == "onnx int4") + [width] * bool(width)
+    width = {"x86": "adapter in f32", "x86-f16": "adapter in f16", "x86-q8": "adapter in 8 bits, the profile's default"}[kind]
+    what = ["x86-64 bundle"] + ["MatMulQ41"] * (engine == "onnx int4") + [width]
     return f"edgelora {engine} ({', '.join(what)})"
 
 
