@@ -77,8 +77,8 @@ namespace {
 constexpr int kBlock = 32, kGroup = 8, kTile = 160, kQ8 = 34;  // kQ8: an 8-bit lora_a block (fp16 scale, 32 codes)
 constexpr int kTile6 = 208, kHigh6 = 128, kD6 = 192;  // a 6-bit tile: its high-bit planes and its scales' offsets
 constexpr int kRanks = 8;  // ranks per xa task of a decode step (the SIMD loops take 8 at a time)
-constexpr int64_t kNextLines = 1024;
-constexpr int64_t kXaHere = 256;  // xa values a node keeps on its stack (a decode step's rows x ranks)  // the next adapted node's lora_a lines a pass asks for, at most (64 KB)
+constexpr int64_t kNextLines = 1024;  // the next adapted node's lora_a lines a pass asks for, at most (64 KB)
+constexpr int64_t kXaHere = 256;  // xa values a node keeps on its stack (a decode step's rows x ranks)
 constexpr int kPrefetch = 2560;  // 16 tiles ahead: the best of 640..10240 bytes on a 2-core EPYC (DRAM-resident weights)
 
 // EDGELORA_Q41_KERNEL=portable (or avx2) holds the kernel back to that one, to test it on a machine that

@@ -323,9 +323,9 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
 
 def paired_ratio(blocks: Sequence[tuple[str, float, int]], label: str, ref: str) -> tuple[float, float, float] | None:
     """How fast setting `label` runs against `ref`, paired: `blocks` are (label, seconds a token,
-    answer) in the order they ran; each `label` block's time is set against the mean of the nearest
-    `ref` blocks before and after it in the same answer, interpolated to its place (the nearer one
-    alone at an answer's edge), so the machine's drift and the context's growth cancel pair by pair;
+    answer) in the order they ran; each `label` block's time is set against the nearest `ref`
+    blocks before and after it in the same answer, interpolated to its place (the one there is, at
+    an answer's edge), so the machine's drift and the context's growth cancel pair by pair;
     the median of those speed ratios with its 95% interval (`median_interval`), or None without any
     pair."""
     ratios = []
