@@ -558,28 +558,31 @@ void lora_part_portable(const Job& j, int64_t r, int64_t lo, int64_t hi) {
 
 #ifdef EDGELORA_X86
 // The same, 8 ranks at a time (the grouped slots' ranks are multiples of 8 for rank-8 adapters), the
-// rest one by one.
+// rest one by one. Up to 2 vectors of 8 ranks a pass over K, each in four chains (k mod 4): a rank-8
+// adapter's x.A is one vector, and with fewer chains it waits on each FMA's latency while the pass's
+// other threads wait on it (issue 12).
 __attribute__((target("avx2,fma,f16c"))) void lora_part_avx2(const Job& j, int64_t r, int64_t lo, int64_t hi) {
+  constexpr int kChains = 4, kVecs = 2;
   float* xa = j.xa + r * j.rank;
   const float* x = j.x + r * j.K;
   const int64_t r8 = lo + (hi - lo) / 8 * 8;
-  for (int64_t i0 = lo; i0 < r8; i0 += 32) {  // up to 4 vectors of 8 ranks, two chains each (k even, odd)
-    const int64_t n = std::min<int64_t>(4, (r8 - i0) / 8);
-    __m256 acc[2][4];
+  for (int64_t i0 = lo; i0 < r8; i0 += 8 * kVecs) {
+    const int64_t n = std::min<int64_t>(kVecs, (r8 - i0) / 8);
+    __m256 acc[kChains][kVecs];
     for (auto& c : acc)
       for (auto& v : c) v = _mm256_setzero_ps();
     int64_t k = 0, at = i0;  // at: element (k, i0) of lora_a
-    for (; k + 2 <= j.K; k += 2, at += 2 * j.rank) {
-      const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
-      for (int64_t v = 0; v < n; ++v) {
-        acc[0][v] = _mm256_fmadd_ps(x0, load8(j.lora_a, j.half(), at + 8 * v), acc[0][v]);
-        acc[1][v] = _mm256_fmadd_ps(x1, load8(j.lora_a, j.half(), at + j.rank + 8 * v), acc[1][v]);
+    for (; k + kChains <= j.K; k += kChains, at += kChains * j.rank)
+      for (int c = 0; c < kChains; ++c) {
+        const __m256 xk = _mm256_broadcast_ss(x + k + c);
+        for (int64_t v = 0; v < n; ++v)
+          acc[c][v] = _mm256_fmadd_ps(xk, load8(j.lora_a, j.half(), at + c * j.rank + 8 * v), acc[c][v]);
       }
-    }
     for (; k < j.K; ++k, at += j.rank)
       for (int64_t v = 0; v < n; ++v)
         acc[0][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), load8(j.lora_a, j.half(), at + 8 * v), acc[0][v]);
-    for (int64_t v = 0; v < n; ++v) _mm256_storeu_ps(xa + i0 + 8 * v, _mm256_add_ps(acc[0][v], acc[1][v]));
+    for (int64_t v = 0; v < n; ++v)
+      _mm256_storeu_ps(xa + i0 + 8 * v, _mm256_add_ps(_mm256_add_ps(acc[0][v], acc[1][v]), _mm256_add_ps(acc[2][v], acc[3][v])));
   }
   for (int64_t i = r8; i < hi; ++i) {
     float v = 0.f;
