@@ -274,7 +274,9 @@ def main() -> None:
     notes = ["Of bandwidth: the weight bytes a token reads times tokens/s, over this machine's read rate measured "
              "by numpy with the same thread count. Decode figures are medians of "
              "interleaved runs at the same thread count on both sides; the 1B model has random weights "
-             "(speed does not depend on them)."]
+             "(speed does not depend on them). An adapter's ratio to its base is paired: each block of 8 tokens "
+             "(each generation, for llama.cpp's and genai's) against the base's on either side, the median "
+             "with its 95% interval in brackets; repeated runs on this shared host move by more than the interval."]
     if kept:
         notes.append("Carried from an earlier run (its JSON is not in bench/results; not plotted): " +
                      "; ".join(f"{n}, `bench/{b}.py`, {t} thread{'s' * (t != '1')}" for n, b, t in earlier) + ".")
