@@ -34,20 +34,21 @@ def first(stem: str, size: str) -> dict | None:
     return next((d for t in (2, 1) if (d := load(common.named(stem, size, t)))), None)
 
 
+def ratio_cell(ratio: float, ci, of: str = "base") -> str:
+    """A ratio's cell, with its 95% interval where the run had one."""
+    return f"{ratio:.3f}x {of}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
 def adapter_ratio(decode: dict) -> tuple[float, str]:
     """One adapter's speed over its base from a bench/adapters.py run, and the cell showing it: the
     paired ratio with its 95% interval (runs before it had one: the ratio of the medians)."""
     one = decode["one"]
-    if one.get("ratio") is None:
-        r = one["tok_s"] / decode["base"]["tok_s"]
-        return r, f"{r:.3f}x base"
-    lo, hi = one["ratio_ci"]
-    return one["ratio"], f"{one['ratio']:.3f}x base ({lo:.3f}-{hi:.3f})"
+    ratio = one["tok_s"] / decode["base"]["tok_s"] if one.get("ratio") is None else one["ratio"]
+    return ratio, ratio_cell(ratio, one.get("ratio_ci"))
 
 
 def anchor_cell(a: dict) -> str:
-    ci = a.get("ratio_ci")
-    return f"{a['ratio']:.3f}x its base" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+    return ratio_cell(a["ratio"], a.get("ratio_ci"), "its base")
 
 
 def adapter_label(kind: str, engine: str) -> str:

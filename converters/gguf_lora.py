@@ -21,6 +21,7 @@ from edgelora._io import atomic_file
 from edgelora.adapters import AdapterError, AdapterMismatchError, LoraAdapter, LoraTensor, fuse_members, split_fused
 from edgelora.arch import ModelConfig
 from edgelora.errors import CorruptFileError, UnsupportedArchitectureError, UnsupportedFormatError
+from edgelora.profiles import ADAPTER_PRECISIONS
 
 from . import gguf_model, keys
 
@@ -60,7 +61,7 @@ def _pairs(adapter: LoraAdapter, config: ModelConfig) -> tuple[dict[str, tuple[L
     return pairs, ranges
 
 
-PRECISIONS = ("f32", "f16", "q8_0")
+PRECISIONS = ADAPTER_PRECISIONS
 
 
 def _encode(gguf, x: np.ndarray, precision: str) -> tuple[np.ndarray, object | None]:

@@ -22,7 +22,7 @@ GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 ONNX_QUANTS = ("f32", "int8", "int4", "qdq")
 QUANTS = tuple(dict.fromkeys(GGUF_QUANTS + ONNX_QUANTS))
 FLOAT_QUANTS = ("f32", "f16")
-ADAPTER_PRECISIONS = ("f32", "f16", "q8_0")  # converters/gguf_lora.py's PRECISIONS
+ADAPTER_PRECISIONS = ("f32", "f16", "q8_0")  # what engines compute installed adapters in (converters/gguf_lora.py writes each)
 
 
 class ProfileError(EdgeloraError):
