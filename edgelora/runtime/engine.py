@@ -356,7 +356,6 @@ def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], 
     if not settings or block < 1 or tokens < 1 or rounds < 1:
         raise EngineInputError("decode_rates needs at least one setting and block, tokens and rounds >= 1")
     labels = list(settings)
-    per_token: dict[str, list[float]] = {k: [] for k in labels}
     blocks: list[tuple[str, float, int]] = []  # (label, seconds a token, answer) in the order they ran
     overhead: dict[str, list[float]] = {k: [] for k in labels}
     timed = dict.fromkeys(labels, 0)
@@ -376,7 +375,6 @@ def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], 
                     for _ in range(block):
                         next(steps)
                     seconds = time.perf_counter() - t
-                    per_token[label].append(seconds / block)
                     blocks.append((label, seconds / block, answer))
                     if engine.runtime_decode_seconds:
                         overhead[label].append(seconds / engine.runtime_decode_seconds - 1)
@@ -391,7 +389,8 @@ def decode_rates(engine: "Engine", settings: Mapping[str, Mapping[str, float]], 
     rates = {}
     for k in labels:
         paired = paired_ratio(blocks, k, labels[0]) if k != labels[0] else None
-        rates[k] = DecodeRate(1 / float(np.median(per_token[k])), float(np.median(overhead[k])) if overhead[k] else None,
+        per_token = [s for label, s, _ in blocks if label == k]
+        rates[k] = DecodeRate(1 / float(np.median(per_token)), float(np.median(overhead[k])) if overhead[k] else None,
                               paired[0] if paired else None, paired[1:] if paired else None)
     return rates
 
