@@ -99,10 +99,12 @@ def bench_bundle(b, args) -> tuple[list[tuple], dict]:
         loop = m["base"]["loop_overhead"]
         fused = ""
         if backend == "gguf":
-            from edgelora.runtime.gguf import fused_lora
+            from edgelora.runtime.gguf import lora_route
 
-            results["engines"][f"{backend} {art.quant}"]["fused_lora"] = on = fused_lora()
-            fused = ", fused LoRA" if on else ", llama.cpp's LoRA nodes"
+            route = lora_route()
+            results["engines"][f"{backend} {art.quant}"]["fused_lora"] = route != "own"
+            results["engines"][f"{backend} {art.quant}"]["lora_route"] = route
+            fused = {"matmul": ", LoRA in the matmul", "node": ", LoRA node"}.get(route, ", llama.cpp's LoRA nodes")
         rows.append((f"edgelora {backend} {art.quant}{fused}", f"{load_ms:.2f}", f"{swap_ms:.3f}",
                      f"{base:.1f} ({model_bytes * base / args.bandwidth:.0%})",
                      shown(one, m["one"]), shown(two, m["two"]),

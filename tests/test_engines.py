@@ -88,8 +88,8 @@ def _in_precision(setup, tmp, precision: str, adapters: dict | None = None):
 @pytest.mark.parametrize("threads,n_batch", [(1, 512), (2, 512), (2, 1)])
 def test_llama_cpp_runs_adapters_fused_and_matches_peft(setup, tiny_llama, tmp_path, threads, n_batch, precision):
     """The patched llama.cpp (scripts/patches/llama-cpp-fused-lora.patch) takes one node per adapted
-    projection: split by tokens over a prompt, by output rows for one token at a time on 2 threads
-    (n_batch 1); a weighted mix of a rank-8 and a rank-4 adapter is PEFT's either way, with F16 and
+    projection over a prompt (split by tokens), and for one token at a time (n_batch 1) the first
+    adapter inside each projection's mul_mat, the second in a node split by output rows; a weighted mix of a rank-8 and a rank-4 adapter is PEFT's either way, with F16 and
     Q8_0 files read as they are (float32 activations: llama.cpp's own route rounds them to F16 or Q8_0)."""
     from edgelora.runtime.gguf import fused_lora
 
@@ -166,6 +166,47 @@ np.save(sys.argv[1], e.logits({ids!r}))
         base_gap = np.abs(base_logits(tiny_llama, ids) - ref).max()  # what the adapter moves
         own_gap = np.abs(got["own"] - ref).max()
         assert ATOL < own_gap < 0.05 * base_gap, (own_gap, base_gap)  # (so "fused" was not llama.cpp's route)
+
+
+@pytest.mark.parametrize("precision", ["f32", "q8_0"])
+def test_llama_cpp_runs_a_decode_steps_adapter_inside_the_matmul(setup, tiny_llama, tmp_path, precision):
+    """In a decode step the patch computes the first active adapter inside each projection's own
+    mul_mat ("matmul": xa split between the threads before the mul_mat's barrier, B's rows after each
+    chunk of output rows), on a float base and on a Q8_0 one (whose activations the mul_mat converts
+    first: xa sits after them in its work buffer). One token at a time on 2 threads, a weighted mix
+    (adapter a inside the mul_mat, b in a node of its own) gives the "node" route's logits, and those of
+    the prompt route on the float base (PEFT's); llama.cpp's own route only to its activations'
+    rounding. The counter shows which route ran."""
+    from edgelora.converters import gguf_quant
+    from edgelora.runtime.gguf import lora_in_matmul, lora_route, set_lora_route
+
+    base, files, peft, converted, ids = setup
+    path = files["gguf"] if precision == "f32" else gguf_quant.quantize(files["gguf"], tmp_path / "q8.gguf", "q8_0", threads=1)
+    adapters = {n: converted["gguf", n] for n in peft} if precision == "f32" else _in_precision(setup, tmp_path, precision)[0]
+    weights = {"a": 0.6, "b": 1.5}
+    got, counts = {}, {}
+    was = lora_route()
+    try:
+        for route in ("matmul", "node", "own"):
+            set_lora_route(route)
+            e = GGUFEngine(path, n_ctx=128, threads=2, kv_type="f32", fingerprint=base.fingerprint, n_batch=1)
+            for name, file in adapters.items():
+                e.load_adapter(name, file)
+            e.set_adapters(weights)
+            before = lora_in_matmul()
+            got[route] = e.logits(ids)
+            counts[route] = lora_in_matmul() - before
+            e.close()
+    finally:
+        set_lora_route(was)
+    layers = base.config.num_layers
+    assert counts["matmul"] >= 7 * layers and counts["node"] == counts["own"] == 0, counts  # a's 7 projections
+    np.testing.assert_allclose(got["matmul"], got["node"], rtol=0, atol=ATOL)
+    if precision == "f32":
+        np.testing.assert_allclose(got["matmul"], peft_logits(tiny_llama, peft, ids, weights=weights), rtol=0, atol=ATOL)
+    else:  # Q8_0: llama.cpp's own route rounds xa's input to Q8_0 too
+        own_gap = np.abs(got["own"] - got["node"]).max()
+        assert ATOL < own_gap < 0.05 * np.abs(got["node"]).max(), own_gap
 
 
 def test_weighted_mix_matches_peft(engine, setup, tiny_llama):

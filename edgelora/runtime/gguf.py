@@ -22,36 +22,64 @@ from .engine import Engine, EngineError
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids (ggml.h)
 
 
+LORA_ROUTES = ("own", "node", "matmul")  # edgelora_lora_route()'s values, in order
+
+
 def fused_lora() -> bool:
-    """Whether the installed llama.cpp runs each active F32, F16 or Q8_0 LoRA adapter as one graph node per
-    projection, where llama.cpp's own route takes four (scripts/patches/llama-cpp-fused-lora.patch,
-    applied by the install; EDGELORA_LORA_UNFUSED=1 in the environment turns it off)."""
+    """Whether the installed llama.cpp runs each active F32, F16 or Q8_0 LoRA adapter without
+    llama.cpp's own four graph nodes per projection (scripts/patches/llama-cpp-fused-lora.patch, applied
+    by the install; EDGELORA_LORA_UNFUSED=1 in the environment turns it off)."""
+    return lora_route() != "own"
+
+
+def lora_route() -> str:
+    """The route llama.cpp's graphs give an active adapter: "matmul" (the patch's default: in a decode
+    step the first adapter runs inside each projection's own mul_mat, others and prompts in one node a
+    projection), "node" (one node a projection always; EDGELORA_LORA_NODE=1) or "own" (llama.cpp's four
+    nodes; EDGELORA_LORA_UNFUSED=1, or a llama.cpp without the patch)."""
     from llama_cpp import llama_cpp as lib
 
-    probe = getattr(lib._lib, "edgelora_fused_lora", None)
-    return bool(probe and probe())
+    probe = getattr(lib._lib, "edgelora_lora_route", None)
+    if probe is None:
+        return "own"
+    probe.restype = ctypes.c_int
+    return LORA_ROUTES[probe()]
 
 
-def set_fused_lora(on: bool) -> None:
-    """Fused LoRA nodes on or off for graphs llama.cpp builds from now on (to measure llama.cpp's own
-    route in the same process); a no-op on a llama.cpp without the patch."""
+def set_lora_route(route: str) -> None:
+    """One of LORA_ROUTES for graphs llama.cpp builds from now on (to measure the routes in one process);
+    a no-op on a llama.cpp without the patch."""
     from llama_cpp import llama_cpp as lib
 
-    setter = getattr(lib._lib, "edgelora_set_fused_lora", None)
+    if route not in LORA_ROUTES:
+        raise EngineError(f"unknown LoRA route {route!r}: use one of {', '.join(LORA_ROUTES)}")
+    setter = getattr(lib._lib, "edgelora_set_lora_route", None)
     if setter is not None:
-        setter(1 if on else 0)
+        setter(LORA_ROUTES.index(route))
+
+
+def lora_in_matmul() -> int:
+    """How many adapted projections the graphs built so far in this process computed inside their
+    mul_mat (the "matmul" route; 0 without the patch)."""
+    from llama_cpp import llama_cpp as lib
+
+    probe = getattr(lib._lib, "edgelora_lora_in_matmul", None)
+    if probe is None:
+        return 0
+    probe.restype = ctypes.c_long
+    return int(probe())
 
 
 @contextlib.contextmanager
 def llama_cpp_own_lora() -> Iterator[None]:
     """llama.cpp's own four LoRA nodes per projection for graphs built inside the block, and the
     setting there was before after it."""
-    was = fused_lora()
-    set_fused_lora(False)
+    was = lora_route()
+    set_lora_route("own")
     try:
         yield
     finally:
-        set_fused_lora(was)
+        set_lora_route(was)
 
 
 class GGUFEngine(Engine):
