@@ -72,6 +72,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 namespace {
 
 constexpr int kBlock = 32, kGroup = 8, kTile = 160, kQ8 = 34;  // kQ8: an 8-bit lora_a block (fp16 scale, 32 codes)
@@ -246,7 +248,8 @@ struct Job {
   // the hardware's prefetchers barely start on, they cost a decode step more in waiting for memory (a
   // line at a time, the pass's other threads waiting on xa) than in bytes (issue 12: ~0.1 ms of a rank-8
   // adapter's ~0.35 ms a token at 135M, 2 threads). Asking for them all at the node's start stalls
-  // that thread on the cache's few line fill buffers instead.
+  // that thread on the cache's few line fill buffers instead. Only where the node's weights fit in L2
+  // (l2_bytes): a larger pass evicts the lines again before the next node runs.
   const char* next_a = nullptr; int64_t next_lines = 0, lines_per_task = 0;
   void (*group)(void*, size_t) = nullptr;  // the weight kernel of the pass's other tasks
   // A gated MLP's gate|up node (attribute activation): y is scratch [M, N], the node's output out
@@ -256,6 +259,21 @@ struct Job {
 };
 
 void wait_xa(const Job& j);  // xa complete (a no-op outside a decode step's pass)
+
+// The core's L2 in bytes (1 MB where the system does not say). A pass that streams more weights than
+// this through it has evicted the next node's lora_a lines again by the time that node reads them:
+// asking for them then costs a decode step more than it saves (issue 12, 1B shape: 0.945x with the
+// lines asked for, 0.964x without, 2 threads; at 135M, whose nodes' weights fit, 0.956x against 0.942x).
+int64_t l2_bytes() {
+  static const int64_t n = [] {
+    long v = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? int64_t(v) : int64_t(1) << 20;
+  }();
+  return n;
+}
 
 // The adapter's and the bias's share of output column n for row r.
 inline float extra(const Job& j, int64_t r, int64_t n) {
@@ -973,7 +991,7 @@ struct MatMulQ41 {
     if (j.rank && M <= 4) {  // a decode step: xa in the same pass as the weights (waking the pool costs more)
       j.xa_chunks = (j.rank + kRanks - 1) / kRanks;
       j.chunks = &chunks;
-      if (slot >= 0) {
+      if (slot >= 0 && groups * (K / kBlock) * tile <= l2_bytes()) {
         const auto [next, bytes] = next_lora_a(static_cast<const uint8_t*>((*lora_a)->DataRaw()), (*lora_a)->NumberOfElement(), slot);
         const int64_t tasks = act == Act_fn::None ? groups : groups / 2;
         j.next_a = reinterpret_cast<const char*>(next), j.next_lines = std::min<int64_t>((bytes + 63) / 64, kNextLines);
