@@ -146,6 +146,29 @@ def test_peft_adapters_in_each_engine_equal_peft(family, peft_adapter, second_ad
         np.testing.assert_allclose(e.logits(ids), base_logits(path, ids), rtol=0, atol=atol)
 
 
+def test_llama_cpp_decode_steps_with_adapters_equal_peft(family, peft_adapter, second_adapter):
+    """One token at a time on 2 threads (n_batch 1), where the patched llama.cpp computes the first
+    active adapter inside each projection's own mul_mat and the second in a node of its own: a weighted
+    mix of two gives PEFT's logits for each family (the counter shows the mul_mat route ran)."""
+    from edgelora.runtime.gguf import lora_in_matmul
+
+    name, path, base, ids, tmp = family
+    _engine("gguf", base, tmp).close()  # writes the F32 GGUF once
+    peft = {"a": peft_adapter, "b": second_adapter}
+    mix = {"a": 0.6, "b": 1.5}
+    with GGUFEngine(tmp / "f32.gguf", n_ctx=128, threads=2, kv_type="f32", fingerprint=base.fingerprint,
+                    tokenizer=base.tokenizer, n_batch=1) as e:
+        for key, source in peft.items():
+            adapter = load_adapter(source, base.config)
+            adapter.base_fingerprint = base.fingerprint
+            e.load_adapter(key, save_adapter(adapter, tmp / f"{key}-steps.gguf", "gguf", base.config))
+        e.set_adapters(mix)
+        before = lora_in_matmul()
+        got = e.logits(ids)
+        assert lora_in_matmul() > before
+    np.testing.assert_allclose(got, peft_logits(path, peft, ids, weights=mix), rtol=0, atol=GGUF_ATOL.get(name, 2e-5))
+
+
 @pytest.mark.parametrize("kind", ENGINES)
 def test_greedy_decoding_through_the_kv_cache_equals_transformers(family, kind):
     """Token by token through each engine's KV cache, past Gemma 3's window: transformers' greedy tokens."""
